@@ -1,0 +1,170 @@
+"""The training engine: one readable loop for teachers and students alike.
+
+The engine owns cross-entropy, the optimizer, the schedule, the frozen teachers and logging; a
+method only turns outputs into named loss terms. It never looks at which method it runs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data import DataSplits, Loader
+from .errors import KdbenchError
+from .features import FeatureCapture
+from .method import Batch, Method, Taps
+from .metrics import topk_accuracy
+from .recipe import Recipe
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    lr: float
+    losses: dict[str, float]  # mean of each named, weighted term over the epoch's batches
+    top1: float
+    top5: float
+
+
+@dataclass
+class TrainResult:
+    history: list[EpochLog] = field(default_factory=list)
+    test_logits: Tensor | None = None  # at the last epoch
+    best_epoch: int = 0
+    best_top1: float = -1.0
+    best_top5: float = 0.0
+    train_time_s: float = 0.0  # wall time of the training steps, evaluation excluded
+    eval_time_s: float = 0.0
+
+    @property
+    def last(self) -> EpochLog:
+        return self.history[-1]
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, images: Tensor, data: DataSplits, batch_size: int = 500) -> Tensor:
+    """Logits for ``images`` (uint8 N×C×H×W) in eval mode, without augmentation."""
+    was_training = model.training
+    model.eval()
+    loader = Loader(images, torch.zeros(len(images), dtype=torch.long, device=images.device), data.info,
+                    batch_size=batch_size, shuffle=False)
+    out = torch.cat([model(x).float() for x, _ in loader])
+    model.train(was_training)
+    return out
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Teachers never train: eval mode (BatchNorm statistics fixed) and no gradients."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def make_optimizer(params: list[nn.Parameter], recipe: Recipe) -> tuple[torch.optim.Optimizer, object]:
+    opt = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(recipe.lr_milestones), gamma=recipe.gamma)
+    return opt, sched
+
+
+def check_terms(terms: dict[str, Tensor], who: str) -> None:
+    for name, value in terms.items():
+        if not isinstance(value, Tensor) or value.dim() != 0:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise KdbenchError(f"{who} returned loss term '{name}' that is not a scalar tensor ({shape}); "
+                               "each term must be one already-weighted number per batch")
+
+
+def train(
+    model: nn.Module,
+    data: DataSplits,
+    recipe: Recipe,
+    *,
+    seed: int,
+    method: Method | None = None,
+    teachers: Sequence[nn.Module] = (),
+    teacher_names: Sequence[str] = (),
+    model_name: str = "",
+    progress: object | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``data`` with ``recipe``; distil from ``teachers`` through ``method``.
+
+    With no method, the model trains on cross-entropy alone (how kdbench trains teachers).
+    ``progress`` is a tqdm bar advanced once per epoch, or None.
+    """
+    device = data.train_images.device
+    taps = method.taps() if method is not None else Taps()
+    student = FeatureCapture(model, taps, model_name)
+    teacher_caps = [FeatureCapture(freeze(t), taps, n) for t, n in zip(teachers, teacher_names or [""] * len(teachers))]
+    params = [p for p in model.parameters() if p.requires_grad]
+    if method is not None:
+        method.to(device)
+        # Every parameter a method owns trains with the student: nothing can be forgotten.
+        params += [p for p in method.parameters() if p.requires_grad]
+    opt, sched = make_optimizer(params, recipe)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    loader = Loader(data.train_images, data.train_labels, data.info, batch_size=recipe.batch_size, shuffle=True,
+                    generator=gen, crop_padding=recipe.crop_padding, flip=recipe.flip)
+    who = f"method '{method.name}'" if method is not None else "training"
+    result = TrainResult()
+    start = time.perf_counter()
+    for epoch in range(recipe.epochs):
+        model.train()
+        if method is not None:
+            method.train()
+        ce_weight = method.ce_weight_at(epoch, recipe.epochs) if method is not None else 1.0
+        sums: dict[str, Tensor] = {}
+        steps = 0
+        for images, labels in loader:
+            out = student(images)
+            terms: dict[str, Tensor] = {}
+            if ce_weight:
+                # Skipped when its weight is 0, so layers no term reaches get no gradient at all
+                # (FitNets' hint stage trains only the student's lower layers).
+                terms["ce"] = ce_weight * F.cross_entropy(out.logits, labels)
+            if method is not None:
+                with torch.no_grad():
+                    t_out = [cap(images) for cap in teacher_caps]
+                extra = method(out, t_out, Batch(images, labels, epoch, recipe.epochs))
+                if steps == 0:
+                    check_terms(extra, who)
+                clash = set(extra) & set(terms)
+                if clash:
+                    raise KdbenchError(f"{who} returned a term named {sorted(clash)}, which the engine owns; rename it")
+                terms.update(extra)
+            if not terms:
+                raise KdbenchError(f"{who} produced no loss terms at epoch {epoch}; nothing would train")
+            loss = sum(terms.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.detach()
+            steps += 1
+        losses = {k: float(v) / steps for k, v in sums.items()}
+        bad = [k for k, v in losses.items() if not math.isfinite(v)]
+        if bad:
+            raise KdbenchError(f"{who}: loss term(s) {', '.join(bad)} became non-finite at epoch {epoch}; "
+                               "lower the learning rate or the term's weight")
+        lr = opt.param_groups[0]["lr"]
+        sched.step()
+        t_eval = time.perf_counter()
+        logits = predict(model, data.test_images, data)
+        top1 = topk_accuracy(logits, data.test_labels, 1)
+        top5 = topk_accuracy(logits, data.test_labels, 5)
+        result.history.append(EpochLog(epoch, lr, losses, top1, top5))
+        if top1 > result.best_top1:
+            result.best_epoch, result.best_top1, result.best_top5 = epoch, top1, top5
+        result.test_logits = logits
+        result.eval_time_s += time.perf_counter() - t_eval
+        if progress is not None:
+            progress.set_postfix(loss=f"{sum(losses.values()):.3f}", top1=f"{top1:.2f}", refresh=False)
+            progress.update(1)
+    result.train_time_s = time.perf_counter() - start - result.eval_time_s
+    return result

@@ -1,0 +1,147 @@
+"""The method plugin contract.
+
+A method is an ``nn.Module`` that never touches a model. The engine runs the student and the
+(frozen) teachers, hands the method their *outputs*, and the method returns *named, already
+weighted* loss terms. The engine adds cross-entropy (weighted by the method's ``ce_weight``), sums
+the terms, and logs each one by name.
+
+A plugin is one file with one class::
+
+    class MyKD(Method):
+        name = "my_kd"
+        paper = "Author et al., Title, Venue Year"
+
+        def __init__(self, *, ce_weight: float = 1.0, weight: float = 1.0) -> None:
+            super().__init__(ce_weight=ce_weight)
+            self.weight = weight
+
+        def forward(self, student, teachers, batch):
+            return {"my_term": self.weight * some_loss(student.logits, teachers[0].logits)}
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Taps:
+    """What a method needs from one model's forward pass (logits always come).
+
+    Attributes:
+        stages: stage indices into the model's ``feature_info`` (negative counts from the end).
+        pooled: whether the pooled pre-logit vector is needed.
+    """
+
+    stages: tuple[int, ...] = ()
+    pooled: bool = False
+
+    def __or__(self, other: Taps) -> Taps:
+        return Taps(tuple(sorted(set(self.stages) | set(other.stages))), self.pooled or other.pooled)
+
+
+@dataclass
+class Outputs:
+    """One model's outputs for one batch: logits, the tapped stage maps, the pooled vector."""
+
+    logits: Tensor
+    stages: dict[int, Tensor] = field(default_factory=dict)
+    pooled: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Shapes of one model's outputs (without the batch dimension), from a dummy forward pass.
+
+    Methods build their adapters from these, so no channel count is ever written by hand.
+    """
+
+    model: str
+    num_classes: int
+    stages: dict[int, tuple[int, ...]]
+    pooled: tuple[int, ...] | None
+
+
+@dataclass
+class Batch:
+    """The batch being trained on, and where in the schedule it is."""
+
+    images: Tensor
+    labels: Tensor
+    epoch: int
+    epochs: int
+
+
+class Method(nn.Module):
+    """Base class of every distillation method.
+
+    Subclasses set ``name`` and ``paper``, take their hyperparameters as keyword-only ``__init__``
+    arguments with defaults (one of them ``ce_weight``), and implement ``forward``. Trainable
+    adapters are built in ``setup`` as submodules; the engine optimises every parameter of the
+    method together with the student's.
+    """
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    #: How many teachers the method takes; 0 means it needs none (the label-only baseline).
+    min_teachers: ClassVar[int] = 1
+    max_teachers: ClassVar[int] = 1
+
+    def __init__(self, *, ce_weight: float = 1.0) -> None:
+        super().__init__()
+        self.ce_weight = ce_weight
+
+    # -- what the engine asks -------------------------------------------------------------
+    def taps(self) -> Taps:
+        """What the method needs from the student and each teacher (default: logits only)."""
+        return Taps()
+
+    def setup(self, student: Probe, teachers: Sequence[Probe]) -> None:
+        """Build trainable adapters from probed shapes. Called once, before the optimizer."""
+
+    def ce_weight_at(self, epoch: int, epochs: int) -> float:
+        """Weight of the engine's cross-entropy term at ``epoch`` (0-based) of ``epochs``."""
+        return self.ce_weight
+
+    def forward(self, student: Outputs, teachers: Sequence[Outputs], batch: Batch) -> dict[str, Tensor]:
+        """Return named, already weighted loss terms (scalars) for one batch."""
+        raise NotImplementedError
+
+    # -- introspection used by the registry, the CLI and the results store ----------------
+    @classmethod
+    def hyperparameters(cls) -> dict[str, Any]:
+        """The keyword-only ``__init__`` arguments and their defaults."""
+        sig = inspect.signature(cls.__init__)
+        return {
+            p.name: p.default
+            for p in sig.parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        }
+
+    @classmethod
+    def summary(cls) -> str:
+        """First line of the class docstring."""
+        doc = inspect.getdoc(cls) or ""
+        return doc.splitlines()[0] if doc else ""
+
+    def config(self) -> dict[str, Any]:
+        """The hyperparameters this instance was built with."""
+        return {k: getattr(self, k) for k in self.hyperparameters()}
+
+    def extra_parameters(self) -> int:
+        """Number of trainable parameters the method adds (adapters, regressors)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def zero_loss(like: Tensor) -> Tensor:
+    """A zero scalar on ``like``'s device that keeps the autograd graph connected."""
+    return like.sum() * 0.0
+
+
+__all__ = ["Batch", "Method", "Outputs", "Probe", "Taps", "zero_loss"]

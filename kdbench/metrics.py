@@ -1,0 +1,149 @@
+"""Accuracy, size and speed measurements of a trained model."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def topk_accuracy(logits: Tensor, labels: Tensor, k: int) -> float:
+    """Percentage of rows whose label is among the ``k`` largest logits."""
+    k = min(k, logits.shape[1])
+    hit = (logits.topk(k, dim=1).indices == labels.unsqueeze(1)).any(dim=1)
+    return 100.0 * hit.float().mean().item()
+
+
+def agreement(pred_a: Tensor, pred_b: Tensor) -> float:
+    """Percentage of examples on which two models predict the same class."""
+    return 100.0 * (pred_a == pred_b).float().mean().item()
+
+
+def per_class_prf(pred: Tensor, labels: Tensor, num_classes: int) -> dict[str, list[float]]:
+    """Per-class precision, recall and F1 in percent (0 where undefined, as scikit-learn's default)."""
+    idx = labels * num_classes + pred
+    confusion = torch.bincount(idx.cpu(), minlength=num_classes**2).reshape(num_classes, num_classes).double()
+    tp = confusion.diag()
+    predicted = confusion.sum(0)
+    actual = confusion.sum(1)
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
+    recall = torch.where(actual > 0, tp / actual.clamp(min=1), torch.zeros_like(tp))
+    denom = precision + recall
+    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-12), torch.zeros_like(tp))
+    return {k: (100.0 * v).tolist() for k, v in (("precision", precision), ("recall", recall), ("f1", f1))}
+
+
+def count_params(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+@torch.no_grad()
+def flops_per_image(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Floating-point operations of one forward pass of one image (torch.utils.flop_counter).
+
+    Counted on the CPU in eval mode; a multiply-add counts as 2 FLOPs.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+@dataclass(frozen=True)
+class Throughput:
+    images_per_s: float
+    batch_size: int
+    device: str
+    dtype: str
+    repeats: int
+    iters_per_repeat: int
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def measure_throughput(model: nn.Module, input_shape: tuple[int, ...], *, batch_size: int = 256,
+                       dtype: torch.dtype = torch.float32, warmup: int = 3, repeats: int = 5,
+                       min_time_s: float = 0.2) -> Throughput:
+    """Inference images/s: eval mode, inference mode, fixed batch, warm-up, median of repeats.
+
+    Each repeat runs back-to-back forward passes for at least ``min_time_s`` (the iteration count
+    is fixed after warm-up so every repeat does the same work), synchronised on GPU.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    x = torch.randn(batch_size, *input_shape, device=device, dtype=dtype)
+    try:
+        start = time.perf_counter()
+        for _ in range(warmup):
+            model(x)
+        _sync(device)
+        per_iter = max((time.perf_counter() - start) / warmup, 1e-6)
+        iters = max(1, int(min_time_s / per_iter))
+        rates = []
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                model(x)
+            _sync(device)
+            rates.append(iters * batch_size / (time.perf_counter() - t0))
+    finally:
+        model.train(was_training)
+    return Throughput(statistics.median(rates), batch_size, device_name(device), str(dtype).replace("torch.", ""),
+                      repeats, iters)
+
+
+def device_name(device: torch.device) -> str:
+    """A human-readable name: the GPU model, or the CPU model and thread count."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    cpu = "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"cpu:{cpu} ({torch.get_num_threads()} threads)"
+
+
+class PeakMemory:
+    """Peak memory over a block: CUDA's max allocated on GPU; the process's max RSS on CPU.
+
+    The CPU figure is process-wide and never decreases, so it is an upper bound for the block.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else "process_max_rss"
+        self.mb = 0.0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            self.mb = rss / 2**20 if sys.platform == "darwin" else rss / 2**10

@@ -1,0 +1,94 @@
+"""Training recipes: the schedule and optimisation settings, as data.
+
+A recipe is part of a suite and of every run's spec. Asking for fewer epochs than a recipe's own
+length scales its learning-rate milestones and marks the run *shortened* in every output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from .errors import KdbenchError, unknown
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """SGD with momentum and a step learning-rate schedule, plus batch augmentation."""
+
+    name: str
+    epochs: int
+    batch_size: int
+    lr: float
+    milestones: tuple[int, ...]  # at the recipe's full length; see lr_milestones
+    gamma: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    crop_padding: int = 4      # random crop with this much zero padding (0 = off)
+    flip: bool = True          # random horizontal flip
+    full_epochs: int = 0       # the recipe's published length (0 = same as epochs)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.full_epochs == 0:
+            object.__setattr__(self, "full_epochs", self.epochs)
+
+    @property
+    def shortened(self) -> bool:
+        return self.epochs < self.full_epochs
+
+    @property
+    def label(self) -> str:
+        """How the schedule is named in every table, plot and row."""
+        if self.shortened:
+            return f"{self.name}, shortened: {self.epochs} of {self.full_epochs} epochs"
+        return f"{self.name}, {self.epochs} epochs"
+
+    @property
+    def lr_milestones(self) -> tuple[int, ...]:
+        """Epochs at which the learning rate is multiplied by ``gamma``, scaled to ``epochs``."""
+        scaled = {round(m * self.epochs / self.full_epochs) for m in self.milestones}
+        return tuple(sorted(m for m in scaled if 0 < m < self.epochs))
+
+    def with_epochs(self, epochs: int) -> Recipe:
+        """The same recipe over ``epochs`` epochs (milestones scale with it)."""
+        if epochs < 1:
+            raise KdbenchError(f"--epochs must be at least 1, got {epochs}")
+        return replace(self, epochs=epochs)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("description")
+        return d
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in [
+        Recipe(
+            name="crd", epochs=240, batch_size=64, lr=0.05, milestones=(150, 180, 210),
+            description="CRD benchmark (Tian et al. 2020): SGD 0.9, wd 5e-4, batch 64, lr 0.05 "
+                        "x0.1 at 150/180/210 of 240; crop 32 pad 4 + flip",
+        ),
+        Recipe(
+            name="digits", epochs=30, batch_size=64, lr=0.05, milestones=(20, 25), crop_padding=1,
+            flip=False,
+            description="kdbench's recipe for the embedded 8x8 digits: the CRD optimiser over 30 "
+                        "epochs (lr x0.1 at 20 and 25); 1-pixel jitter, no flip (digits are not "
+                        "mirror-symmetric)",
+        ),
+        Recipe(
+            name="mnist_mlp", epochs=30, batch_size=128, lr=0.05, milestones=(20, 25),
+            weight_decay=0.0, crop_padding=2, flip=False,
+            description="kdbench's recipe for Hinton's MNIST MLPs (the paper states none): SGD 0.9, "
+                        "lr 0.05 x0.1 at 20 and 25 of 30, no weight decay, inputs jittered by up "
+                        "to 2 pixels",
+        ),
+    ]
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise unknown("recipe", name, RECIPES, fix="See `kdbench list recipes`.")
+    return RECIPES[name]

@@ -1,0 +1,305 @@
+"""From a request to finished rows: plan every run, fail fast, then train and measure.
+
+``plan`` checks everything a user can get wrong (methods, hyperparameters, models, data,
+checkpoints, teacher counts, adapter shapes) before any training starts; ``execute`` skips runs
+already in the results store, trains the rest (teachers once, cached), and writes one row each.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import engine, metrics, provenance, zoo
+from .data import DataSplits, load_dataset
+from .errors import KdbenchError, unknown
+from .features import probe
+from .method import Method
+from .recipe import Recipe
+from .registry import build_method
+from .spec import RunSpec, TeacherSpec
+from .store import ResultsStore, atomic_write_bytes
+from .suites import Pair
+
+
+@dataclass
+class Request:
+    """What the user asked for, after the CLI has parsed it."""
+
+    methods: dict[str, type[Method]]          # the registry (all loadable methods)
+    selected: Sequence[str] | None            # method names, or None for all
+    pairs: Sequence[Pair]
+    dataset: str
+    recipe: Recipe
+    seeds: Sequence[int]
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    teacher_checkpoints: dict[str, str] = field(default_factory=dict)  # teacher model -> file
+    results_dir: Path = Path("kdbench-results")
+    data_dir: str | None = None
+    download: bool = False
+    limit: int = 0
+    device: str = "auto"
+    throughput_batch: int = 256
+    quiet: bool = False
+
+
+@dataclass
+class Plan:
+    specs: list[RunSpec]
+    data: DataSplits
+    device: torch.device
+    skipped: list[str]                # human-readable notes of method×pair combinations left out
+    checkpoints: dict[str, str]       # teacher model -> checkpoint file
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise KdbenchError(f"--device {name} asked for, but torch sees no CUDA GPU; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise KdbenchError(f"--device '{name}' is not a torch device; use auto, cpu or cuda") from None
+
+
+def dataset_label(name: str, limit: int) -> str:
+    return f"{name}[:{limit}]" if limit else name
+
+
+def plan(req: Request) -> Plan:
+    """Turn a request into run specs, checking everything before any training."""
+    names = list(req.methods) if req.selected is None else list(req.selected)
+    for name in names:
+        if name not in req.methods:
+            raise unknown("method", name, req.methods, fix="See `kdbench list methods`.")
+    for name in req.overrides:
+        if name not in names:
+            raise KdbenchError(f"--set names method '{name}', which this run does not include "
+                               f"(methods: {', '.join(names)})")
+    instances = {n: build_method(req.methods[n], req.overrides.get(n)) for n in names}
+    for pair in req.pairs:
+        for model in (*pair.teachers, pair.student):
+            zoo.check_model_name(model)
+    device = resolve_device(req.device)
+    data = load_dataset(req.dataset, data_dir=req.data_dir, download=req.download, limit=req.limit or None)
+    info = data.info
+    all_teachers = {t for p in req.pairs for t in p.teachers}
+    checkpoints = dict(req.teacher_checkpoints)
+    for model, path in checkpoints.items():
+        if model not in all_teachers:
+            raise KdbenchError(f"--teacher-checkpoint names model '{model}', which is no teacher of this run "
+                               f"(teachers: {', '.join(sorted(all_teachers)) or 'none'})")
+        m = zoo.create(model, num_classes=info.num_classes, in_chans=info.in_chans, img_size=info.img_size)
+        zoo.load_checkpoint(m, path, model)
+    sha = {m: zoo.file_sha256(p) for m, p in checkpoints.items()}
+    dev = device.type
+    label = dataset_label(info.name, req.limit)
+
+    def teacher_spec(model: str, seed: int) -> TeacherSpec:
+        return TeacherSpec(model, label, req.recipe, seed, dev, sha.get(model, ""), req.limit)
+
+    specs: dict[str, RunSpec] = {}
+    skipped: list[str] = []
+    probed: set[tuple] = set()
+    for seed in req.seeds:
+        for pair in req.pairs:
+            for name in names:
+                cls, method = req.methods[name], instances[name]
+                n = len(pair.teachers)
+                if cls.max_teachers == 0:
+                    teachers: tuple[str, ...] = ()
+                elif n > cls.max_teachers or n < cls.min_teachers:
+                    why = (f"method '{name}' takes {cls.min_teachers}..{cls.max_teachers} teacher(s); "
+                           f"pair {pair.label} has {n}")
+                    if req.selected is not None:
+                        raise KdbenchError(why + ". Drop the pair or the method, or use a method made for "
+                                                 "several teachers (e.g. ensemble_kd)")
+                    skipped.append(why)
+                    continue
+                else:
+                    teachers = pair.teachers
+                key = (name, teachers, pair.student)
+                if key not in probed:
+                    check_setup(method, teachers, pair.student, data)
+                    probed.add(key)
+                spec = RunSpec(
+                    method=name, hparams=tuple(sorted(method.config().items())),
+                    teachers=tuple(teacher_spec(t, seed) for t in teachers), student=pair.student,
+                    dataset=label, recipe=req.recipe, seed=seed, device=dev, data_limit=req.limit,
+                    pair=f"{'+'.join(teachers)}→{pair.student}",
+                )
+                specs.setdefault(spec.run_id, spec)
+    return Plan(list(specs.values()), data, device, sorted(set(skipped)), checkpoints)
+
+
+def check_setup(method: Method, teachers: Sequence[str], student: str, data: DataSplits) -> None:
+    """Probe freshly built models and run the method's setup on a copy: shape problems surface now."""
+    info = data.info
+    shape = (info.in_chans, info.img_size, info.img_size)
+    taps = method.taps()
+    try:
+        s = probe(zoo.create(student, num_classes=info.num_classes, in_chans=info.in_chans, img_size=info.img_size),
+                  taps, shape, student)
+        ts = [probe(zoo.create(t, num_classes=info.num_classes, in_chans=info.in_chans, img_size=info.img_size),
+                    taps, shape, t) for t in teachers]
+        type(method)(**method.config()).setup(s, ts)
+    except (ValueError, KeyError) as exc:
+        raise KdbenchError(f"method '{method.name}' cannot distil {'+'.join(teachers)} into {student}: {exc}") from None
+    for t in ts:
+        if t.num_classes != s.num_classes:
+            raise KdbenchError(f"teacher {t.model} outputs {t.num_classes} classes but student {student} "
+                               f"outputs {s.num_classes}; both must predict the dataset's {info.num_classes}")
+
+
+class Runner:
+    """Executes a plan: teachers cached in the store, one row per finished run."""
+
+    def __init__(self, req: Request, plan_: Plan, store: ResultsStore,
+                 log: Callable[[str], None] = print) -> None:
+        self.req, self.plan, self.store, self.log = req, plan_, store, log
+        self.info = plan_.data.info
+        self.shape = (self.info.in_chans, self.info.img_size, self.info.img_size)
+        self.provenance = provenance.collect(plan_.device)
+        self._teachers: dict[str, nn.Module] = {}
+
+    # -- bars -----------------------------------------------------------------------------
+    def _bar(self, total: int, desc: str, position: int, leave: bool) -> Any:
+        return tqdm(total=total, desc=desc, position=position, leave=leave, disable=self.req.quiet,
+                    unit="epoch" if position else "run", dynamic_ncols=True, file=sys.stderr)
+
+    # -- models ---------------------------------------------------------------------------
+    def _create(self, name: str) -> nn.Module:
+        return zoo.create(name, num_classes=self.info.num_classes, in_chans=self.info.in_chans,
+                          img_size=self.info.img_size).to(self.plan.device)
+
+    def teacher(self, ts: TeacherSpec) -> nn.Module:
+        """A teacher's weights: from its checkpoint, from the cache, or trained now and cached."""
+        if ts.teacher_id in self._teachers:
+            return self._teachers[ts.teacher_id]
+        torch.manual_seed(ts.seed)
+        model = self._create(ts.model)
+        path = self.store.teacher_path(ts.teacher_id)
+        if ts.checkpoint_sha256:
+            zoo.load_checkpoint(model, self.plan.checkpoints[ts.model], ts.model)
+            if not self.store.has(ts.teacher_id):
+                self._write_teacher_row(ts, model, None, trained=False)
+        elif path.is_file() and self.store.has(ts.teacher_id):
+            model.load_state_dict(torch.load(path, map_location=self.plan.device, weights_only=True))
+        else:
+            bar = self._bar(ts.recipe.epochs, f"teacher {ts.model} seed {ts.seed}", 1, False)
+            with metrics.PeakMemory(self.plan.device) as mem:
+                result = engine.train(model, self.plan.data, ts.recipe, seed=ts.seed, model_name=ts.model,
+                                      progress=bar)
+            bar.close()
+            buf = io.BytesIO()
+            torch.save(model.state_dict(), buf)
+            atomic_write_bytes(path, buf.getvalue())
+            self._write_teacher_row(ts, model, result, trained=True, peak=mem)
+        engine.freeze(model)
+        self._teachers[ts.teacher_id] = model
+        return model
+
+    # -- runs -----------------------------------------------------------------------------
+    def run(self, spec: RunSpec) -> dict[str, Any]:
+        teachers = [self.teacher(ts) for ts in spec.teachers]
+        torch.manual_seed(spec.seed)
+        student = self._create(spec.student)
+        method = build_method(self.req.methods[spec.method], dict(spec.hparams)).to(self.plan.device)
+        taps = method.taps()
+        method.setup(probe(student, taps, self.shape, spec.student, self.plan.device),
+                     [probe(t, taps, self.shape, n, self.plan.device) for t, n in zip(teachers, spec.teacher_names)])
+        method.to(self.plan.device)
+        bar = self._bar(spec.recipe.epochs, f"{spec.method} {spec.pair} seed {spec.seed}", 1, False)
+        with metrics.PeakMemory(self.plan.device) as mem:
+            result = engine.train(student, self.plan.data, spec.recipe, seed=spec.seed, method=method,
+                                  teachers=teachers, teacher_names=spec.teacher_names, model_name=spec.student,
+                                  progress=bar)
+        bar.close()
+        row = self._row(spec.run_id, "student", spec.method, spec.student, spec.pair, spec.recipe, spec.seed,
+                        student, result, mem)
+        row.update({
+            "method_paper": method.paper,
+            "teachers": "+".join(spec.teacher_names),
+            "hparams": json.dumps(dict(spec.hparams), sort_keys=True, default=str),
+            **{f"hp.{k}": (json.dumps(v) if isinstance(v, tuple) else v) for k, v in spec.hparams},
+            "extra_params": method.extra_parameters(),
+            "teacher_ids": "+".join(t.teacher_id for t in spec.teachers),
+        })
+        if teachers:
+            probs = torch.stack([F.softmax(engine.predict(t, self.plan.data.test_images, self.plan.data), 1)
+                                 for t in teachers]).mean(0)
+            row["agreement"] = metrics.agreement(result.test_logits.argmax(1), probs.argmax(1))
+        for k, v in result.last.losses.items():
+            row[f"loss.{k}"] = v
+        self.store.write(row)
+        return row
+
+    def _write_teacher_row(self, ts: TeacherSpec, model: nn.Module, result: engine.TrainResult | None,
+                           trained: bool, peak: metrics.PeakMemory | None = None) -> None:
+        if result is None:  # a checkpoint: evaluate it once, no training
+            result = engine.TrainResult()
+            logits = engine.predict(model, self.plan.data.test_images, self.plan.data)
+            top1 = metrics.topk_accuracy(logits, self.plan.data.test_labels, 1)
+            top5 = metrics.topk_accuracy(logits, self.plan.data.test_labels, 5)
+            result.history.append(engine.EpochLog(-1, 0.0, {}, top1, top5))
+            result.test_logits, result.best_epoch, result.best_top1, result.best_top5 = logits, -1, top1, top5
+        row = self._row(ts.teacher_id, "teacher", "teacher", ts.model, f"{ts.model}→", ts.recipe, ts.seed,
+                        model, result, peak)
+        row.update({"method_paper": "", "teachers": "", "trained_by_kdbench": trained,
+                    "checkpoint_sha256": ts.checkpoint_sha256})
+        self.store.write(row)
+
+    def _row(self, run_id: str, kind: str, method: str, model_name: str, pair: str, recipe: Recipe, seed: int,
+             model: nn.Module, result: engine.TrainResult, mem: metrics.PeakMemory | None) -> dict[str, Any]:
+        data = self.plan.data
+        logits = result.test_logits
+        prf = metrics.per_class_prf(logits.argmax(1), data.test_labels, self.info.num_classes)
+        tp = metrics.measure_throughput(model, self.shape, batch_size=self.req.throughput_batch)
+        row: dict[str, Any] = {
+            "run_id": run_id, "kind": kind, "method": method, "student": model_name, "pair": pair,
+            "dataset": dataset_label(self.info.name, self.req.limit), "dataset_source": self.info.source,
+            "train_size": len(data.train_labels), "test_size": len(data.test_labels),
+            "recipe": recipe.name, "epochs": recipe.epochs, "recipe_epochs": recipe.full_epochs,
+            "shortened": recipe.shortened, "schedule": recipe.label, "recipe_config": json.dumps(recipe.to_dict()),
+            "seed": seed,
+            "top1_last": result.last.top1, "top5_last": result.last.top5,
+            "top1_best": result.best_top1, "top5_best": result.best_top5, "best_epoch": result.best_epoch,
+            "agreement": float("nan"),
+            "params": metrics.count_params(model), "extra_params": 0,
+            "flops_per_image": metrics.flops_per_image(model, self.shape),
+            "throughput_img_s": tp.images_per_s, "throughput_batch": tp.batch_size,
+            "throughput_device": tp.device, "throughput_dtype": tp.dtype,
+            "throughput_repeats": tp.repeats, "throughput_iters": tp.iters_per_repeat,
+            "train_time_s": result.train_time_s, "eval_time_s": result.eval_time_s,
+            "peak_mem_mb": mem.mb if mem else float("nan"), "peak_mem_kind": mem.kind if mem else "",
+            "history_top1": json.dumps([round(h.top1, 4) for h in result.history]),
+            **{f"class_{k}.{i}": v for k, vals in prf.items() for i, v in enumerate(vals)},
+            **self.provenance,
+            "finished_at": provenance.now(),
+        }
+        return row
+
+    def execute(self) -> tuple[int, int]:
+        """Run every spec not yet in the store; return (finished now, skipped as already done)."""
+        todo = [s for s in self.plan.specs if not self.store.has(s.run_id)]
+        done = len(self.plan.specs) - len(todo)
+        if done:
+            self.log(f"{done} of {len(self.plan.specs)} runs already in {self.store.root}; skipping them")
+        sweep = self._bar(len(todo), "sweep", 0, True)
+        for spec in todo:
+            sweep.set_description(f"{spec.method} {spec.pair} s{spec.seed}")
+            self.run(spec)
+            sweep.update(1)
+        sweep.close()
+        return len(todo), done

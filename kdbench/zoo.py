@@ -1,0 +1,107 @@
+"""Build models by timm name and load checkpoints, with errors that say what to fix."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+import kdbench.models  # noqa: F401  (registers the CIFAR zoo and the MLPs into timm)
+from kdbench.models.crd_names import CRD_TO_TIMM
+
+from .errors import KdbenchError, suggest
+
+
+def check_model_name(name: str) -> None:
+    """Raise a clear error unless ``name`` is a model in timm's registry."""
+    if timm.is_model(name):
+        return
+    hint = ""
+    if name in CRD_TO_TIMM:
+        hint = f" The CRD benchmark's '{name}' is registered as '{CRD_TO_TIMM[name]}'."
+    else:
+        hint = suggest(name, timm.list_models()) or suggest(name, timm.list_models("cifar_*"))
+    raise KdbenchError(f"unknown model '{name}';{hint} Any timm model name works "
+                       "(`kdbench list models` shows kdbench's CIFAR zoo; `timm.list_models()` all of timm's).")
+
+
+def create(name: str, *, num_classes: int, in_chans: int, img_size: int, **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` without pretrained weights, sized for the dataset."""
+    check_model_name(name)
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                                 img_size=img_size, **kwargs)
+    except TypeError as exc:
+        # Most CNNs take no img_size (they pool adaptively); transformers need it.
+        if "img_size" not in str(exc):
+            raise
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights in a checkpoint file: a bare state dict, or one under 'model'/'state_dict'.
+
+    RepDistiller and mdistiller publish ``{'model': state_dict, ...}``; DataParallel's
+    ``module.`` prefix is removed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise KdbenchError(f"checkpoint '{path}' not found; pass the path of a .pt/.pth file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input problem
+        raise KdbenchError(f"checkpoint '{path}' could not be read by torch.load: {exc}") from None
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise KdbenchError(f"checkpoint '{path}' holds no state dict (expected a dict of tensors, "
+                           "or one under 'model' or 'state_dict')")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, model_name: str) -> None:
+    """Load weights strictly; a mismatch names the keys and says whether it is the class count."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if not (missing or unexpected or reshaped):
+        model.load_state_dict(state, strict=True)
+        return
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head_keys = {f"{n}.{p}" for n, m in model.named_modules() if m is classifier for p in ("weight", "bias")}
+    if reshaped and set(reshaped) <= head_keys and not (missing or unexpected):
+        w = state[sorted(head_keys & set(reshaped))[0]]
+        raise KdbenchError(
+            f"checkpoint '{path}' was trained for {w.shape[0]} classes but model '{model_name}' is built for "
+            f"{own[sorted(head_keys & set(reshaped))[0]].shape[0]} (the dataset's class count); use a "
+            "checkpoint trained on this dataset")
+
+    def few(keys: list[str], show=lambda k: k) -> str:
+        return ", ".join(show(k) for k in keys[:4]) + (", ..." if len(keys) > 4 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} weights missing from the file (e.g. {few(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected in the file (e.g. {few(unexpected)})")
+    if reshaped:
+        parts.append(f"{len(reshaped)} with other shapes (e.g. "
+                     f"{few(reshaped, lambda k: f'{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}')})")
+    raise KdbenchError(f"checkpoint '{path}' does not fit model '{model_name}': {'; '.join(parts)}. "
+                       "Is it a checkpoint of this architecture?")
