@@ -150,9 +150,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.epochs:
         recipe = recipe.with_epochs(args.epochs)
     selected = None if args.methods.strip() == "all" else _csv(args.methods)
+    chosen = set(methods) if selected is None else set(selected)
+    suite_sets = [f"{k}={v}" for k, v in suite.overrides if k.split(".")[0] in chosen]
     req = Request(
         methods=methods, selected=selected, pairs=pairs, dataset=args.dataset or suite.dataset, recipe=recipe,
-        seeds=args.seeds or suite.seeds, overrides=parse_overrides(args.sets, methods),
+        seeds=args.seeds or suite.seeds, overrides=parse_overrides([*suite_sets, *args.sets], methods),
         teacher_checkpoints=parse_checkpoints(args.teacher_ckpts, pairs), results_dir=results_dir(args.results_dir),
         data_dir=args.data_dir, download=args.download, limit=args.limit, device=args.device,
         throughput_batch=args.throughput_batch, quiet=args.quiet,

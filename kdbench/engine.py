@@ -99,6 +99,11 @@ def train(
     ``progress`` is a tqdm bar advanced once per epoch, or None.
     """
     device = data.train_images.device
+    if device.type == "cpu":
+        # Denormal floats appear as weights and gradients shrink and make x86 kernels 10-50x
+        # slower (measured: 0.9 s vs 39 s per digits epoch of cifar_resnet56); flushing them to
+        # zero costs no accuracy.
+        torch.set_flush_denormal(True)
     taps = method.taps() if method is not None else Taps()
     student = FeatureCapture(model, taps, model_name)
     teacher_caps = [FeatureCapture(freeze(t), taps, n) for t, n in zip(teachers, teacher_names or [""] * len(teachers))]

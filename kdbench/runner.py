@@ -283,6 +283,7 @@ class Runner:
             "throughput_repeats": tp.repeats, "throughput_iters": tp.iters_per_repeat,
             "train_time_s": result.train_time_s, "eval_time_s": result.eval_time_s,
             "peak_mem_mb": mem.mb if mem else float("nan"), "peak_mem_kind": mem.kind if mem else "",
+            "flush_denormal": self.plan.device.type == "cpu",
             "history_top1": json.dumps([round(h.top1, 4) for h in result.history]),
             **{f"class_{k}.{i}": v for k, vals in prf.items() for i, v in enumerate(vals)},
             **self.provenance,

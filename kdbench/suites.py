@@ -38,6 +38,8 @@ class Suite:
     recipe: Recipe
     pairs: tuple[Pair, ...]
     seeds: tuple[int, ...] = (0,)
+    #: Method hyperparameters this suite needs (e.g. a hint stage its models have); --set wins.
+    overrides: tuple[tuple[str, str], ...] = ()
 
 
 SUITES: dict[str, Suite] = {
@@ -74,6 +76,8 @@ SUITES: dict[str, Suite] = {
             dataset="mnist",
             recipe=get_recipe("mnist_mlp"),
             pairs=(Pair(("hinton_mlp_1200",), "hinton_mlp_800"),),
+            # The MLPs have two stages (the hidden layers): hint the second.
+            overrides=(("fitnets.stage", "1"),),
         ),
     ]
 }

@@ -1,0 +1,270 @@
+"""Contract tests generated from the method registry, plus golden and reference loss values.
+
+Every method found through the entry points is tested here without being named, so a new
+built-in method is covered the moment it is registered.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY, TINY_SHAPE, TINY_STUDENT, TINY_TEACHERS
+from kdbench import zoo
+from kdbench.engine import freeze
+from kdbench.errors import KdbenchError
+from kdbench.features import FeatureCapture, probe
+from kdbench.method import Batch, Outputs
+from kdbench.registry import build_method, load_methods, parse_overrides
+
+METHODS = load_methods()
+GOLDEN = Path(__file__).parent / "golden" / "method_losses.json"
+
+
+def teachers_for(cls) -> tuple[str, ...]:
+    """The most teachers a test gives a method: up to two (ensembles get two)."""
+    return TINY_TEACHERS[: min(cls.max_teachers, 2)]
+
+
+def setup_run(name: str, **overrides):
+    cls = METHODS[name]
+    method = build_method(cls, overrides)
+    student = zoo.create(TINY_STUDENT, **TINY)
+    teachers = [freeze(zoo.create(t, **TINY)) for t in teachers_for(cls)]
+    taps = method.taps()
+    method.setup(probe(student, taps, TINY_SHAPE, TINY_STUDENT),
+                 [probe(t, taps, TINY_SHAPE) for t in teachers])
+    return method, student, teachers
+
+
+def one_step(method, student, teachers, epoch: int = 0, epochs: int = 10):
+    x = torch.randn(16, *TINY_SHAPE)
+    y = torch.randint(0, 10, (16,))
+    taps = method.taps()
+    out = FeatureCapture(student, taps)(x)
+    with torch.no_grad():
+        t_out = [FeatureCapture(t, taps)(x) for t in teachers]
+    terms = method(out, t_out, Batch(x, y, epoch, epochs))
+    ce_w = method.ce_weight_at(epoch, epochs)
+    total = sum(terms.values()) + (ce_w * F.cross_entropy(out.logits, y) if ce_w else 0)
+    return terms, total
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_terms_are_finite_scalars(name):
+    method, student, teachers = setup_run(name)
+    terms, total = one_step(method, student, teachers)
+    for key, value in terms.items():
+        assert isinstance(value, torch.Tensor) and value.dim() == 0, f"{name}.{key} is not a scalar"
+        assert math.isfinite(value.item()), f"{name}.{key} = {value.item()}"
+    assert torch.isfinite(total)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_gradients_reach_student_and_adapters_not_teachers(name):
+    method, student, teachers = setup_run(name)
+    student.train()
+    _, total = one_step(method, student, teachers)
+    total.backward()
+    no_grad = [n for n, p in student.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not no_grad, f"{name}: student parameters without gradient: {no_grad[:5]}"
+    for n, p in method.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: adapter {n} gets no gradient"
+    for t in teachers:
+        assert not t.training
+        assert all(p.grad is None and not p.requires_grad for p in t.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_contract_metadata(name):
+    cls = METHODS[name]
+    assert cls.name == name and cls.paper.strip()
+    hps = cls.hyperparameters()
+    assert "ce_weight" in hps
+    assert cls().config() == hps  # every hyperparameter is kept under its own name
+
+
+def _other_value(default):
+    if isinstance(default, bool):
+        return not default, str(not default).lower()
+    if isinstance(default, int):
+        return default + 1, str(default + 1)
+    if isinstance(default, float):
+        v = default / 2 if default else 0.5  # stays inside any [0, x] or (0, x] range
+        return v, repr(v)
+    if isinstance(default, tuple):
+        return (1.0, 2.0), "1,2"
+    return default, str(default)
+
+
+@pytest.mark.parametrize("name,hp", [(n, h) for n in sorted(METHODS) for h in METHODS[n].hyperparameters()])
+def test_hyperparameter_override_round_trips(name, hp):
+    default = METHODS[name].hyperparameters()[hp]
+    value, text = _other_value(default)
+    overrides = parse_overrides([f"{name}.{hp}={text}"], METHODS)
+    assert overrides == {name: {hp: value}}
+    assert build_method(METHODS[name], overrides[name]).config()[hp] == value
+
+
+@pytest.mark.parametrize("name", sorted(n for n in METHODS if METHODS[n].max_teachers >= 1))
+def test_more_teachers_than_taken_is_refused_before_training(name, tmp_path):
+    from kdbench.recipe import get_recipe
+    from kdbench.runner import Request, plan
+    from kdbench.suites import Pair
+
+    cls = METHODS[name]
+    teachers = (TINY_TEACHERS[0],) * (cls.max_teachers + 1)
+    req = Request(methods=METHODS, selected=[name], pairs=[Pair(teachers, TINY_STUDENT)], dataset="digits",
+                  recipe=get_recipe("digits").with_epochs(1), seeds=[0], results_dir=tmp_path, limit=32)
+    with pytest.raises(KdbenchError, match=f"method '{name}' takes"):
+        plan(req)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_overrides_are_clear():
+    with pytest.raises(KdbenchError, match="unknown hyperparameter 'temprature'.*did you mean 'temperature'"):
+        parse_overrides(["kd.temprature=8"], METHODS)
+    with pytest.raises(KdbenchError, match="bad value for kd.temperature: 'hot' is not a number"):
+        parse_overrides(["kd.temperature=hot"], METHODS)
+    with pytest.raises(KdbenchError, match="unknown method 'kdd'.*did you mean 'kd'"):
+        parse_overrides(["kdd.temperature=8"], METHODS)
+    with pytest.raises(KdbenchError, match="METHOD.HYPERPARAMETER=VALUE"):
+        parse_overrides(["temperature=8"], METHODS)
+    with pytest.raises(KdbenchError, match="temperature must be > 0"):
+        build_method(METHODS["kd"], {"temperature": -1.0})
+
+
+# -- reference values: independent formulas on small fixed tensors -----------------------
+def fixed_outputs(n: int = 6, classes: int = 5, teachers: int = 2):
+    g = torch.Generator().manual_seed(1234)
+    s = Outputs(torch.randn(n, classes, generator=g) * 2,
+                stages={2: torch.randn(n, 4, 4, 4, generator=g)}, pooled=torch.randn(n, 7, generator=g))
+    ts = [Outputs(torch.randn(n, classes, generator=g) * 3, stages={2: torch.randn(n, 6, 2, 2, generator=g)},
+                  pooled=torch.randn(n, 9, generator=g)) for _ in range(teachers)]
+    return s, ts, Batch(torch.zeros(n, 1, 8, 8), torch.zeros(n, dtype=torch.long), 0, 10)
+
+
+def test_kd_matches_the_formula():
+    s, ts, batch = fixed_outputs()
+    T = 4.0
+    terms = build_method(METHODS["kd"])(s, ts[:1], batch)
+    p = torch.softmax(ts[0].logits.double() / T, 1)
+    q = torch.softmax(s.logits.double() / T, 1)
+    expected = 0.9 * (p * (p.log() - q.log())).sum(1).mean() * T * T
+    assert terms["kd"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_rkd_matches_explicit_loops():
+    s, ts, batch = fixed_outputs(n=5)
+    terms = build_method(METHODS["rkd"])(s, ts[:1], batch)
+    a, b = s.pooled.double(), ts[0].pooled.double()
+    n = len(a)
+
+    def dist(x):
+        d = torch.tensor([[float((x[i] - x[j]).norm()) for j in range(n)] for i in range(n)], dtype=torch.double)
+        return d / d[~torch.eye(n, dtype=torch.bool)].mean()
+
+    def ang(x):
+        out = []
+        for i in range(n):
+            for j in range(n):
+                for k in range(n):
+                    u, v = x[i] - x[j], x[k] - x[j]
+                    nu, nv = u.norm(), v.norm()
+                    out.append(0.0 if nu == 0 or nv == 0 else float(u @ v / (nu * nv)))
+        return torch.tensor(out, dtype=torch.double)
+
+    # The angle at j uses (x_i - x_j) and (x_k - x_j); our tensor form uses e_ji·e_jk, identical.
+    assert terms["rkd_distance"].item() == pytest.approx(25 * F.smooth_l1_loss(dist(a), dist(b)).item(), rel=1e-4)
+    assert terms["rkd_angle"].item() == pytest.approx(50 * F.smooth_l1_loss(ang(a), ang(b)).item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("combine", ["mean_probs", "mean_kl", "mean_logits"])
+def test_ensemble_with_one_teacher_is_kd(combine):
+    s, ts, batch = fixed_outputs()
+    kd = build_method(METHODS["kd"])(s, ts[:1], batch)["kd"]
+    ens = build_method(METHODS["ensemble_kd"], {"combine": combine})(s, ts[:1], batch)["kd"]
+    assert ens.item() == pytest.approx(kd.item(), rel=1e-6)
+
+
+def test_ensemble_combinations_differ_and_follow_their_definitions():
+    s, ts, batch = fixed_outputs()
+    T = 4.0
+    p = [torch.softmax(t.logits.double() / T, 1) for t in ts]
+    logq = torch.log_softmax(s.logits.double() / T, 1)
+
+    def kl(target):
+        return (target * (target.log() - logq)).sum(1).mean() * T * T
+
+    w = (0.25, 0.75)
+    expected = {
+        "mean_probs": kl(w[0] * p[0] + w[1] * p[1]),
+        "mean_kl": w[0] * kl(p[0]) + w[1] * kl(p[1]),
+        "mean_logits": kl(torch.softmax((w[0] * ts[0].logits.double() + w[1] * ts[1].logits.double()) / T, 1)),
+    }
+    got = {c: build_method(METHODS["ensemble_kd"], {"combine": c, "teacher_weights": (1.0, 3.0)})(s, ts, batch)["kd"]
+           for c in expected}
+    for c in expected:
+        assert got[c].item() == pytest.approx(0.9 * expected[c].item(), rel=1e-5), c
+    assert len({round(v.item(), 6) for v in got.values()}) == 3
+
+
+def test_ensemble_weights_must_match_teacher_count():
+    m = build_method(METHODS["ensemble_kd"], {"teacher_weights": (1.0, 2.0, 3.0)})
+    with pytest.raises(ValueError, match="3 entries for 2 teachers"):
+        m.setup(None, [None, None])
+
+
+def test_fitnets_two_stage_schedule():
+    m = build_method(METHODS["fitnets"], {"schedule": "two_stage", "hint_fraction": 0.5})
+    s, ts, _ = fixed_outputs()
+    from kdbench.method import Probe
+    m.setup(Probe("s", 5, {2: (4, 4, 4)}, None), [Probe("t", 5, {2: (6, 2, 2)}, None)])
+    early = m(s, ts[:1], Batch(None, None, 4, 10))
+    late = m(s, ts[:1], Batch(None, None, 5, 10))
+    assert set(early) == {"hint"} and m.ce_weight_at(4, 10) == 0.0
+    assert set(late) == {"kd"} and m.ce_weight_at(5, 10) == 1.0
+
+
+def test_fitnets_regressor_is_built_from_probed_shapes():
+    from kdbench.method import Probe
+    m = build_method(METHODS["fitnets"])
+    m.setup(Probe("s", 5, {2: (4, 4, 4)}, None), [Probe("t", 5, {2: (6, 2, 2)}, None)])
+    out = m.regressor(torch.randn(3, 4, 4, 4))
+    assert out.shape == (3, 6, 2, 2)  # student map twice the teacher's: a stride-2 conv
+
+
+# -- golden values: protect every method's loss from silent change in a refactor ----------
+def golden_values() -> dict[str, dict[str, float]]:
+    values = {}
+    for name in sorted(METHODS):
+        cls = METHODS[name]
+        torch.manual_seed(0)  # adapters are initialised from the global RNG
+        m = build_method(cls)
+        s, ts, batch = fixed_outputs()
+        ts = ts[: min(cls.max_teachers, 2)]
+        from kdbench.method import Probe
+        m.setup(Probe("s", 5, {2: (4, 4, 4)}, (7,)), [Probe("t", 5, {2: (6, 2, 2)}, (9,)) for _ in ts])
+        values[name] = {k: round(v.item(), 6) for k, v in m(s, ts, batch).items()}
+    return values
+
+
+def test_golden_loss_values():
+    got = golden_values()
+    if os.environ.get("KDBENCH_REGEN_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+    expected = json.loads(GOLDEN.read_text())
+    for name in expected:
+        assert name in got, f"golden values list method '{name}', which is no longer registered"
+        assert got[name].keys() == expected[name].keys(), name
+        for term, value in expected[name].items():
+            assert got[name][term] == pytest.approx(value, rel=1e-5, abs=1e-6), f"{name}.{term}"
+    new = set(got) - set(expected)
+    assert not new, f"methods without golden values: {new}; run with KDBENCH_REGEN_GOLDEN=1 once"

@@ -1,0 +1,279 @@
+"""Tests of kdbench.report: tables and plots derived from a hand-made results store."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kdbench.errors import KdbenchError
+from kdbench.report import build_report, load_rows
+
+FULL = "crd, 240 epochs"
+SHORT = "crd, shortened: 24 of 240 epochs"
+PARAMS = {"cifar_resnet20": 278_324, "cifar_wrn_16_2": 703_284, "cifar_resnet56": 861_620,
+          "cifar_wrn_40_2": 2_255_156}
+SPEED = {"cifar_resnet20": 31_000.0, "cifar_wrn_16_2": 22_000.0, "cifar_resnet56": 11_500.0,
+         "cifar_wrn_40_2": 6_200.0}
+R56, WRN, R20, W16 = "cifar_resnet56", "cifar_wrn_40_2", "cifar_resnet20", "cifar_wrn_16_2"
+
+
+def row(method: str, teachers: str, student: str, seed: int, top1: float, *, schedule: str = FULL,
+        epochs: int = 240, device: str = "NVIDIA H100", dataset: str = "cifar100") -> dict:
+    """One run row, flat, the way the store writes it (plus columns the report must ignore)."""
+    kind = "teacher" if method == "teacher" else "student"
+    pair = f"{student}→" if kind == "teacher" else f"{teachers}→{student}"
+    return {
+        "run_id": f"{dataset}-{method}-{teachers}-{student}-{epochs}-s{seed}",
+        "kind": kind, "method": method,
+        "method_paper": f"Paper of {method}" if kind == "student" else "",
+        "teachers": teachers, "student": student, "pair": pair, "dataset": dataset, "recipe": "crd",
+        "epochs": epochs, "recipe_epochs": 240, "shortened": epochs < 240, "schedule": schedule,
+        "seed": seed, "top1_last": top1, "top5_last": top1 + 20.0, "top1_best": top1 + 0.5,
+        "top5_best": top1 + 20.5, "best_epoch": epochs - 3,
+        "agreement": float("nan") if method in ("ce", "teacher") else 80.0 + seed,
+        "params": PARAMS[student], "extra_params": 4096 if method == "fitnets" else 0,
+        "flops_per_image": PARAMS[student] * 150, "throughput_img_s": SPEED[student] + seed,
+        "throughput_batch": 256, "throughput_device": device, "throughput_dtype": "float16",
+        "train_time_s": 1000.0, "peak_mem_mb": 900.0, "device": device, "git_commit": "abc1234",
+        "command": f"kdbench run {method} --seed {seed}", "kdbench_version": "0.1.0",
+        "torch_version": "2.5.0", "timm_version": "1.0.11",
+        "finished_at": f"2025-01-0{seed + 1}T12:00:00",
+        "hp.temperature": 4.0, "loss.kd": 0.3, "class_f1.0": 0.7, "some_future_column": [1, 2],
+    }
+
+
+# (method, teachers, student) -> per-seed top-1; three seeds in the full benchmark
+FULL_RUNS = {
+    ("teacher", "", R56): [72.34, 72.01, 72.50],
+    ("teacher", "", WRN): [75.61, 75.40, 75.93],
+    ("ce", "", R20): [69.06, 68.80, 69.41],
+    ("ce", "", W16): [73.26, 72.90, 73.02],
+    ("kd", R56, R20): [70.66, 70.40, 70.95],
+    ("kd", f"{R56}+{WRN}", R20): [71.10, 70.70, 71.31],
+    ("kd", WRN, W16): [74.92, 74.70, 75.20],
+    ("fitnets", R56, R20): [69.21, 68.90, 69.70],
+    ("fitnets", WRN, W16): [73.58, 73.10, 73.90],
+}
+SHORT_RUNS = {
+    ("teacher", "", R56): [70.10],
+    ("ce", "", R20): [60.50],
+    ("kd", R56, R20): [62.25],
+}
+
+
+def write_store(root: Path, runs: dict, schedule: str = FULL, epochs: int = 240, **kw) -> None:
+    """Write one JSON file per run into root/runs, as the results store does."""
+    (root / "runs").mkdir(parents=True, exist_ok=True)
+    for (method, teachers, student), values in runs.items():
+        for seed, top1 in enumerate(values):
+            r = row(method, teachers, student, seed, top1, schedule=schedule, epochs=epochs, **kw)
+            (root / "runs" / f"{r['run_id']}.json").write_text(json.dumps(r))
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> tuple[Path, list[Path]]:
+    root = tmp_path_factory.mktemp("results")
+    write_store(root, FULL_RUNS)
+    write_store(root, SHORT_RUNS, schedule=SHORT, epochs=24)
+    return root, build_report(root)
+
+
+def stat(values) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1))
+
+
+def table_lines(md: str) -> list[list[str]]:
+    """The cells of the first markdown table."""
+    block = md.split("\n\n")
+    table = next(b for b in block if b.startswith("| method"))
+    return [[c.strip() for c in line.strip("|").split(" | ")] for line in table.splitlines()]
+
+
+FULL_SLUG, SHORT_SLUG = "cifar100_crd-240ep", "cifar100_crd-shortened-24-of-240ep"
+
+
+def test_files_per_benchmark(report):
+    root, paths = report
+    names = [p.name for p in paths]
+    for slug in (FULL_SLUG, SHORT_SLUG):
+        for stem in ("table_{}.md", "table_{}.csv", "acc_vs_params_{}.png", "acc_vs_throughput_{}.png",
+                     "bars_{}.png"):
+            assert stem.format(slug) in names
+    assert names[-1] == "index.md"
+    assert all(p.parent == root and p.exists() for p in paths)
+    assert not list(root.glob(".*.tmp")), "temp files left behind"
+    index = (root / "index.md").read_text()
+    assert all(n in index for n in names[:-1])
+
+
+def test_pngs_are_valid(report):
+    _, paths = report
+    pngs = [p for p in paths if p.suffix == ".png"]
+    assert len(pngs) == 6
+    for p in pngs:
+        data = p.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        assert len(data) > 20_000
+
+
+def test_markdown_values_and_order(report):
+    root, _ = report
+    md = (root / f"table_{FULL_SLUG}.md").read_text()
+    lines = table_lines(md)
+    pairs = [f"{R56} → {R20}", f"{R56}+{WRN} → {R20}", f"{WRN} → {W16}"]
+    assert lines[0] == ["method"] + pairs
+    assert [line[0] for line in lines[2:]] == ["teacher", "ce", "fitnets", "kd"]
+    cells = {line[0]: dict(zip(pairs, line[1:])) for line in lines[2:]}
+
+    def expect(values, base=None) -> str:
+        mean, std = stat(values)
+        text = f"{mean:.2f} ± {std:.2f}"
+        return text if base is None else f"{text} ({mean - np.mean(base):+.2f})"
+
+    ce20, ce16 = FULL_RUNS[("ce", "", R20)], FULL_RUNS[("ce", "", W16)]
+    assert cells["kd"][pairs[0]] == expect(FULL_RUNS[("kd", R56, R20)], ce20)
+    assert cells["kd"][pairs[1]] == expect(FULL_RUNS[("kd", f"{R56}+{WRN}", R20)], ce20)
+    assert cells["kd"][pairs[2]] == expect(FULL_RUNS[("kd", WRN, W16)], ce16)
+    assert cells["fitnets"][pairs[0]] == expect(FULL_RUNS[("fitnets", R56, R20)], ce20)
+    assert cells["fitnets"][pairs[1]] == ""  # no run
+    # one ce run serves both pairs with the same student
+    assert cells["ce"][pairs[0]] == cells["ce"][pairs[1]] == expect(ce20)
+    assert cells["ce"][pairs[2]] == expect(ce16)
+    assert cells["teacher"][pairs[0]] == expect(FULL_RUNS[("teacher", "", R56)])
+    ensemble = [f"{np.mean(FULL_RUNS[('teacher', '', t)]):.2f}" for t in (R56, WRN)]
+    assert cells["teacher"][pairs[1]] == " / ".join(ensemble)
+    assert "n=3" in md
+
+
+def test_markdown_titles_and_footer(report):
+    root, _ = report
+    md = (root / f"table_{FULL_SLUG}.md").read_text()
+    title = md.splitlines()[0]
+    assert "cifar100" in title and FULL in title and "top-1 at the last epoch" in title
+    assert "shortened" not in md.lower()
+    assert "images/s (NVIDIA H100, batch 256, float16)" in md
+    assert "0.28M" in md  # resnet20 params
+    for text in ("0.1.0", "abc1234", "2.5.0", "1.0.11", "runs: 27", "kdbench run kd --seed 2"):
+        assert text in md
+
+
+def test_shortened_benchmark(report):
+    root, _ = report
+    assert "shortened" in SHORT_SLUG
+    md = (root / f"table_{SHORT_SLUG}.md").read_text()
+    assert "shortened" in md.splitlines()[0]
+    lines = table_lines(md)
+    assert lines[0] == ["method", f"{R56} → {R20}"]
+    assert lines[2:] == [["teacher", "70.10"], ["ce", "60.50"], ["kd", "62.25 (+1.75)"]]
+    assert "n=1" in md
+    csv = pd.read_csv(root / f"table_{SHORT_SLUG}.csv")
+    assert (csv["schedule"] == SHORT).all() and csv["shortened"].all()
+    # the full benchmark's runs are not mixed in
+    assert csv["n"].tolist() == [1, 1, 1]
+
+
+def test_csv_long_form(report):
+    root, _ = report
+    csv = pd.read_csv(root / f"table_{FULL_SLUG}.csv", keep_default_na=False, na_values=[""])
+    for col in ("method", "pair", "teachers", "student", "metric", "mean", "std", "n", "delta_vs_ce",
+                "params", "extra_params", "flops_per_image", "throughput_img_s"):
+        assert col in csv
+    assert list(dict.fromkeys(csv["method"])) == ["teacher", "ce", "fitnets", "kd"]
+    assert (csv["metric"] == "top1_last").all()
+    kd = csv[(csv["method"] == "kd") & (csv["pair"] == f"{R56}+{WRN}→{R20}")].iloc[0]
+    mean, std = stat(FULL_RUNS[("kd", f"{R56}+{WRN}", R20)])
+    assert kd["mean"] == pytest.approx(mean) and kd["std"] == pytest.approx(std) and kd["n"] == 3
+    assert kd["delta_vs_ce"] == pytest.approx(mean - np.mean(FULL_RUNS[("ce", "", R20)]))
+    assert kd["params"] == PARAMS[R20] and kd["teachers"] == f"{R56}+{WRN}"
+    assert kd["throughput_img_s"] == pytest.approx(SPEED[R20] + 1)
+    ce = csv[csv["method"] == "ce"]
+    assert ce["pair"].tolist() == [f"{R56}→{R20}", f"{R56}+{WRN}→{R20}", f"{WRN}→{W16}"]
+    ce20 = np.mean(FULL_RUNS[("ce", "", R20)])
+    assert ce["mean"].iloc[0] == ce["mean"].iloc[1] == pytest.approx(ce20)
+    teachers = csv[(csv["method"] == "teacher") & (csv["pair"] == f"{R56}+{WRN}→{R20}")]
+    assert teachers["model"].tolist() == [R56, WRN]
+    assert teachers["delta_vs_ce"].isna().all()
+
+
+def test_best_epoch_metric(tmp_path):
+    write_store(tmp_path, SHORT_RUNS)
+    paths = build_report(tmp_path, tmp_path / "out", metric="top1_best")
+    assert all(p.parent == tmp_path / "out" for p in paths)
+    md = next(p for p in paths if p.suffix == ".md" and p.name != "index.md").read_text()
+    assert "top-1 at the best epoch" in md.splitlines()[0] and "last epoch" not in md
+    assert "62.75 (+1.75)" in md
+
+
+def test_unknown_metric(tmp_path):
+    write_store(tmp_path, SHORT_RUNS)
+    with pytest.raises(KdbenchError, match="did you mean 'top1_last'"):
+        build_report(tmp_path, metric="top1_lst")
+
+
+@pytest.mark.parametrize("make", ["missing", "empty"])
+def test_empty_store(tmp_path, make):
+    if make == "empty":
+        (tmp_path / "runs").mkdir()
+    with pytest.raises(KdbenchError, match="no finished runs") as err:
+        build_report(tmp_path)
+    assert str(tmp_path) in str(err.value) and "kdbench run" in str(err.value)
+
+
+def test_corrupt_file_named(tmp_path):
+    write_store(tmp_path, SHORT_RUNS)
+    (tmp_path / "runs" / "zz.json").write_text('{"run_id": ')
+    with pytest.raises(KdbenchError, match="zz.json"):
+        load_rows(tmp_path)
+
+
+def test_extra_columns_ignored_and_rows_sorted(tmp_path):
+    write_store(tmp_path, SHORT_RUNS)
+    rows = load_rows(tmp_path)
+    assert "some_future_column" in rows and "hp.temperature" in rows
+    assert rows["run_id"].tolist() == sorted(rows["run_id"])  # file name == run_id here
+    build_report(tmp_path)
+
+
+def test_mixed_devices_split_throughput(tmp_path):
+    short = {"schedule": SHORT, "epochs": 24}
+    write_store(tmp_path, {("ce", "", R20): [60.0], ("kd", R56, R20): [61.0]}, **short)
+    write_store(tmp_path, {("fitnets", R56, R20): [61.5]}, **short, device="NVIDIA A100")
+    paths = build_report(tmp_path)
+    names = {p.name for p in paths}
+    assert {f"acc_vs_throughput_{SHORT_SLUG}_nvidia-a100.png",
+            f"acc_vs_throughput_{SHORT_SLUG}_nvidia-h100.png"} <= names
+    md = (tmp_path / f"table_{SHORT_SLUG}.md").read_text()
+    assert re.search(r"2 different devices", md)
+    assert "images/s (NVIDIA A100" in md and "images/s (NVIDIA H100" in md
+
+
+def test_seed_counts_shown_when_they_differ(tmp_path):
+    write_store(tmp_path, {("ce", "", R20): [69.0, 69.4, 69.2], ("kd", R56, R20): [70.0, 70.6]})
+    build_report(tmp_path)
+    md = (tmp_path / f"table_{FULL_SLUG}.md").read_text()
+    cells = dict((line[0], line[1]) for line in table_lines(md)[2:])
+    mean, std = stat([70.0, 70.6])
+    assert cells["kd"] == f"{mean:.2f} ± {std:.2f} ({mean - 69.2:+.2f}) [n=2]"
+    assert cells["ce"] == "69.20 ± 0.20"
+    assert "n=3 seeds unless marked [n=k]" in md
+
+
+def test_interrupted_write_keeps_old_file(tmp_path):
+    from kdbench import report
+
+    target = tmp_path / "table.md"
+    report.write_text(target, "old")
+
+    def fail(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        report._atomic(target, fail)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["table.md"]
