@@ -191,9 +191,7 @@ def report(root: Path, out: Path | None, metric: str) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     if args.what == "methods":
         for name, cls in load_methods(args.plugins).items():
-            teachers = "no teacher" if cls.max_teachers == 0 else (
-                "1 teacher" if cls.max_teachers == 1 else f"{cls.min_teachers}-{cls.max_teachers} teachers")
-            print(f"{name}  ({teachers})\n  {cls.summary()}\n  paper: {cls.paper}")
+            print(f"{name}  ({cls.teachers_taken()})\n  {cls.summary()}\n  paper: {cls.paper}")
             for hp, default in cls.hyperparameters().items():
                 print(f"    {name}.{hp} = {default!r}")
             print()

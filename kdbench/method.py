@@ -125,6 +125,15 @@ class Method(nn.Module):
         }
 
     @classmethod
+    def teachers_taken(cls) -> str:
+        """How many teachers the method takes, in words ("no teacher", "1 teacher", "1-64 teachers")."""
+        lo, hi = cls.min_teachers, cls.max_teachers
+        if hi == 0:
+            return "no teacher"
+        count = str(hi) if lo == hi else f"{lo}-{hi}"
+        return f"{count} teacher" + ("" if count == "1" else "s")
+
+    @classmethod
     def summary(cls) -> str:
         """First line of the class docstring."""
         doc = inspect.getdoc(cls) or ""

@@ -37,9 +37,11 @@ def git_commit() -> str:
 
 
 def command_line() -> str:
+    """The command as the user typed it (``kdbench ...`` or ``python -m kdbench ...``)."""
     argv = list(sys.argv)
-    argv[0] = Path(argv[0]).name
-    return shlex.join(argv)
+    name = Path(argv[0]).name
+    argv[0] = "python -m kdbench" if name == "__main__.py" else name
+    return " ".join([argv[0], shlex.join(argv[1:])]).strip()
 
 
 def now() -> str:

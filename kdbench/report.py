@@ -704,6 +704,7 @@ def plot_bars(bench: Benchmark, entries: Sequence[Entry], metric: str, colours: 
     fig = _figure(min(16.0, max(6.5, 0.55 * n_bars + 1.2 * len(pairs) + 2.5)), 5.0)
     ax = fig.add_subplot()
     x, centres, extent, used = 0.0, [], [], []
+    teacher_means: dict[Pair, dict[str, float]] = {}
     label_bars, rotation = n_bars <= 40, 0 if n_bars <= 14 else 90
     for pair in pairs:
         start = x
@@ -732,14 +733,14 @@ def plot_bars(bench: Benchmark, entries: Sequence[Entry], metric: str, colours: 
                       linewidth=1.3, zorder=3, label=TEACHER if TEACHER not in used else None)
             used.append(TEACHER)
             extent.append(t.stat.mean)
-            ax.annotate(f"{t.model} {_fmt(t.stat.mean, 1)}", (start - 0.45, t.stat.mean),
-                        xytext=(1, 2), textcoords="offset points", fontsize=7, ha="left",
-                        va="bottom", color="black")
+        # Teacher values go in the group's axis label: text on the dashed lines collides with
+        # the bar labels whenever a teacher and a student score alike.
+        teacher_means[pair] = {t.model: t.stat.mean for t in teachers}
         centres.append((start + end) / 2)
         x = end + 2.0
     if extent:
         ax.set_ylim(*_y_range(extent))
-    ax.set_xticks(centres, [_wrap_pair(p) for p in pairs], fontsize=8.5)
+    ax.set_xticks(centres, [_wrap_pair(p, teacher_means.get(p, {})) for p in pairs], fontsize=8.5)
     ax.tick_params(axis="x", length=0)
     ax.grid(axis="y", color="#eeeeee", zorder=0)
     ax.set_ylabel(f"{METRICS[metric]} (%)")
@@ -748,8 +749,10 @@ def plot_bars(bench: Benchmark, entries: Sequence[Entry], metric: str, colours: 
     return save_figure(fig, path)
 
 
-def _wrap_pair(pair: Pair) -> str:
-    teachers = "+\n".join(pair.teachers) if pair.teachers else "(no teacher)"
+def _wrap_pair(pair: Pair, teacher_means: dict[str, float] | None = None) -> str:
+    means = teacher_means or {}
+    names = [f"{t} ({_fmt(means[t], 1)})" if t in means else t for t in pair.teachers]
+    teachers = "+\n".join(names) if names else "(no teacher)"
     return f"{teachers}\n→ {pair.student or '(teacher only)'}"
 
 

@@ -120,8 +120,7 @@ def plan(req: Request) -> Plan:
                 if cls.max_teachers == 0:
                     teachers: tuple[str, ...] = ()
                 elif n > cls.max_teachers or n < cls.min_teachers:
-                    why = (f"method '{name}' takes {cls.min_teachers}..{cls.max_teachers} teacher(s); "
-                           f"pair {pair.label} has {n}")
+                    why = f"method '{name}' takes {cls.teachers_taken()}; pair {pair.label} has {n}"
                     if req.selected is not None:
                         raise KdbenchError(why + ". Drop the pair or the method, or use a method made for "
                                                  "several teachers (e.g. ensemble_kd)")
