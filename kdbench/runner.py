@@ -92,7 +92,8 @@ def plan(req: Request) -> Plan:
         for model in (*pair.teachers, pair.student):
             zoo.check_model_name(model)
     device = resolve_device(req.device)
-    data = load_dataset(req.dataset, data_dir=req.data_dir, download=req.download, limit=req.limit or None)
+    # Held on the training device for the whole sweep: batches and augmentation never leave it.
+    data = load_dataset(req.dataset, data_dir=req.data_dir, download=req.download, limit=req.limit or None).to(device)
     info = data.info
     all_teachers = {t for p in req.pairs for t in p.teachers}
     checkpoints = dict(req.teacher_checkpoints)
@@ -284,6 +285,7 @@ class Runner:
             "peak_mem_mb": mem.mb if mem else float("nan"), "peak_mem_kind": mem.kind if mem else "",
             "flush_denormal": self.plan.device.type == "cpu",
             "history_top1": json.dumps([round(h.top1, 4) for h in result.history]),
+            "history_loss": json.dumps([{k: round(v, 6) for k, v in h.losses.items()} for h in result.history]),
             **{f"class_{k}.{i}": v for k, vals in prf.items() for i, v in enumerate(vals)},
             **self.provenance,
             "finished_at": provenance.now(),

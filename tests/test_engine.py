@@ -1,0 +1,84 @@
+"""The engine's promises, checked on real data and models: frozen teachers, trained adapters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdbench import engine, zoo
+from kdbench.data import load_dataset
+from kdbench.errors import KdbenchError
+from kdbench.method import Method
+from kdbench.recipe import get_recipe
+from kdbench.registry import build_method, load_methods
+
+METHODS = load_methods()
+KW = dict(num_classes=10, in_chans=1, img_size=8)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("digits", limit=64)
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_teachers_stay_frozen_and_adapters_train(data):
+    from kdbench.features import probe
+
+    teacher = zoo.create("cifar_resnet14", **KW)  # BatchNorm: eval mode must keep its running stats
+    student = zoo.create("cifar_resnet8", **KW)
+    method = build_method(METHODS["fitnets"])
+    shape = (1, 8, 8)
+    method.setup(probe(student, method.taps(), shape), [probe(teacher, method.taps(), shape)])
+    t_before, s_before, m_before = snapshot(teacher), snapshot(student), snapshot(method)
+    result = engine.train(student, data, get_recipe("digits").with_epochs(1), seed=0, method=method,
+                          teachers=[teacher])
+    for k, v in teacher.state_dict().items():
+        torch.testing.assert_close(v, t_before[k], msg=f"teacher {k} changed")
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert any(not torch.equal(v, s_before[k]) for k, v in student.state_dict().items())
+    changed = [k for k, v in method.state_dict().items() if not torch.equal(v, m_before[k])]
+    assert any(k.endswith("weight") for k in changed), "the regressor was not optimised"
+    assert set(result.last.losses) == {"ce", "hint"}
+
+
+def test_hint_stage_trains_only_the_lower_student(data):
+    """FitNets' two-stage schedule: CE is skipped in the hint stage, so layers above the hint stay put."""
+    from kdbench.features import probe
+
+    teacher = zoo.create("hinton_mlp_1200", **KW)
+    student = zoo.create("hinton_mlp_800", **KW)
+    method = build_method(METHODS["fitnets"], {"schedule": "two_stage", "hint_fraction": 1.0, "stage": 0})
+    shape = (1, 8, 8)
+    method.setup(probe(student, method.taps(), shape), [probe(teacher, method.taps(), shape)])
+    before = snapshot(student)
+    result = engine.train(student, data, get_recipe("digits").with_epochs(1), seed=0, method=method,
+                          teachers=[teacher])
+    moved = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+    # Stage 0 is the first hidden layer: only it moves; fc2 and the classifier get no gradient.
+    assert moved == {"fc1.weight", "fc1.bias"}, moved
+    assert set(result.last.losses) == {"hint"}
+
+
+def test_non_scalar_term_is_refused(data):
+    class Bad(Method):
+        name = "bad"
+        paper = "none"
+
+        def forward(self, student, teachers, batch):
+            return {"vector": student.logits.mean(0)}
+
+    with pytest.raises(KdbenchError, match="loss term 'vector' that is not a scalar"):
+        engine.train(zoo.create("hinton_mlp_800", **KW), data, get_recipe("digits").with_epochs(1), seed=0,
+                     method=Bad(), teachers=[zoo.create("hinton_mlp_800", **KW)])
+
+
+def test_shortened_recipe_scales_milestones():
+    crd = get_recipe("crd")
+    assert crd.lr_milestones == (150, 180, 210) and not crd.shortened
+    short = crd.with_epochs(24)
+    assert short.lr_milestones == (15, 18, 21) and short.shortened
+    assert short.label == "crd, shortened: 24 of 240 epochs"
