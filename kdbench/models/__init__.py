@@ -13,7 +13,7 @@ from kdbench.models import (
     cifar_wrn,
     mlp,
 )
-from kdbench.models.cifar_resnet import ZooModel
+from kdbench.models.base import ZooModel
 from kdbench.models.crd_names import CRD_TO_TIMM, UnknownModelName, timm_name
 
 __all__ = [

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from kdbench.models.cifar_resnet import ZooModel, build_zoo_model, zoo_cfg
+from kdbench.models.base import ZooModel, build_zoo_model, zoo_cfg
 
 __all__ = ["CifarWideResNet"]
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from kdbench.models.cifar_resnet import ZooModel, build_zoo_model
+from kdbench.models.base import ZooModel, build_zoo_model
 
 __all__ = ["HintonMLP"]
 
