@@ -23,7 +23,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from kdbench.errors import KdbenchError, unknown
+from kdbench.store import atomic_write
 
 TEACHER = "teacher"
 BASELINE = "ce"
@@ -481,22 +481,9 @@ def csv_frame(bench: Benchmark, entries: Sequence[Entry], metric: str) -> pd.Dat
 
 
 # -- atomic writes ------------------------------------------------------------------------------
-def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temp file beside ``path``, then move it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_text(path: Path, text: str) -> Path:
     """Atomically write a text file."""
-    return _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 # -- plots --------------------------------------------------------------------------------------
@@ -533,7 +520,7 @@ def _figure(width: float, height: float):
 
 def save_figure(fig, path: Path) -> Path:
     """Atomically write a figure as PNG at 150 dpi."""
-    return _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
 
 
 def _count_formatter(unit: str):

@@ -7,7 +7,6 @@ already in the results store, trains the rest (teachers once, cached), and write
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -28,7 +27,7 @@ from .method import Method
 from .recipe import Recipe
 from .registry import build_method
 from .spec import RunSpec, TeacherSpec
-from .store import ResultsStore, atomic_write_bytes
+from .store import ResultsStore, atomic_write
 from .suites import Pair
 
 
@@ -202,9 +201,7 @@ class Runner:
                 result = engine.train(model, self.plan.data, ts.recipe, seed=ts.seed, model_name=ts.model,
                                       progress=bar)
             bar.close()
-            buf = io.BytesIO()
-            torch.save(model.state_dict(), buf)
-            atomic_write_bytes(path, buf.getvalue())
+            atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
             self._write_teacher_row(ts, model, result, trained=True, peak=mem)
         engine.freeze(model)
         self._teachers[ts.teacher_id] = model

@@ -265,6 +265,7 @@ def test_seed_counts_shown_when_they_differ(tmp_path):
 
 def test_interrupted_write_keeps_old_file(tmp_path):
     from kdbench import report
+    from kdbench.store import atomic_write
 
     target = tmp_path / "table.md"
     report.write_text(target, "old")
@@ -274,6 +275,6 @@ def test_interrupted_write_keeps_old_file(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        report._atomic(target, fail)
+        atomic_write(target, fail)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["table.md"]
