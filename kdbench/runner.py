@@ -298,7 +298,11 @@ class Runner:
         sweep = self._bar(len(todo), "sweep", 0, True)
         for spec in todo:
             sweep.set_description(f"{spec.method} {spec.pair} s{spec.seed}")
-            self.run(spec)
+            row = self.run(spec)
             sweep.update(1)
+            # One line per finished run, printed above the bars (kept with --quiet: it is output).
+            tqdm.write(f"  {spec.method:<12} {spec.pair:<40} seed {spec.seed}: top-1 {row['top1_last']:.2f} "
+                       f"(best {row['top1_best']:.2f} at epoch {row['best_epoch']}), {row['train_time_s']:.1f} s",
+                       file=sys.stdout)
         sweep.close()
         return len(todo), done

@@ -63,6 +63,7 @@ def test_end_to_end_run_report_and_resume(tmp_path):
     assert len(tables) == 1 and "shortened" in tables[0].read_text()
     assert len(list(report.glob("*.png"))) == 3
     assert "kdbench report" in proc.stdout and str(report) in proc.stdout
+    assert re.search(r"kd +hinton_mlp_1200→hinton_mlp_800 +seed 0: top-1 \d+\.\d\d \(best", proc.stdout)
 
     # The same command again finishes nothing new and changes no row.
     before = {p.name: p.read_text() for p in (results / "runs").glob("*.json")}
@@ -128,6 +129,14 @@ def test_bad_input(case, tmp_path, capsys):
     code, _, err = run_cli([*args, *extra], capsys)
     assert code == 2
     assert re.search(pattern, err), err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU, so --device cuda is valid here")
+def test_cuda_without_gpu(tmp_path, capsys):
+    code, _, err = run_cli(["run", "--device", "cuda", "--methods", "kd", "--limit", "32", "--results-dir",
+                            str(tmp_path), "--quiet"], capsys)
+    assert code == 2 and "torch sees no CUDA GPU; use --device cpu" in err
     assert not (tmp_path / "runs").exists()
 
 
