@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import REPO
 
-from conftest import REPO
 from kdbench import zoo
 from kdbench.cli import main
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import TINY, TINY_SHAPE, TINY_STUDENT, TINY_TEACHERS
 
-from conftest import TINY, TINY_SHAPE, TINY_STUDENT, TINY_TEACHERS
 from kdbench import zoo
 from kdbench.engine import freeze
 from kdbench.errors import KdbenchError
