@@ -23,7 +23,7 @@ from . import engine, metrics, provenance, zoo
 from .data import DataSplits, load_dataset
 from .errors import KdbenchError, unknown
 from .features import probe
-from .method import Method
+from .method import Method, Probe, Taps
 from .recipe import Recipe
 from .registry import build_method
 from .spec import RunSpec, TeacherSpec
@@ -142,23 +142,32 @@ def plan(req: Request) -> Plan:
     return Plan(list(specs.values()), data, device, sorted(set(skipped)), checkpoints)
 
 
-def check_setup(method: Method, teachers: Sequence[str], student: str, data: DataSplits) -> None:
-    """Probe freshly built models and run the method's setup on a copy: shape problems surface now."""
+def probe_model(name: str, taps: Taps, data: DataSplits) -> Probe:
+    """Build ``name`` for the dataset and probe it; a model that cannot take its images is a user error."""
     info = data.info
     shape = (info.in_chans, info.img_size, info.img_size)
-    taps = method.taps()
+    model = zoo.create(name, num_classes=info.num_classes, in_chans=info.in_chans, img_size=info.img_size)
     try:
-        s = probe(zoo.create(student, num_classes=info.num_classes, in_chans=info.in_chans, img_size=info.img_size),
-                  taps, shape, student)
-        ts = [probe(zoo.create(t, num_classes=info.num_classes, in_chans=info.in_chans, img_size=info.img_size),
-                    taps, shape, t) for t in teachers]
+        return probe(model, taps, shape, name)
+    except RuntimeError as exc:
+        raise KdbenchError(f"model '{name}' cannot run on {info.name}'s {'x'.join(map(str, shape))} images: "
+                           f"{str(exc).splitlines()[0]}. Choose a model for small inputs (e.g. kdbench's "
+                           "cifar_* zoo) or a dataset with larger images") from None
+
+
+def check_setup(method: Method, teachers: Sequence[str], student: str, data: DataSplits) -> None:
+    """Probe freshly built models and run the method's setup on a copy: shape problems surface now."""
+    taps = method.taps()
+    s = probe_model(student, taps, data)
+    ts = [probe_model(t, taps, data) for t in teachers]
+    try:
         type(method)(**method.config()).setup(s, ts)
     except (ValueError, KeyError) as exc:
         raise KdbenchError(f"method '{method.name}' cannot distil {'+'.join(teachers)} into {student}: {exc}") from None
     for t in ts:
         if t.num_classes != s.num_classes:
             raise KdbenchError(f"teacher {t.model} outputs {t.num_classes} classes but student {student} "
-                               f"outputs {s.num_classes}; both must predict the dataset's {info.num_classes}")
+                               f"outputs {s.num_classes}; both must predict the dataset's {data.info.num_classes}")
 
 
 class Runner:

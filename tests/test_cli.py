@@ -117,6 +117,8 @@ BAD = {
     "invalid value": (["--set", "kd.temperature=-1"], r"temperature must be > 0"),
     "bad pair": (["--pairs", "cifar_resnet8"], r"not of the form TEACHER\[\+TEACHER...\]:STUDENT"),
     "unknown suite": (["--suite", "digit"], r"unknown suite 'digit'; did you mean 'digits'\?"),
+    "model too big for the images": (["--pairs", "convnext_atto:cifar_resnet8"],
+                                     r"model 'convnext_atto' cannot run on digits's 1x8x8 images"),
 }
 
 
