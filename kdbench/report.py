@@ -136,8 +136,29 @@ def benchmarks(rows: pd.DataFrame) -> list[Benchmark]:
         while slug in used:
             slug, k = f"{base}-{k}", k + 1
         used.add(slug)
-        out.append(Benchmark(dataset, str(group["schedule"].iloc[0]), slug, group))
+        out.append(Benchmark(dataset, str(group["schedule"].iloc[0]), slug, label_variants(group)))
     return out
+
+
+def label_variants(rows: pd.DataFrame) -> pd.DataFrame:
+    """Give each hyperparameter setting of a method its own row label: 'kd[temperature=8.0]'.
+
+    Runs of one method with different hyperparameters are different experiments, never seeds
+    of one cell. A method run with a single setting keeps its plain name.
+    """
+    if "hparams" not in rows:
+        return rows
+    rows = rows.copy()
+    for method, group in rows.groupby("method"):
+        settings = {h: json.loads(h) for h in group["hparams"].dropna().unique() if isinstance(h, str)}
+        if len(settings) < 2:
+            continue
+        keys = sorted({k for hp in settings.values() for k in hp})
+        differ = [k for k in keys if len({json.dumps(hp.get(k)) for hp in settings.values()}) > 1]
+        for text, hp in settings.items():
+            label = ",".join(f"{k}={hp.get(k)}" for k in differ)
+            rows.loc[(rows["method"] == method) & (rows["hparams"] == text), "method"] = f"{method}[{label}]"
+    return rows
 
 
 # -- aggregation --------------------------------------------------------------------------------
@@ -791,8 +812,9 @@ def build_report(results_dir: str | os.PathLike[str],
         raise KdbenchError(f"no run in {results / 'runs'} records the metric '{metric}'")
     out = Path(out_dir) if out_dir is not None else results
     out.mkdir(parents=True, exist_ok=True)
-    colours = method_colours(set(rows["method"]))
     benches = benchmarks(rows)
+    # After benchmarks(): variant labels (kd[temperature=8.0]) get colours of their own.
+    colours = method_colours({m for b in benches for m in b.rows["method"]})
     files = {b.slug: build_benchmark(b, metric, colours, out) for b in benches}
     written = [p for b in benches for p in files[b.slug]]
     return written + [write_text(out / "index.md", index(benches, files, metric, results))]

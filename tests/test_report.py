@@ -278,3 +278,25 @@ def test_interrupted_write_keeps_old_file(tmp_path):
         atomic_write(target, fail)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["table.md"]
+
+
+def test_hyperparameter_variants_are_separate_rows_not_seeds(tmp_path):
+    """kd at T=4 and kd at T=8 in one store: two labelled rows, never averaged together."""
+    from kdbench.report import build_report
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for temperature, top1 in ((4.0, 70.0), (8.0, 60.0)):
+        for seed in (0, 1):
+            r = row("kd", R56, R20, seed, top1 + seed)
+            r["hparams"] = json.dumps({"ce_weight": 0.1, "kd_weight": 0.9, "temperature": temperature})
+            r["run_id"] += f"-T{temperature}"
+            (runs / f"{r['run_id']}.json").write_text(json.dumps(r))
+    r = row("ce", "", R20, 0, 65.0)
+    r["hparams"] = json.dumps({"ce_weight": 1.0})
+    (runs / "ce.json").write_text(json.dumps(r))
+    md = next(p for p in build_report(tmp_path, tmp_path / "out") if p.suffix == ".md" and p.name.startswith("table"))
+    text = md.read_text()
+    assert "| kd[temperature=4.0] | 70.50 ± 0.71 (+5.50) |" in text
+    assert "| kd[temperature=8.0] | 60.50 ± 0.71 (-4.50) |" in text
+    assert "| ce | 65.00" in text  # one seed among cells of two: marked [n=1]
