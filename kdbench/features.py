@@ -32,7 +32,8 @@ def resolve_stage(model: nn.Module, index: int, model_name: str = "") -> int:
     if not 0 <= resolved < n:
         name = model_name or type(model).__name__
         raise KdbenchError(f"model '{name}' has {n} stages (indices 0..{n - 1} or -{n}..-1); stage "
-                           f"{index} does not exist. Choose another stage (e.g. --set fitnets.stage=...)")
+                           f"{index} does not exist. Choose a stage the model has (the method's stage "
+                           "hyperparameter, set with --set METHOD.HP=VALUE)")
     return resolved
 
 

@@ -122,8 +122,8 @@ def plan(req: Request) -> Plan:
                 elif n > cls.max_teachers or n < cls.min_teachers:
                     why = f"method '{name}' takes {cls.teachers_taken()}; pair {pair.label} has {n}"
                     if req.selected is not None:
-                        raise KdbenchError(why + ". Drop the pair or the method, or use a method made for "
-                                                 "several teachers (e.g. ensemble_kd)")
+                        raise KdbenchError(why + ". Drop the pair or the method, or use a method that takes "
+                                                 "several teachers (`kdbench list methods` shows how many each takes)")
                     skipped.append(why)
                     continue
                 else:
@@ -158,8 +158,11 @@ def probe_model(name: str, taps: Taps, data: DataSplits) -> Probe:
 def check_setup(method: Method, teachers: Sequence[str], student: str, data: DataSplits) -> None:
     """Probe freshly built models and run the method's setup on a copy: shape problems surface now."""
     taps = method.taps()
-    s = probe_model(student, taps, data)
-    ts = [probe_model(t, taps, data) for t in teachers]
+    try:
+        s = probe_model(student, taps, data)
+        ts = [probe_model(t, taps, data) for t in teachers]
+    except KdbenchError as exc:
+        raise KdbenchError(f"method '{method.name}': {exc}") from None
     try:
         type(method)(**method.config()).setup(s, ts)
     except (ValueError, KeyError) as exc:

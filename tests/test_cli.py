@@ -119,6 +119,8 @@ BAD = {
     "unknown suite": (["--suite", "digit"], r"unknown suite 'digit'; did you mean 'digits'\?"),
     "model too big for the images": (["--pairs", "convnext_atto:cifar_resnet8"],
                                      r"model 'convnext_atto' cannot run on digits's 1x8x8 images"),
+    "stage the model lacks": (["--pairs", "hinton_mlp_1200:hinton_mlp_800", "--methods", "fitnets"],
+                              r"method 'fitnets': model 'hinton_mlp_800' has 2 stages .*stage 2 does not exist"),
 }
 
 
