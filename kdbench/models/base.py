@@ -8,6 +8,7 @@ each ``@register_model`` entrypoint calls.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ __all__ = [
     "CIFAR100_MEAN",
     "CIFAR100_STD",
     "ZooModel",
+    "init_weights",
     "build_zoo_model",
     "zoo_cfg",
 ]
@@ -54,6 +56,30 @@ def zoo_cfg(classifier: str, **overrides: Any) -> dict[str, Any]:
     )
     cfg.update(overrides)
     return cfg
+
+
+def init_weights(model: nn.Module, *, linear_std: float | None = None, linear_bias_zero: bool = False) -> None:
+    """RepDistiller's initialisation, so training from scratch starts where the benchmark's does.
+
+    Convolutions He-normal with fan-out (``kaiming_normal_(mode="fan_out")`` draws the same),
+    conv biases zero, BatchNorm weight 1 and bias 0. Linear layers differ between RepDistiller's
+    model files: ``linear_std`` draws their weights from N(0, std) and zeroes their biases;
+    ``linear_bias_zero`` only zeroes the biases; neither leaves PyTorch's default.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            if linear_std is not None:
+                nn.init.normal_(m.weight, 0.0, linear_std)
+            if linear_std is not None or linear_bias_zero:
+                nn.init.zeros_(m.bias)
 
 
 class ZooModel(nn.Module):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from kdbench.models.base import ZooModel, build_zoo_model, zoo_cfg
+from kdbench.models.base import ZooModel, build_zoo_model, init_weights, zoo_cfg
 
 __all__ = ["CifarResNet"]
 
@@ -93,7 +93,7 @@ class CifarResNet(ZooModel):
             dict(num_chs=num_filters[3], reduction=4, module="layer3"),
         ]
         self._init_head(num_filters[3] * BasicBlock.expansion, num_classes, drop_rate)
-        self._init_weights()
+        init_weights(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None
@@ -108,14 +108,6 @@ class CifarResNet(ZooModel):
         layers += [BasicBlock(self.inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def _init_weights(self) -> None:
-        # RepDistiller's initialisation, so training from scratch matches the benchmark.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
 
     def _forward_stage(self, index: int, x: Tensor, input_hw: tuple[int, int]) -> Tensor:
         if index == 0:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from kdbench.models.base import ZooModel, build_zoo_model, zoo_cfg
+from kdbench.models.base import ZooModel, build_zoo_model, init_weights, zoo_cfg
 
 __all__ = ["CifarBottleneckResNet"]
 
@@ -85,7 +85,7 @@ class CifarBottleneckResNet(ZooModel):
             dict(num_chs=512 * e, reduction=8, module="layer4"),
         ]
         self._init_head(512 * e, num_classes, drop_rate)
-        self._init_weights()
+        init_weights(self)
 
     def _make_layer(self, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
         layers = []
@@ -94,14 +94,6 @@ class CifarBottleneckResNet(ZooModel):
             self.in_planes = planes * Bottleneck.expansion
         return nn.Sequential(*layers)
 
-    def _init_weights(self) -> None:
-        # RepDistiller's initialisation (zero_init_residual=False).
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     def _forward_stage(self, index: int, x: Tensor, input_hw: tuple[int, int]) -> Tensor:
         if index == 0:

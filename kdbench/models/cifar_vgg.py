@@ -15,14 +15,13 @@ Two RepDistiller details kept on purpose:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from kdbench.models.base import ZooModel, build_zoo_model, zoo_cfg
+from kdbench.models.base import ZooModel, build_zoo_model, init_weights, zoo_cfg
 
 __all__ = ["CifarVGG"]
 
@@ -83,22 +82,8 @@ class CifarVGG(ZooModel):
             dict(num_chs=cfg[4][-1], reduction=8, module="block4"),
         ]
         self._init_head(cfg[4][-1], num_classes, drop_rate)
-        self._init_weights()
+        init_weights(self, linear_std=0.01)
 
-    def _init_weights(self) -> None:
-        # RepDistiller's initialisation.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
 
     def _forward_stage(self, index: int, x: Tensor, input_hw: tuple[int, int]) -> Tensor:
         if index == 0:

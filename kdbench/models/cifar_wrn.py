@@ -13,14 +13,13 @@ for the stem the bare conv output. The last stage becomes post-activation only t
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from kdbench.models.base import ZooModel, build_zoo_model, zoo_cfg
+from kdbench.models.base import ZooModel, build_zoo_model, init_weights, zoo_cfg
 
 __all__ = ["CifarWideResNet"]
 
@@ -111,19 +110,8 @@ class CifarWideResNet(ZooModel):
             dict(num_chs=chs[3], reduction=4, module="block3"),
         ]
         self._init_head(chs[3], num_classes, drop_rate)
-        self._init_weights()
+        init_weights(self, linear_bias_zero=True)
 
-    def _init_weights(self) -> None:
-        # RepDistiller's (He-normal with fan-out) initialisation.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
 
     def _forward_stage(self, index: int, x: Tensor, input_hw: tuple[int, int]) -> Tensor:
         return (self.conv1, self.block1, self.block2, self.block3)[index](x)
