@@ -46,6 +46,12 @@ class TrainResult:
     def last(self) -> EpochLog:
         return self.history[-1]
 
+    @classmethod
+    def untrained(cls, model: nn.Module, data: DataSplits) -> TrainResult:
+        """The result of evaluating a model without training it (a teacher from a checkpoint)."""
+        logits, top1, top5 = evaluate(model, data)
+        return cls([EpochLog(-1, 0.0, {}, top1, top5)], logits, -1, top1, top5)
+
 
 @torch.inference_mode()
 def predict(model: nn.Module, images: Tensor, data: DataSplits, batch_size: int = 500) -> Tensor:
@@ -57,6 +63,12 @@ def predict(model: nn.Module, images: Tensor, data: DataSplits, batch_size: int 
     out = torch.cat([model(x).float() for x, _ in loader])
     model.train(was_training)
     return out
+
+
+def evaluate(model: nn.Module, data: DataSplits) -> tuple[Tensor, float, float]:
+    """Test-set logits, top-1 and top-5 (percent)."""
+    logits = predict(model, data.test_images, data)
+    return logits, topk_accuracy(logits, data.test_labels, 1), topk_accuracy(logits, data.test_labels, 5)
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -160,9 +172,7 @@ def train(
         lr = opt.param_groups[0]["lr"]
         sched.step()
         t_eval = time.perf_counter()
-        logits = predict(model, data.test_images, data)
-        top1 = topk_accuracy(logits, data.test_labels, 1)
-        top5 = topk_accuracy(logits, data.test_labels, 5)
+        logits, top1, top5 = evaluate(model, data)
         result.history.append(EpochLog(epoch, lr, losses, top1, top5))
         if top1 > result.best_top1:
             result.best_epoch, result.best_top1, result.best_top5 = epoch, top1, top5

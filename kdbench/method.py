@@ -41,9 +41,6 @@ class Taps:
     stages: tuple[int, ...] = ()
     pooled: bool = False
 
-    def __or__(self, other: Taps) -> Taps:
-        return Taps(tuple(sorted(set(self.stages) | set(other.stages))), self.pooled or other.pooled)
-
 
 @dataclass
 class Outputs:
@@ -147,9 +144,4 @@ class Method(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
-def zero_loss(like: Tensor) -> Tensor:
-    """A zero scalar on ``like``'s device that keeps the autograd graph connected."""
-    return like.sum() * 0.0
-
-
-__all__ = ["Batch", "Method", "Outputs", "Probe", "Taps", "zero_loss"]
+__all__ = ["Batch", "Method", "Outputs", "Probe", "Taps"]

@@ -59,6 +59,7 @@ class Plan:
     device: torch.device
     skipped: list[str]                # human-readable notes of method×pair combinations left out
     checkpoints: dict[str, str]       # teacher model -> checkpoint file
+    probes: dict[tuple[str, Taps], Probe] = field(default_factory=dict)  # shapes, per (model, taps)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -111,7 +112,8 @@ def plan(req: Request) -> Plan:
 
     specs: dict[str, RunSpec] = {}
     skipped: list[str] = []
-    probed: set[tuple] = set()
+    probes: dict[tuple[str, Taps], Probe] = {}
+    checked: set[tuple] = set()
     for seed in req.seeds:
         for pair in req.pairs:
             for name in names:
@@ -129,9 +131,9 @@ def plan(req: Request) -> Plan:
                 else:
                     teachers = pair.teachers
                 key = (name, teachers, pair.student)
-                if key not in probed:
-                    check_setup(method, teachers, pair.student, data)
-                    probed.add(key)
+                if key not in checked:
+                    check_setup(method, teachers, pair.student, data, probes)
+                    checked.add(key)
                 spec = RunSpec(
                     method=name, hparams=tuple(sorted(method.config().items())),
                     teachers=tuple(teacher_spec(t, seed) for t in teachers), student=pair.student,
@@ -139,7 +141,7 @@ def plan(req: Request) -> Plan:
                     pair=f"{'+'.join(teachers)}→{pair.student}",
                 )
                 specs.setdefault(spec.run_id, spec)
-    return Plan(list(specs.values()), data, device, sorted(set(skipped)), checkpoints)
+    return Plan(list(specs.values()), data, device, sorted(set(skipped)), checkpoints, probes)
 
 
 def probe_model(name: str, taps: Taps, data: DataSplits) -> Probe:
@@ -155,12 +157,23 @@ def probe_model(name: str, taps: Taps, data: DataSplits) -> Probe:
                            "cifar_* zoo) or a dataset with larger images") from None
 
 
-def check_setup(method: Method, teachers: Sequence[str], student: str, data: DataSplits) -> None:
-    """Probe freshly built models and run the method's setup on a copy: shape problems surface now."""
+def check_setup(method: Method, teachers: Sequence[str], student: str, data: DataSplits,
+                probes: dict[tuple[str, Taps], Probe]) -> None:
+    """Run the method's setup on a copy with probed shapes: shape problems surface before training.
+
+    Each (model, taps) is probed once and kept in ``probes``; the runs reuse them, since shapes
+    depend on the architecture and the data, not on the weights.
+    """
     taps = method.taps()
+
+    def shapes(name: str) -> Probe:
+        if (name, taps) not in probes:
+            probes[(name, taps)] = probe_model(name, taps, data)
+        return probes[(name, taps)]
+
     try:
-        s = probe_model(student, taps, data)
-        ts = [probe_model(t, taps, data) for t in teachers]
+        s = shapes(student)
+        ts = [shapes(t) for t in teachers]
     except KdbenchError as exc:
         raise KdbenchError(f"method '{method.name}': {exc}") from None
     try:
@@ -183,6 +196,8 @@ class Runner:
         self.shape = (self.info.in_chans, self.info.img_size, self.info.img_size)
         self.provenance = provenance.collect(plan_.device)
         self._teachers: dict[str, nn.Module] = {}
+        self._teacher_probs: dict[str, torch.Tensor] = {}  # test-set probabilities, per teacher id
+        self._costs: dict[str, dict[str, Any]] = {}        # FLOPs and throughput, per architecture
 
     # -- bars -----------------------------------------------------------------------------
     def _bar(self, total: int, desc: str, position: int, leave: bool) -> Any:
@@ -204,7 +219,7 @@ class Runner:
         if ts.checkpoint_sha256:
             zoo.load_checkpoint(model, self.plan.checkpoints[ts.model], ts.model)
             if not self.store.has(ts.teacher_id):
-                self._write_teacher_row(ts, model, None, trained=False)
+                self._write_teacher_row(ts, model, engine.TrainResult.untrained(model, self.plan.data), trained=False)
         elif path.is_file() and self.store.has(ts.teacher_id):
             model.load_state_dict(torch.load(path, map_location=self.plan.device, weights_only=True))
         else:
@@ -215,9 +230,31 @@ class Runner:
             bar.close()
             atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
             self._write_teacher_row(ts, model, result, trained=True, peak=mem)
-        engine.freeze(model)
         self._teachers[ts.teacher_id] = model
         return model
+
+    def teacher_probs(self, ts: TeacherSpec) -> torch.Tensor:
+        """A teacher's test-set class probabilities, computed once per sweep."""
+        if ts.teacher_id not in self._teacher_probs:
+            logits = engine.predict(self.teacher(ts), self.plan.data.test_images, self.plan.data)
+            self._teacher_probs[ts.teacher_id] = F.softmax(logits, 1)
+        return self._teacher_probs[ts.teacher_id]
+
+    def costs(self, name: str, model: nn.Module) -> dict[str, Any]:
+        """FLOPs per image and inference throughput of an architecture, measured once per sweep.
+
+        Neither depends on the method or the trained weights, so every run of the same model
+        reports the same measurement instead of re-timing it (and adding timing noise).
+        """
+        if name not in self._costs:
+            tp = metrics.measure_throughput(model, self.shape, batch_size=self.req.throughput_batch)
+            self._costs[name] = {
+                "flops_per_image": metrics.flops_per_image(model, self.shape),
+                "throughput_img_s": tp.images_per_s, "throughput_batch": tp.batch_size,
+                "throughput_device": tp.device, "throughput_dtype": tp.dtype,
+                "throughput_repeats": tp.repeats, "throughput_iters": tp.iters_per_repeat,
+            }
+        return self._costs[name]
 
     # -- runs -----------------------------------------------------------------------------
     def run(self, spec: RunSpec) -> dict[str, Any]:
@@ -226,8 +263,7 @@ class Runner:
         student = self._create(spec.student)
         method = build_method(self.req.methods[spec.method], dict(spec.hparams)).to(self.plan.device)
         taps = method.taps()
-        method.setup(probe(student, taps, self.shape, spec.student, self.plan.device),
-                     [probe(t, taps, self.shape, n, self.plan.device) for t, n in zip(teachers, spec.teacher_names)])
+        method.setup(self.plan.probes[(spec.student, taps)], [self.plan.probes[(n, taps)] for n in spec.teacher_names])
         method.to(self.plan.device)
         bar = self._bar(spec.recipe.epochs, f"{spec.method} {spec.pair} seed {spec.seed}", 1, False)
         with metrics.PeakMemory(self.plan.device) as mem:
@@ -246,23 +282,15 @@ class Runner:
             "teacher_ids": "+".join(t.teacher_id for t in spec.teachers),
         })
         if teachers:
-            probs = torch.stack([F.softmax(engine.predict(t, self.plan.data.test_images, self.plan.data), 1)
-                                 for t in teachers]).mean(0)
+            probs = torch.stack([self.teacher_probs(ts) for ts in spec.teachers]).mean(0)
             row["agreement"] = metrics.agreement(result.test_logits.argmax(1), probs.argmax(1))
         for k, v in result.last.losses.items():
             row[f"loss.{k}"] = v
         self.store.write(row)
         return row
 
-    def _write_teacher_row(self, ts: TeacherSpec, model: nn.Module, result: engine.TrainResult | None,
+    def _write_teacher_row(self, ts: TeacherSpec, model: nn.Module, result: engine.TrainResult,
                            trained: bool, peak: metrics.PeakMemory | None = None) -> None:
-        if result is None:  # a checkpoint: evaluate it once, no training
-            result = engine.TrainResult()
-            logits = engine.predict(model, self.plan.data.test_images, self.plan.data)
-            top1 = metrics.topk_accuracy(logits, self.plan.data.test_labels, 1)
-            top5 = metrics.topk_accuracy(logits, self.plan.data.test_labels, 5)
-            result.history.append(engine.EpochLog(-1, 0.0, {}, top1, top5))
-            result.test_logits, result.best_epoch, result.best_top1, result.best_top5 = logits, -1, top1, top5
         row = self._row(ts.teacher_id, "teacher", "teacher", ts.model, f"{ts.model}→", ts.recipe, ts.seed,
                         model, result, peak)
         row.update({"method_paper": "", "teachers": "", "trained_by_kdbench": trained,
@@ -274,7 +302,6 @@ class Runner:
         data = self.plan.data
         logits = result.test_logits
         prf = metrics.per_class_prf(logits.argmax(1), data.test_labels, self.info.num_classes)
-        tp = metrics.measure_throughput(model, self.shape, batch_size=self.req.throughput_batch)
         row: dict[str, Any] = {
             "run_id": run_id, "kind": kind, "method": method, "student": model_name, "pair": pair,
             "dataset": dataset_label(self.info.name, self.req.limit), "dataset_source": self.info.source,
@@ -286,10 +313,7 @@ class Runner:
             "top1_best": result.best_top1, "top5_best": result.best_top5, "best_epoch": result.best_epoch,
             "agreement": float("nan"),
             "params": metrics.count_params(model), "extra_params": 0,
-            "flops_per_image": metrics.flops_per_image(model, self.shape),
-            "throughput_img_s": tp.images_per_s, "throughput_batch": tp.batch_size,
-            "throughput_device": tp.device, "throughput_dtype": tp.dtype,
-            "throughput_repeats": tp.repeats, "throughput_iters": tp.iters_per_repeat,
+            **self.costs(model_name, model),
             "train_time_s": result.train_time_s, "eval_time_s": result.eval_time_s,
             "peak_mem_mb": mem.mb if mem else float("nan"), "peak_mem_kind": mem.kind if mem else "",
             "flush_denormal": self.plan.device.type == "cpu",

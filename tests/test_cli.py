@@ -52,6 +52,8 @@ def test_end_to_end_run_report_and_resume(tmp_path):
         assert "loss.ce" in r
         history = json.loads(r["history_loss"])  # every term of every epoch, by name
         assert len(history) == 2 and all(set(h) == {k[5:] for k in r if k.startswith("loss.")} for h in history)
+    # FLOPs and throughput belong to the architecture: measured once per sweep, shared by its runs.
+    assert len({(r["throughput_img_s"], r["flops_per_image"]) for r in students}) == 1
     fit = next(r for r in students if r["method"] == "fitnets")
     assert fit["extra_params"] == 800 * 1200 + 1200  # a Linear regressor built from probed widths
     assert "loss.hint" in fit
