@@ -11,9 +11,11 @@ from pathlib import Path
 
 from . import __version__
 from .errors import KdbenchError
-from .recipe import RECIPES, get_recipe
+from typing import Any
+
+from .recipe import RECIPES, Recipe, get_recipe
 from .registry import load_methods, parse_overrides
-from .suites import SUITES, Pair, get_suite
+from .suites import Pair, Suite, all_suites, get_suite, read_published
 
 EXAMPLES = """\
 examples:
@@ -25,6 +27,16 @@ examples:
   kdbench run --methods my_kd --plugin my_kd.py   # a method in one file, no install
   kdbench report --metric top1_best
   kdbench list methods
+"""
+
+REPRODUCE_EXAMPLES = """\
+examples:
+  kdbench reproduce hinton-mnist --data-dir ~/data                     # Hinton et al. 2015, MNIST
+  kdbench reproduce crd-table1 --data-dir ~/data --download           # CRD Table 1, 3 seeds, 240 epochs
+  kdbench reproduce crd-table1 --pairs resnet32x4:resnet8x4 --methods ce,kd --seeds 0
+  kdbench reproduce crd-table2 --epochs-scale 0.1 --dry-run           # plan and time estimate only
+  kdbench reproduce crd-table1 --synthetic --epochs 1                 # smoke run without CIFAR (NOT REAL DATA)
+  kdbench reproduce my-suite.toml                                     # a copy of a suite file, edited
 """
 
 
@@ -67,43 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "already in the results folder are skipped, so re-running a command resumes it. Teachers "
                     "without a checkpoint are trained once per (model, dataset, recipe, seed) and cached.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    what = run.add_argument_group("what to run")
-    what.add_argument("--suite", default="digits", help="suite of dataset, recipe and pairs (default: digits, "
-                      "the embedded data; see `kdbench list suites`)")
-    what.add_argument("--methods", default="all", help="comma-separated method names, or 'all' (default). "
-                      "With 'all', a method is left out of a pair with more teachers than it takes")
-    what.add_argument("--pairs", help="comma-separated TEACHER[+TEACHER...]:STUDENT pairs of timm model "
-                      "names, replacing the suite's (e.g. cifar_resnet56:cifar_resnet20)")
-    what.add_argument("--seeds", type=_seeds, help="comma-separated seeds (default: the suite's, e.g. 0); tables "
-                      "show mean ± std over them")
-    what.add_argument("--set", dest="sets", action="append", default=[], metavar="METHOD.HP=VALUE",
-                      help="override a method hyperparameter, e.g. --set kd.temperature=8 (repeatable)")
-    what.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="FILE.py",
-                      help="load method classes from a Python file (repeatable)")
-    what.add_argument("--teacher-checkpoint", dest="teacher_ckpts", action="append", default=[],
-                      metavar="[MODEL=]FILE", help="use these weights for a teacher instead of training it "
-                      "(a state dict, or a dict with it under 'model' as RepDistiller publishes)")
-    data = run.add_argument_group("data")
-    data.add_argument("--dataset", help="digits, mnist, fashion_mnist, cifar10, cifar100, or an ImageFolder path "
-                      "with train/ and val/ (default: the suite's)")
-    data.add_argument("--data-dir", help="where torchvision datasets live (default: $KDBENCH_DATA, else "
-                      "~/.cache/kdbench/data)")
-    data.add_argument("--download", action="store_true", help="let torchvision download a missing dataset")
-    data.add_argument("--limit", type=_positive, default=0, metavar="N",
-                      help="use only the first N train and N test images (smoke tests; labelled in every output)")
-    train = run.add_argument_group("training")
-    train.add_argument("--recipe", help="named recipe (default: the suite's; see `kdbench list recipes`)")
-    train.add_argument("--epochs", type=_positive, help="train for N epochs; fewer than the recipe's own length "
-                       "scales its milestones and labels the run 'shortened' everywhere")
-    train.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu or cuda[:N]")
-    out = run.add_argument_group("output")
-    out.add_argument("--results-dir", type=Path, default=None, help="results folder (default: $KDBENCH_RESULTS, "
-                     "else ./kdbench-results)")
-    out.add_argument("--throughput-batch", type=_positive, default=256, help="batch size of the inference "
-                     "throughput measurement (default 256)")
-    out.add_argument("--no-report", action="store_true", help="don't derive the report at the end")
-    out.add_argument("--dry-run", action="store_true", help="check everything and list the runs, train nothing")
-    out.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _run_options(run, reproduce=False)
+
+    repro = sub.add_parser(
+        "reproduce", help="run a suite with published numbers and compare them with kdbench's, cell by cell",
+        description="Run a suite that has published numbers (crd-table1, crd-table2, hinton-mnist; `kdbench list "
+                    "suites`), then write a table per published cell: the paper's value, kdbench's mean ± std over "
+                    "seeds at the same selection rule (last or best epoch) with the other rule beside it, the gap Δ "
+                    "and a verdict within tolerance, plus a published-vs-kdbench plot. Finished runs are reused, so "
+                    "re-running resumes; a shortened schedule or synthetic data is marked in every output.",
+        epilog=REPRODUCE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    repro.add_argument("suite", metavar="SUITE", help="a built-in suite name or a suite .toml file")
+    _run_options(repro, reproduce=True)
 
     rep = sub.add_parser("report", help="derive tables and plots from a results folder",
                          description="Derive markdown/CSV tables and PNG plots from the rows in a results folder.")
@@ -119,6 +106,77 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="FILE.py",
                     help="also load method classes from this file")
     return parser
+
+
+def _run_options(parser: argparse.ArgumentParser, *, reproduce: bool) -> None:
+    """The options `run` and `reproduce` share (reproduce takes its suite as an argument)."""
+    what = parser.add_argument_group("what to run")
+    if not reproduce:
+        what.add_argument("--suite", default="digits", help="built-in suite name or a suite .toml file (default: "
+                          "digits, the embedded data; see `kdbench list suites`)")
+    what.add_argument("--methods", default=None, help="comma-separated method names, or 'all' (default: the "
+                      "suite's methods, else all). A method is left out of a pair with more teachers than it takes, "
+                      "unless you named it here")
+    what.add_argument("--pairs", help="comma-separated TEACHER[+TEACHER...]:STUDENT pairs of timm model names"
+                      + (" (CRD names like resnet56:resnet20 work too), a subset of the suite's" if reproduce else
+                         ", replacing the suite's (e.g. cifar_resnet56:cifar_resnet20); MODEL@N fixes a teacher's "
+                         "seed"))
+    what.add_argument("--seeds", type=_seeds, help="comma-separated seeds (default: the suite's, e.g. 0); tables "
+                      "show mean ± std over them")
+    what.add_argument("--set", dest="sets", action="append", default=[], metavar="METHOD.HP=VALUE",
+                      help="override a method hyperparameter, e.g. --set kd.temperature=8 (repeatable)")
+    what.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="FILE.py",
+                      help="load method classes from a Python file (repeatable)")
+    what.add_argument("--teacher-checkpoint", dest="teacher_ckpts", action="append", default=[],
+                      metavar="[MODEL=]FILE", help="use these weights for a teacher instead of training it "
+                      "(a state dict, or a dict with it under 'model' as RepDistiller publishes)")
+    data = parser.add_argument_group("data")
+    if reproduce:
+        data.add_argument("--synthetic", action="store_true", help="train on random images shaped like the "
+                          "suite's dataset (torchvision FakeData, 512 train / 256 test) instead of the real data: "
+                          "checks that the whole suite runs; every output is marked NOT REAL DATA")
+    else:
+        data.add_argument("--dataset", help="digits, mnist, fashion_mnist, cifar10, cifar100, synthetic:NAME, or an "
+                          "ImageFolder path with train/ and val/ (default: the suite's)")
+    data.add_argument("--data-dir", help="where torchvision datasets live (default: $KDBENCH_DATA, else "
+                      "~/.cache/kdbench/data)")
+    data.add_argument("--download", action="store_true", help="let torchvision download a missing dataset")
+    data.add_argument("--limit", type=_positive, default=0, metavar="N",
+                      help="use only the first N train and N test images (smoke tests; labelled in every output)")
+    data.add_argument("--pad-to", type=_positive, default=None, metavar="S", help="zero-pad images to S×S, e.g. "
+                      "28×28 Fashion-MNIST to 32 for CIFAR models (default: the suite's, else none)")
+    train = parser.add_argument_group("training")
+    if not reproduce:
+        train.add_argument("--recipe", help="named recipe (default: the suite's; see `kdbench list recipes`)")
+    train.add_argument("--epochs", type=_positive, help="train for N epochs; fewer than the recipe's own length "
+                       "scales its milestones and labels the run 'shortened' everywhere")
+    if reproduce:
+        train.add_argument("--epochs-scale", type=_fraction, metavar="F", help="train for F × the recipe's epochs "
+                           "(e.g. 0.1: 24 of CRD's 240), at least 1; labelled 'shortened' everywhere")
+    train.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu or cuda[:N]")
+    out = parser.add_argument_group("output")
+    out.add_argument("--results-dir", type=Path, default=None, help="results folder (default: $KDBENCH_RESULTS, "
+                     "else ./kdbench-results)")
+    if reproduce:
+        out.add_argument("--out", type=Path, default=None, help="where the comparison goes (default: "
+                         "RESULTS_DIR/reproduce/SUITE)")
+    out.add_argument("--throughput-batch", type=_positive, default=256, help="batch size of the inference "
+                     "throughput measurement (default 256)")
+    if not reproduce:
+        out.add_argument("--no-report", action="store_true", help="don't derive the report at the end")
+    out.add_argument("--dry-run", action="store_true", help="check everything and list the runs with an estimate "
+                     "of their time on this device (from a few timed training steps); train nothing")
+    out.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number like 0.1, got '{text}'") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"--epochs-scale must be in (0, 1], got {v}")
+    return v
 
 
 def results_dir(arg: Path | None) -> Path:
@@ -139,41 +197,179 @@ def parse_checkpoints(items: Sequence[str], pairs: Sequence[Pair]) -> dict[str, 
     return out
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from .runner import Plan, Request, Runner, plan  # noqa: F401 (torch import is slow; only when needed)
-    from .store import ResultsStore
+def model_name(name: str) -> str:
+    """A timm name for a CRD benchmark name (resnet56, wrn-40-2, ShuffleNetV1) or a timm name as is."""
+    from .models.crd_names import UnknownModelName, timm_name
+
+    try:
+        return timm_name(name)
+    except UnknownModelName:
+        return name  # any other timm model name; the planner checks it exists
+
+
+def build_request(args: argparse.Namespace, suite: Suite, *, dataset: str, recipe: Recipe) -> Any:
+    """A runner Request from the shared run/reproduce options and a suite's defaults."""
+    from .runner import Request
 
     methods = load_methods(args.plugins)
-    suite = get_suite(args.suite)
-    pairs = [Pair.parse(p) for p in _csv(args.pairs)] if args.pairs else list(suite.pairs)
-    recipe = get_recipe(args.recipe) if args.recipe else suite.recipe
-    if args.epochs:
-        recipe = recipe.with_epochs(args.epochs)
-    selected = None if args.methods.strip() == "all" else _csv(args.methods)
+    if args.pairs:
+        pairs = [Pair.parse(p) for p in _csv(args.pairs)]
+    else:
+        pairs = list(suite.pairs)
+    if args.methods is None or args.methods.strip() == "all":
+        selected = list(suite.methods) if args.methods is None and suite.methods else None
+        strict = False
+    else:
+        selected, strict = _csv(args.methods), True
     chosen = set(methods) if selected is None else set(selected)
     suite_sets = [f"{k}={v}" for k, v in suite.overrides if k.split(".")[0] in chosen]
-    req = Request(
-        methods=methods, selected=selected, pairs=pairs, dataset=args.dataset or suite.dataset, recipe=recipe,
+    variants: dict[str, list[dict[str, Any]]] = {}
+    for key, values in suite.sweeps:
+        if key.split(".")[0] not in chosen:
+            continue
+        parsed = [parse_overrides([f"{key}={v}"], methods) for v in values]
+        m = key.split(".")[0]
+        old = variants.get(m) or [{}]
+        variants[m] = [{**o, **p[m]} for o in old for p in parsed]  # every combination
+    return Request(
+        methods=methods, selected=selected, pairs=pairs, dataset=dataset, recipe=recipe,
         seeds=args.seeds or suite.seeds, overrides=parse_overrides([*suite_sets, *args.sets], methods),
         teacher_checkpoints=parse_checkpoints(args.teacher_ckpts, pairs), results_dir=results_dir(args.results_dir),
         data_dir=args.data_dir, download=args.download, limit=args.limit, device=args.device,
-        throughput_batch=args.throughput_batch, quiet=args.quiet,
+        throughput_batch=args.throughput_batch, quiet=args.quiet, strict=strict, variants=variants,
+        recipe_by_model={k: dict(v) for k, v in suite.recipe_by_model.items()},
+        model_kwargs={k: dict(v) for k, v in suite.model_kwargs.items()},
+        pad_to=suite.pad_to if args.pad_to is None else args.pad_to,
     )
+
+
+def _plan_and_print(req: Any, args: argparse.Namespace) -> Any:
+    from .runner import plan
+
     p = plan(req)
     info = p.data.info
     print(f"kdbench: {len(p.specs)} runs on {info.name} ({info.train_size} train / {info.test_size} test images"
-          f"{', first ' + str(req.limit) if req.limit else ''}), schedule {recipe.label}, device {p.device}")
+          f"{', first ' + str(req.limit) if req.limit else ''}"
+          f"{', padded to ' + str(req.pad_to) + 'x' + str(req.pad_to) if req.pad_to else ''}), "
+          f"schedule {req.recipe.label}, device {p.device}")
+    if not info.real_data:
+        print("  NOT REAL DATA: synthetic stand-in images; accuracies mean nothing, the run only proves the suite works")
     for note in p.skipped:
         print(f"  left out: {note}")
     if args.dry_run:
-        for s in p.specs:
-            print(f"  {s.run_id}  {s.method:<12} {s.pair:<45} seed {s.seed}")
+        from .estimate import estimate
+        from .store import ResultsStore
+
+        lines, total = estimate(req, p, ResultsStore(req.results_dir))
+        for line in lines:
+            print(line)
+        print(f"kdbench: estimated {_duration(total)} on {p.device} for what is not yet in {req.results_dir} "
+              "(from timed training steps of each model; evaluation and method overhead are approximate)")
+    return p
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runner import Runner
+    from .store import ResultsStore
+
+    suite = get_suite(args.suite)
+    recipe = get_recipe(args.recipe) if args.recipe else suite.recipe
+    if args.epochs:
+        recipe = recipe.with_epochs(args.epochs)
+    req = build_request(args, suite, dataset=args.dataset or suite.dataset, recipe=recipe)
+    p = _plan_and_print(req, args)
+    if args.dry_run:
         return 0
     store = ResultsStore(req.results_dir)
     ran, skipped = Runner(req, p, store).execute()
     print(f"kdbench: {ran} runs finished, {skipped} already done; rows in {store.runs}")
     if not args.no_report:
         return report(req.results_dir, None, "top1_last")
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .runner import Runner
+    from .store import ResultsStore
+
+    suite = get_suite(args.suite)
+    if suite.reproduce is None:
+        raise KdbenchError(f"suite '{suite.name}' has no published numbers to compare with; run it with "
+                           f"`kdbench run --suite {args.suite}` (suites with numbers: "
+                           f"{', '.join(s.name for s in all_suites() if s.reproduce)})")
+    if args.pairs:
+        wanted = [Pair.parse(p) for p in _csv(args.pairs)]
+        wanted = [Pair(tuple(model_name(t) for t in w.teachers), model_name(w.student)) for w in wanted]
+        by_models = {(p.teachers, p.student): p for p in suite.pairs}
+        for w in wanted:
+            if (w.teachers, w.student) not in by_models:
+                raise KdbenchError(f"pair {w.label} is not in suite '{suite.name}'; its pairs: "
+                                   f"{', '.join(p.label for p in suite.pairs)}")
+        args.pairs = ",".join(f"{'+'.join(by_models[(w.teachers, w.student)].teacher_labels)}:{w.student}"
+                              for w in wanted)
+    if args.epochs and args.epochs_scale:
+        raise KdbenchError("give --epochs or --epochs-scale, not both")
+    recipe = suite.recipe
+    if args.epochs_scale:
+        recipe = recipe.with_epochs(max(1, round(recipe.epochs * args.epochs_scale)))
+    elif args.epochs:
+        recipe = recipe.with_epochs(args.epochs)
+    dataset = f"synthetic:{suite.dataset}" if args.synthetic else suite.dataset
+    req = build_request(args, suite, dataset=dataset, recipe=recipe)
+    if args.pairs is None:
+        req.pairs = list(suite.pairs)
+    p = _plan_and_print(req, args)
+    if args.dry_run:
+        return 0
+    store = ResultsStore(req.results_dir)
+    ran, skipped = Runner(req, p, store).execute()
+    print(f"kdbench: {ran} runs finished, {skipped} already done; rows in {store.runs}")
+    return write_comparison(suite, req, p, args.out or req.results_dir / "reproduce" / suite.name)
+
+
+def suite_file(suite: Suite) -> str:
+    """A suite's file as users find it: benchmarks/suites/NAME.toml for the built-in ones."""
+    from .suites import builtin_dir
+
+    path = suite.path or Path(suite.name)
+    if path.parent.resolve() == builtin_dir().resolve():
+        return f"benchmarks/suites/{path.name}"
+    return str(path)
+
+
+def write_comparison(suite: Suite, req: Any, p: Any, out: Path) -> int:
+    """Compare the plan's finished rows with the suite's published cells and write the outputs."""
+    from .compare import Cell, check_ordering, compare, write_reproduction
+    from .report import load_rows
+
+    ids = {s.run_id for s in p.specs} | {t.teacher_id for s in p.specs for t in s.teachers}
+    rows = load_rows(req.results_dir)
+    rows = rows[rows["run_id"].isin(ids)]
+    pairs = {(pr.teachers, pr.student) for pr in req.pairs}
+    cells = [Cell(**c) for c in read_published(suite, model_name) if (c["teachers"], c["student"]) in pairs]
+    tol = suite.reproduce.tolerance
+    table = compare(rows, cells, tol)
+    ordering = check_ordering(table, tol.ordering) if tol.ordering else []
+    data = rows["dataset"].iloc[0] if len(rows) else req.dataset
+    title = f"{suite.name}: published vs kdbench, {data}, schedule {req.recipe.label}"
+    notes = [*suite.reproduce.notes, f"Suite file: {suite_file(suite)}."]
+    paths = write_reproduction(table, out, suite=suite.name, title=title, ordering_lines=ordering,
+                               extra_notes=notes)
+    judged = table[table["verdict"].isin(["within", "outside"])]
+    print(f"kdbench reproduce: {int((judged['verdict'] == 'within').sum())} of {len(judged)} cells within tolerance"
+          + ("; NOT REAL DATA" if (table["verdict"] == "not real data").any() else ""))
+    for line in ordering:
+        print(f"  {line}")
+    for path in paths:
+        print(f"  {path}")
     return 0
 
 
@@ -196,11 +392,18 @@ def cmd_list(args: argparse.Namespace) -> int:
                 print(f"    {name}.{hp} = {default!r}")
             print()
     elif args.what == "suites":
-        for s in SUITES.values():
-            print(f"{s.name}: dataset {s.dataset}, recipe {s.recipe.label}, seeds {','.join(map(str, s.seeds))}")
-            print(textwrap.indent(textwrap.fill(s.description, 96), "  "))
-            for p in s.pairs:
-                print(f"    {'+'.join(p.teachers)}:{p.student}")
+        for su in all_suites():
+            r = su.recipe
+            extra = "; compare with `kdbench reproduce`" if su.reproduce else ""
+            print(f"{su.name}: dataset {su.dataset}{f' padded to {su.pad_to}' if su.pad_to else ''}, recipe {r.label}, "
+                  f"seeds {','.join(map(str, su.seeds))}, methods {','.join(su.methods) or 'all'}{extra}")
+            print(textwrap.indent(textwrap.fill(su.description, 96), "  "))
+            for pr in su.pairs:
+                print(f"    {'+'.join(pr.teacher_labels)}:{pr.student}"
+                      + (f"  ({', '.join(pr.methods)})" if pr.methods else ""))
+            for model, extra_fields in su.recipe_by_model.items():
+                print(f"    recipe for {model}: {', '.join(f'{k}={v}' for k, v in extra_fields.items())}")
+            print(f"    file: {su.path}")
             print()
     elif args.what == "recipes":
         for r in RECIPES.values():
@@ -214,12 +417,29 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(name)
         print("an ImageFolder path (a folder with train/ and val/ class folders)")
     elif args.what == "models":
-        from .zoo import CRD_TO_TIMM
-        print("kdbench's CIFAR zoo (CRD benchmark name -> timm name), plus any timm model:")
-        for crd, name in CRD_TO_TIMM.items():
-            print(f"  {crd:<12} -> {name}")
-        print("  Hinton et al. 2015 MNIST MLPs: hinton_mlp_1200 (784-1200-1200-10), hinton_mlp_800 (784-800-800-10)")
+        list_models()
     return 0
+
+
+def list_models() -> None:
+    """kdbench's zoo with parameters and MACs, counted on the models themselves."""
+    from .metrics import count_params, flops_per_image
+    from .models.crd_names import CRD_TO_TIMM
+    from .zoo import create
+
+    print("kdbench's CIFAR zoo, registered in timm (CRD benchmark name -> timm name); 100 classes, 32x32 input.")
+    print("Any other timm model name works too (timm.list_models()).\n")
+    print(f"  {'CRD name':<12} {'timm name':<22} {'params':>11} {'MACs/image':>14}")
+    groups = [("", [(crd, name) for crd, name in CRD_TO_TIMM.items()], 100, 3, 32),
+              ("\n  Hinton et al. 2015 MNIST MLPs; 10 classes, 1x28x28 input.",
+               [("", "hinton_mlp_1200"), ("", "hinton_mlp_800")], 10, 1, 28)]
+    for heading, models, classes, chans, size in groups:
+        if heading:
+            print(heading)
+        for crd, name in models:
+            model = create(name, num_classes=classes, in_chans=chans, img_size=size)
+            macs = flops_per_image(model, (chans, size, size)) // 2
+            print(f"  {crd:<12} {name:<22} {count_params(model):>11,} {macs:>14,}", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -231,6 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "reproduce":
+            return cmd_reproduce(args)
         if args.command == "report":
             return report(results_dir(args.results_dir), args.out, args.metric)
         return cmd_list(args)

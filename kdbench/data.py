@@ -12,6 +12,9 @@ Names (see :data:`DATASETS`):
   default for tests and smoke runs.
 * ``mnist``, ``fashion_mnist``, ``cifar10``, ``cifar100``: read through ``torchvision.datasets``
   from the data folder (:func:`resolve_data_dir`), or fetched there with ``download=True``.
+* ``synthetic:<name>`` (e.g. ``synthetic:cifar100``): random images of that dataset's shape, class
+  count and normalisation from ``torchvision.datasets.FakeData``. Not real data, and marked so in
+  every row: it checks that a suite runs end to end where the real data is absent.
 * a path to an ImageFolder tree (``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` or
   ``DIR/test/<class>/*``), or ``imagefolder:<path>``.
 
@@ -58,6 +61,7 @@ class DatasetInfo:
     source: str  # where it was read from (path or package), for provenance
     train_size: int  # sizes of the tensors actually held (after ``limit``)
     test_size: int
+    real_data: bool = True  # False for synthetic stand-in images (``synthetic:<name>``)
 
 
 @dataclass
@@ -330,6 +334,63 @@ def _load_cifar100(data_dir: DataDir, download: bool) -> DataSplits:
     )  # fmt: skip
 
 
+# ----------------------------------------------------------------------------- synthetic stand-ins
+
+SYNTHETIC_PREFIX = "synthetic:"
+SYNTHETIC_TRAIN, SYNTHETIC_TEST = 512, 256
+# (channels, side, classes, mean, std) of the datasets a synthetic stand-in can mimic.
+_SHAPES: dict[str, tuple[int, int, int, tuple[float, ...], tuple[float, ...]]] = {
+    "digits": (1, 8, 10, (0.5,), (0.5,)),
+    "mnist": (1, 28, 10, (0.1307,), (0.3081,)),
+    "fashion_mnist": (1, 28, 10, (0.2860,), (0.3530,)),
+    "cifar10": (3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": (3, 32, 100, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+}
+
+
+def _load_synthetic(of: str) -> DataSplits:
+    """Random images with ``of``'s shape, classes and normalisation (torchvision's FakeData)."""
+    from torchvision import datasets
+    from torchvision.transforms.functional import pil_to_tensor
+
+    key = of.lower().replace("-", "_")
+    if key not in _SHAPES:
+        raise unknown("dataset to make synthetic", of, _SHAPES, fix="Write synthetic:NAME, e.g. synthetic:cifar100")
+    c, side, classes, mean, std = _SHAPES[key]
+
+    def split(n: int, offset: int) -> tuple[Tensor, Tensor]:
+        # FakeData draws image i from a generator seeded with i + random_offset: deterministic.
+        ds = datasets.FakeData(size=n, image_size=(c, side, side), num_classes=classes, random_offset=offset)
+        items = [ds[i] for i in range(n)]
+        images = torch.stack([pil_to_tensor(img) for img, _ in items])
+        return images, torch.tensor([int(y) for _, y in items], dtype=torch.int64)
+
+    tr, tr_y = split(SYNTHETIC_TRAIN, 0)
+    te, te_y = split(SYNTHETIC_TEST, SYNTHETIC_TRAIN)
+    info = DatasetInfo(
+        name=f"{SYNTHETIC_PREFIX}{key}", num_classes=classes, in_chans=c, img_size=side,
+        classes=tuple(str(i) for i in range(classes)), mean=mean, std=std,
+        source=f"torchvision.datasets.FakeData shaped as {key}: NOT REAL DATA",
+        train_size=SYNTHETIC_TRAIN, test_size=SYNTHETIC_TEST, real_data=False,
+    )
+    return DataSplits(info, tr, tr_y, te, te_y)
+
+
+def pad_images(splits: DataSplits, size: int) -> DataSplits:
+    """Zero-pad (black border) both splits symmetrically to ``size``×``size`` (e.g. MNIST 28 -> 32)."""
+    side = splits.info.img_size
+    if size == side:
+        return splits
+    if size < side:
+        raise KdbenchError(f"--pad-to {size} is smaller than {splits.info.name}'s {side}x{side} images; "
+                           f"padding only enlarges: use at least {side}")
+    lo = (size - side) // 2
+    pad = (lo, size - side - lo, lo, size - side - lo)
+    info = replace(splits.info, img_size=size)
+    return DataSplits(info, F.pad(splits.train_images, pad), splits.train_labels,
+                      F.pad(splits.test_images, pad), splits.test_labels)
+
+
 DATASETS: dict[str, DatasetLoader] = {
     "digits": _load_digits,
     "mnist": _load_mnist,
@@ -416,6 +477,7 @@ def load_dataset(
     download: bool = False,
     limit: int | None = None,
     image_size: int = 32,
+    pad_to: int = 0,
 ) -> DataSplits:
     """Load a dataset by name into memory (CPU, uint8 images, int64 labels).
 
@@ -430,11 +492,21 @@ def load_dataset(
         from its full train split; an ImageFolder's come from the images actually loaded.
     image_size: ImageFolder only: each image's shorter side is resized to this, then
         center-cropped to image_size × image_size.
+    pad_to: zero-pad every image to pad_to × pad_to (0 = as stored), e.g. 28×28 MNIST to the
+        32×32 that CIFAR-style models expect.
     """
+    splits = _load_unpadded(name, data_dir=data_dir, download=download, limit=limit, image_size=image_size)
+    return pad_images(splits, pad_to) if pad_to else splits
+
+
+def _load_unpadded(name: str, *, data_dir: str | Path | None, download: bool, limit: int | None,
+                   image_size: int) -> DataSplits:
     if limit is not None and limit < 1:
         raise KdbenchError(f"limit must be a positive number of images, got {limit}.")
     if image_size < 1:
         raise KdbenchError(f"image_size must be positive, got {image_size}.")
+    if name.startswith(SYNTHETIC_PREFIX):
+        return _limit(_load_synthetic(name[len(SYNTHETIC_PREFIX):]), limit)
     if name.startswith(IMAGEFOLDER_PREFIX):
         return _load_imagefolder(Path(name[len(IMAGEFOLDER_PREFIX) :]).expanduser().absolute(), image_size, limit)
     key = name.lower().replace("-", "_")

@@ -85,6 +85,18 @@ def make_optimizer(params: list[nn.Parameter], recipe: Recipe) -> tuple[torch.op
     return opt, sched
 
 
+@torch.no_grad()
+def apply_max_norm(model: nn.Module, max_norm: float) -> None:
+    """Rescale each unit's incoming weights to L2 norm <= ``max_norm`` (Srivastava et al. 2014).
+
+    A unit's incoming weights are one row of a Linear weight or one conv filter: dim 0 of
+    every weight with two or more dimensions. Biases and normalisation scales are left alone.
+    """
+    for p in model.parameters():
+        if p.dim() >= 2:
+            p.copy_(torch.renorm(p, 2, 0, max_norm))
+
+
 def check_terms(terms: dict[str, Tensor], who: str) -> None:
     for name, value in terms.items():
         if not isinstance(value, Tensor) or value.dim() != 0:
@@ -161,6 +173,8 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if recipe.max_norm:
+                apply_max_norm(model, recipe.max_norm)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.detach()
             steps += 1

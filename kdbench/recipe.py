@@ -6,10 +6,11 @@ length scales its learning-rate milestones and marks the run *shortened* in ever
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from .errors import KdbenchError, unknown
+from .errors import KdbenchError, suggest, unknown
 
 
 @dataclass(frozen=True)
@@ -28,10 +29,23 @@ class Recipe:
     flip: bool = True          # random horizontal flip
     full_epochs: int = 0       # the recipe's published length (0 = same as epochs)
     description: str = ""
+    # Max-norm constraint (Srivastava et al. 2014): after every step, each unit's incoming
+    # weight vector (a row of a Linear weight, a conv filter) is rescaled to at most this L2
+    # norm. 0 = off. Hinton et al. 2015 trained their MNIST teacher with it.
+    max_norm: float = 0.0
 
     def __post_init__(self) -> None:
         if self.full_epochs == 0:
             object.__setattr__(self, "full_epochs", self.epochs)
+        for key in ("epochs", "batch_size", "full_epochs"):
+            if getattr(self, key) < 1:
+                raise KdbenchError(f"recipe '{self.name}': {key} must be at least 1, got {getattr(self, key)}")
+        for key in ("lr", "gamma"):
+            if not getattr(self, key) > 0:
+                raise KdbenchError(f"recipe '{self.name}': {key} must be positive, got {getattr(self, key)}")
+        for key in ("momentum", "weight_decay", "crop_padding", "max_norm"):
+            if getattr(self, key) < 0:
+                raise KdbenchError(f"recipe '{self.name}': {key} must be >= 0, got {getattr(self, key)}")
 
     @property
     def shortened(self) -> bool:
@@ -56,10 +70,46 @@ class Recipe:
             raise KdbenchError(f"--epochs must be at least 1, got {epochs}")
         return replace(self, epochs=epochs)
 
+    def with_overrides(self, overrides: dict[str, Any], where: str) -> Recipe:
+        """The recipe with some fields replaced (a suite's per-model settings), type-checked."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        out: dict[str, Any] = {}
+        for key, value in overrides.items():
+            if key not in fields:
+                raise KdbenchError(f"{where}: unknown recipe field '{key}';{suggest(key, fields)} "
+                                   f"recipe fields: {', '.join(fields)}")
+            out[key] = _typed(value, getattr(self, key), f"{where}: recipe field '{key}'")
+        if "epochs" in out and "full_epochs" not in out:
+            out["full_epochs"] = out["epochs"]  # a new length, not a shortened run of the old one
+        return replace(self, **out)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("description")
+        # Fields added after the first release are left out at their default, so that the run
+        # ids (hashes of this dict) of existing results stay the same.
+        for key, default in _LATER_FIELDS.items():
+            if d[key] == default:
+                d.pop(key)
         return d
+
+
+_LATER_FIELDS: dict[str, Any] = {"max_norm": 0.0}
+
+
+def _typed(value: Any, default: Any, what: str) -> Any:
+    """``value`` converted to the type of ``default`` (ints widen to floats), or a clear error."""
+    kind = type(default)
+    if kind is tuple:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise KdbenchError(f"{what} takes a list of integers, got {value!r}")
+        return tuple(value)
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise KdbenchError(f"{what} takes a {kind.__name__}, got {value!r}")
+    return kind(value)
 
 
 RECIPES: dict[str, Recipe] = {

@@ -50,6 +50,21 @@ class Request:
     device: str = "auto"
     throughput_batch: int = 256
     quiet: bool = False
+    #: True when the user named the methods (--methods): then a method that cannot take a pair is
+    #: an error; otherwise (all, or a suite's own list) it is left out of that pair with a note.
+    strict: bool = True
+    #: Per method, several hyperparameter settings to run (a suite's sweep); each adds to ``overrides``.
+    variants: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    recipe_by_model: dict[str, dict[str, Any]] = field(default_factory=dict)  # recipe fields per model
+    model_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)     # create_model kwargs per model
+    pad_to: int = 0
+
+    def recipe_for(self, model: str) -> Recipe:
+        extra = self.recipe_by_model.get(model)
+        return self.recipe.with_overrides(extra, f"recipe for {model}") if extra else self.recipe
+
+    def kwargs_for(self, model: str) -> tuple[tuple[str, Any], ...]:
+        return tuple(sorted(self.model_kwargs.get(model, {}).items()))
 
 
 @dataclass
@@ -73,8 +88,9 @@ def resolve_device(name: str) -> torch.device:
         raise KdbenchError(f"--device '{name}' is not a torch device; use auto, cpu or cuda") from None
 
 
-def dataset_label(name: str, limit: int) -> str:
-    return f"{name}[:{limit}]" if limit else name
+def dataset_label(name: str, limit: int, pad_to: int = 0) -> str:
+    """The dataset as rows name it: ``name``, ``[:N]`` for a limit, ``@Spx`` when padded to S×S."""
+    return name + (f"[:{limit}]" if limit else "") + (f"@{pad_to}px" if pad_to else "")
 
 
 def plan(req: Request) -> Plan:
@@ -87,13 +103,19 @@ def plan(req: Request) -> Plan:
         if name not in names:
             raise KdbenchError(f"--set names method '{name}', which this run does not include "
                                f"(methods: {', '.join(names)})")
-    instances = {n: build_method(req.methods[n], req.overrides.get(n)) for n in names}
+    for name in req.variants:
+        if name not in names:
+            raise KdbenchError(f"a sweep names method '{name}', which this run does not include "
+                               f"(methods: {', '.join(names)})")
+    instances = {n: [build_method(req.methods[n], {**req.overrides.get(n, {}), **v})
+                     for v in req.variants.get(n) or [{}]] for n in names}
     for pair in req.pairs:
         for model in (*pair.teachers, pair.student):
             zoo.check_model_name(model)
     device = resolve_device(req.device)
     # Held on the training device for the whole sweep: batches and augmentation never leave it.
-    data = load_dataset(req.dataset, data_dir=req.data_dir, download=req.download, limit=req.limit or None).to(device)
+    data = load_dataset(req.dataset, data_dir=req.data_dir, download=req.download, limit=req.limit or None,
+                        pad_to=req.pad_to).to(device)
     info = data.info
     all_teachers = {t for p in req.pairs for t in p.teachers}
     checkpoints = dict(req.teacher_checkpoints)
@@ -105,10 +127,14 @@ def plan(req: Request) -> Plan:
         zoo.load_checkpoint(m, path, model)
     sha = {m: zoo.file_sha256(p) for m, p in checkpoints.items()}
     dev = device.type
-    label = dataset_label(info.name, req.limit)
+    label = dataset_label(info.name, req.limit, req.pad_to)
+    for model in (*req.recipe_by_model, *req.model_kwargs):
+        zoo.check_model_name(model)
+        req.recipe_for(model)
 
     def teacher_spec(model: str, seed: int) -> TeacherSpec:
-        return TeacherSpec(model, label, req.recipe, seed, dev, sha.get(model, ""), req.limit)
+        return TeacherSpec(model, label, req.recipe_for(model), seed, dev, sha.get(model, ""), req.limit,
+                           req.kwargs_for(model))
 
     specs: dict[str, RunSpec] = {}
     skipped: list[str] = []
@@ -117,30 +143,36 @@ def plan(req: Request) -> Plan:
     for seed in req.seeds:
         for pair in req.pairs:
             for name in names:
-                cls, method = req.methods[name], instances[name]
+                if pair.methods and name not in pair.methods:
+                    continue  # the suite runs this method on its other pairs only
+                cls = req.methods[name]
                 n = len(pair.teachers)
                 if cls.max_teachers == 0:
                     teachers: tuple[str, ...] = ()
+                    seeds: tuple[int | None, ...] = ()
                 elif n > cls.max_teachers or n < cls.min_teachers:
                     why = f"method '{name}' takes {cls.teachers_taken()}; pair {pair.label} has {n}"
-                    if req.selected is not None:
+                    if req.strict:
                         raise KdbenchError(why + ". Drop the pair or the method, or use a method that takes "
                                                  "several teachers (`kdbench list methods` shows how many each takes)")
                     skipped.append(why)
                     continue
                 else:
-                    teachers = pair.teachers
-                key = (name, teachers, pair.student)
-                if key not in checked:
-                    check_setup(method, teachers, pair.student, data, probes)
-                    checked.add(key)
-                spec = RunSpec(
-                    method=name, hparams=tuple(sorted(method.config().items())),
-                    teachers=tuple(teacher_spec(t, seed) for t in teachers), student=pair.student,
-                    dataset=label, recipe=req.recipe, seed=seed, device=dev, data_limit=req.limit,
-                    pair=f"{'+'.join(teachers)}→{pair.student}",
-                )
-                specs.setdefault(spec.run_id, spec)
+                    teachers, seeds = pair.teachers, pair.teacher_seeds
+                for method in instances[name]:
+                    key = (name, teachers, pair.student)
+                    if key not in checked:
+                        check_setup(method, teachers, pair.student, data, probes)
+                        checked.add(key)
+                    labels = [t if s is None else f"{t}@{s}" for t, s in zip(teachers, seeds)]
+                    spec = RunSpec(
+                        method=name, hparams=tuple(sorted(method.config().items())),
+                        teachers=tuple(teacher_spec(t, seed if s is None else s) for t, s in zip(teachers, seeds)),
+                        student=pair.student, dataset=label, recipe=req.recipe_for(pair.student), seed=seed,
+                        device=dev, data_limit=req.limit, student_kwargs=req.kwargs_for(pair.student),
+                        pair=f"{'+'.join(labels)}→{pair.student}",
+                    )
+                    specs.setdefault(spec.run_id, spec)
     return Plan(list(specs.values()), data, device, sorted(set(skipped)), checkpoints, probes)
 
 
@@ -205,16 +237,16 @@ class Runner:
                     unit="epoch" if position else "run", dynamic_ncols=True, file=sys.stderr)
 
     # -- models ---------------------------------------------------------------------------
-    def _create(self, name: str) -> nn.Module:
+    def _create(self, name: str, kwargs: tuple[tuple[str, Any], ...] = ()) -> nn.Module:
         return zoo.create(name, num_classes=self.info.num_classes, in_chans=self.info.in_chans,
-                          img_size=self.info.img_size).to(self.plan.device)
+                          img_size=self.info.img_size, **dict(kwargs)).to(self.plan.device)
 
     def teacher(self, ts: TeacherSpec) -> nn.Module:
         """A teacher's weights: from its checkpoint, from the cache, or trained now and cached."""
         if ts.teacher_id in self._teachers:
             return self._teachers[ts.teacher_id]
         torch.manual_seed(ts.seed)
-        model = self._create(ts.model)
+        model = self._create(ts.model, ts.model_kwargs)
         path = self.store.teacher_path(ts.teacher_id)
         if ts.checkpoint_sha256:
             zoo.load_checkpoint(model, self.plan.checkpoints[ts.model], ts.model)
@@ -260,7 +292,7 @@ class Runner:
     def run(self, spec: RunSpec) -> dict[str, Any]:
         teachers = [self.teacher(ts) for ts in spec.teachers]
         torch.manual_seed(spec.seed)
-        student = self._create(spec.student)
+        student = self._create(spec.student, spec.student_kwargs)
         method = build_method(self.req.methods[spec.method], dict(spec.hparams)).to(self.plan.device)
         taps = method.taps()
         method.setup(self.plan.probes[(spec.student, taps)], [self.plan.probes[(n, taps)] for n in spec.teacher_names])
@@ -280,10 +312,15 @@ class Runner:
             **{f"hp.{k}": (json.dumps(v) if isinstance(v, tuple) else v) for k, v in spec.hparams},
             "extra_params": method.extra_parameters(),
             "teacher_ids": "+".join(t.teacher_id for t in spec.teachers),
+            "teacher_seeds": "+".join(str(t.seed) for t in spec.teachers),
+            "model_kwargs": json.dumps(dict(spec.student_kwargs), sort_keys=True),
         })
         if teachers:
             probs = torch.stack([self.teacher_probs(ts) for ts in spec.teachers]).mean(0)
             row["agreement"] = metrics.agreement(result.test_logits.argmax(1), probs.argmax(1))
+        if len(teachers) > 1:
+            # The ensemble itself (mean of the teachers' probabilities), next to its student.
+            row["teacher_ensemble_top1"] = metrics.topk_accuracy(probs, self.plan.data.test_labels, 1)
         for k, v in result.last.losses.items():
             row[f"loss.{k}"] = v
         self.store.write(row)
@@ -294,7 +331,8 @@ class Runner:
         row = self._row(ts.teacher_id, "teacher", "teacher", ts.model, f"{ts.model}→", ts.recipe, ts.seed,
                         model, result, peak)
         row.update({"method_paper": "", "teachers": "", "trained_by_kdbench": trained,
-                    "checkpoint_sha256": ts.checkpoint_sha256})
+                    "checkpoint_sha256": ts.checkpoint_sha256,
+                    "model_kwargs": json.dumps(dict(ts.model_kwargs), sort_keys=True)})
         self.store.write(row)
 
     def _row(self, run_id: str, kind: str, method: str, model_name: str, pair: str, recipe: Recipe, seed: int,
@@ -304,7 +342,8 @@ class Runner:
         prf = metrics.per_class_prf(logits.argmax(1), data.test_labels, self.info.num_classes)
         row: dict[str, Any] = {
             "run_id": run_id, "kind": kind, "method": method, "student": model_name, "pair": pair,
-            "dataset": dataset_label(self.info.name, self.req.limit), "dataset_source": self.info.source,
+            "dataset": dataset_label(self.info.name, self.req.limit, self.req.pad_to),
+            "dataset_source": self.info.source, "real_data": self.info.real_data,
             "train_size": len(data.train_labels), "test_size": len(data.test_labels),
             "recipe": recipe.name, "epochs": recipe.epochs, "recipe_epochs": recipe.full_epochs,
             "shortened": recipe.shortened, "schedule": recipe.label, "recipe_config": json.dumps(recipe.to_dict()),

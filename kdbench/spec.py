@@ -10,7 +10,13 @@ from typing import Any
 from .recipe import Recipe
 
 
+# Fields added after the first release: left out of the hash while empty, so existing run ids
+# (and the results stored under them) stay valid.
+_LATER_FIELDS = ("model_kwargs", "student_kwargs")
+
+
 def _digest(obj: Any) -> str:
+    obj = {k: v for k, v in obj.items() if not (k in _LATER_FIELDS and not v)}
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -26,6 +32,7 @@ class TeacherSpec:
     device: str
     checkpoint_sha256: str = ""   # set when weights come from a file: then nothing is trained
     data_limit: int = 0
+    model_kwargs: tuple[tuple[str, Any], ...] = ()  # extra timm.create_model arguments (dropout, ...)
 
     @property
     def teacher_id(self) -> str:
@@ -45,6 +52,7 @@ class RunSpec:
     seed: int
     device: str
     data_limit: int = 0
+    student_kwargs: tuple[tuple[str, Any], ...] = ()  # extra timm.create_model arguments
     pair: str = ""  # the pair label this run was planned for (not part of the id: ce serves all)
 
     @property

@@ -1,33 +1,103 @@
-"""Suites: a dataset, a recipe, and the teacher→student pairs to distil over, as data."""
+"""Suites: a dataset, a recipe, the teacher→student pairs and the paper's numbers, as data files.
+
+A suite is a TOML file. The built-in ones live in the repository's ``benchmarks/suites/`` folder
+(installed as the ``kdbench_suites`` package); ``--suite path/to/file.toml`` runs a user's own,
+typically a copy of a built-in one with a few lines changed. Every key is documented in
+``benchmarks/suites/README.md``; a key kdbench does not know is an error, never ignored.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import csv
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
 
-from .errors import KdbenchError, unknown
+from .errors import KdbenchError, suggest, unknown
 from .recipe import Recipe, get_recipe
 
 
 @dataclass(frozen=True)
 class Pair:
-    """One or more teachers and a student; written ``T[+T...]:S`` on the command line."""
+    """One or more teachers and a student; written ``T[@SEED][+T[@SEED]...]:S``.
+
+    A teacher written ``model@N`` is trained with seed N whatever the run's seed (so three
+    students of different seeds share it, or three seeds of one model form an ensemble);
+    without ``@N`` a teacher is trained with the run's seed.
+    """
 
     teachers: tuple[str, ...]
     student: str
+    teacher_seeds: tuple[int | None, ...] = ()
+    methods: tuple[str, ...] = ()  # only these methods run on this pair (a suite's choice; () = all)
+
+    def __post_init__(self) -> None:
+        if not self.teacher_seeds:
+            object.__setattr__(self, "teacher_seeds", (None,) * len(self.teachers))
+
+    @property
+    def teacher_labels(self) -> tuple[str, ...]:
+        return tuple(t if s is None else f"{t}@{s}" for t, s in zip(self.teachers, self.teacher_seeds))
 
     @property
     def label(self) -> str:
-        return f"{'+'.join(self.teachers)}→{self.student}"
+        return f"{'+'.join(self.teacher_labels)}→{self.student}"
 
     @classmethod
     def parse(cls, text: str) -> Pair:
         left, sep, student = text.strip().rpartition(":")
-        teachers = tuple(t for t in left.split("+") if t)
-        if not sep or not student or not teachers:
+        items = [t.strip() for t in left.split("+") if t.strip()]
+        if not sep or not student or not items:
             raise KdbenchError(f"pair '{text}' is not of the form TEACHER[+TEACHER...]:STUDENT "
                                "(e.g. cifar_resnet56:cifar_resnet20 or "
-                               "cifar_resnet56+cifar_wrn_40_2:cifar_resnet20)")
-        return cls(teachers, student)
+                               "cifar_resnet56+cifar_wrn_40_2:cifar_resnet20; model@N fixes a teacher's seed)")
+        teachers, seeds = [], []
+        for item in items:
+            model, at, seed = item.partition("@")
+            if at and not seed.strip().isdigit():
+                raise KdbenchError(f"pair '{text}': teacher '{item}' must be MODEL or MODEL@SEED with an "
+                                   "integer seed (e.g. cifar_resnet56@1)")
+            teachers.append(model.strip())
+            seeds.append(int(seed) if at else None)
+        return cls(tuple(teachers), student.strip(), tuple(seeds))
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """When a kdbench number counts as reproducing a published one (see kdbench.compare)."""
+
+    points: float = 0.5             # accuracy cells: |Δ| <= max(sigmas·σ, points)
+    sigmas: float = 2.0
+    relative: float = 0.15          # test-error cells: |Δ| <= relative × published
+    ordering: tuple[str, ...] = ()  # per pair, methods from best to worst (e.g. teacher, kd, ce)
+
+    def allowed(self, metric: str, published: float, std: float) -> float:
+        """The largest |Δ| still within for one cell (``std``: kdbench's σ over seeds, or NaN)."""
+        if metric == "test_errors":
+            return self.relative * abs(published)
+        # One seed has no σ: the floor alone applies (max() with NaN would return NaN).
+        return self.points if math.isnan(std) else max(self.sigmas * std, self.points)
+
+    def rule(self) -> str:
+        """The tolerance rule in words, for the legend."""
+        return (f"top-1: |Δ| ≤ max({self.sigmas:g}σ, {self.points:g} points), σ being kdbench's "
+                f"standard deviation over seeds (the floor alone for one seed); test errors: "
+                f"|Δ| ≤ {self.relative:.0%} of the published count")
+
+
+@dataclass(frozen=True)
+class Reproduction:
+    """The published numbers a suite is checked against."""
+
+    published: tuple[Path, ...]     # CSV files of published cells
+    tables: tuple[str, ...] = ()    # keep only rows of these paper tables ('' = all)
+    method_names: tuple[tuple[str, str], ...] = ()  # paper's method name -> kdbench's
+    tolerance: Tolerance = Tolerance()
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -38,52 +108,202 @@ class Suite:
     recipe: Recipe
     pairs: tuple[Pair, ...]
     seeds: tuple[int, ...] = (0,)
-    #: Method hyperparameters this suite needs (e.g. a hint stage its models have); --set wins.
+    #: Method hyperparameters this suite needs, as ``method.name=value``; --set wins.
     overrides: tuple[tuple[str, str], ...] = ()
+    #: Hyperparameters run at several values (``method.name``, values): one run per value.
+    sweeps: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    methods: tuple[str, ...] = ()   # the methods it runs by default ('' = all)
+    #: Recipe fields that differ for one model (e.g. lr 0.01 for ShuffleNet students).
+    recipe_by_model: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: Extra ``timm.create_model`` arguments for one model wherever it is trained (dropout, ...).
+    model_kwargs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    pad_to: int = 0                 # zero-pad images to this square size (e.g. 28 -> 32)
+    reproduce: Reproduction | None = None
+    path: Path | None = None        # the file it was read from
+
+    def recipe_for(self, model: str, base: Recipe | None = None) -> Recipe:
+        """The recipe a model trains with in this suite (``base``: the run's, after --epochs)."""
+        base = base or self.recipe
+        extra = self.recipe_by_model.get(model)
+        return base.with_overrides(dict(extra), f"suite {self.name}, recipe.by_model.{model}") if extra else base
 
 
-SUITES: dict[str, Suite] = {
-    s.name: s
-    for s in [
-        Suite(
-            name="digits",
-            description="The embedded default: scikit-learn's 1,797 real 8x8 handwritten digits "
-                        "(no download). CIFAR ResNets distilled at 8x8; the second pair is a "
-                        "two-teacher ensemble.",
-            dataset="digits",
-            recipe=get_recipe("digits"),
-            pairs=(
-                Pair(("cifar_resnet56",), "cifar_resnet20"),
-                Pair(("cifar_resnet56", "cifar_wrn_40_2"), "cifar_resnet20"),
+# -- reading suite files ----------------------------------------------------------------------------
+
+_TOP_KEYS = {"name", "description", "dataset", "seeds", "methods", "pairs", "pad_to", "recipe", "hparams",
+             "sweep", "models", "reproduce"}
+_REPRO_KEYS = {"published", "tables", "method_names", "tolerance", "notes"}
+_TOL_KEYS = {"points", "sigmas", "relative", "ordering"}
+
+
+def builtin_dir() -> Path:
+    """The folder of the built-in suite files (``benchmarks/suites`` in the repository)."""
+    return Path(str(resources.files("kdbench_suites")))
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in builtin_dir().glob("*.toml"))
+
+
+def _check_keys(table: Mapping[str, Any], known: set[str], where: str) -> None:
+    for key in table:
+        if key not in known:
+            raise KdbenchError(f"{where}: unknown key '{key}';{suggest(key, known)} known keys: "
+                               f"{', '.join(sorted(known))}")
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], what: str, where: str) -> Any:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise KdbenchError(f"{where}: '{what}' must be {getattr(kind, '__name__', kind)}, got {value!r}")
+    return value
+
+
+def _pair_item(item: Any, where: str) -> Pair:
+    """A pairs entry: "T:S", or a table { pair = "T:S", methods = [...] } restricting the methods."""
+    if isinstance(item, str):
+        return Pair.parse(item)
+    _expect(item, dict, "pairs item", where)
+    _check_keys(item, {"pair", "methods"}, f"{where} pairs item")
+    pair = Pair.parse(_expect(item.get("pair", ""), str, "pair", where))
+    methods = tuple(_expect(m, str, "methods item", where) for m in _expect(item.get("methods", []), list, "methods", where))
+    return Pair(pair.teachers, pair.student, pair.teacher_seeds, methods)
+
+
+def _override_text(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def parse_suite(data: Mapping[str, Any], path: Path) -> Suite:
+    """Build a Suite from a parsed TOML document; every mistake is reported with the file's name."""
+    where = f"suite file {path}"
+    _check_keys(data, _TOP_KEYS, where)
+    for key in ("name", "dataset", "pairs", "recipe"):
+        if key not in data:
+            raise KdbenchError(f"{where}: missing required key '{key}'")
+    name = _expect(data["name"], str, "name", where)
+    recipe_table = dict(_expect(data["recipe"], dict, "recipe", where))
+    base = get_recipe(_expect(recipe_table.pop("base", ""), str, "recipe.base", where) or "crd")
+    by_model = _expect(recipe_table.pop("by_model", {}), dict, "recipe.by_model", where)
+    recipe = base.with_overrides(recipe_table, f"{where} [recipe]") if recipe_table else base
+    for model, extra in by_model.items():
+        _expect(extra, dict, f"recipe.by_model.{model}", where)
+        recipe.with_overrides(extra, f"{where} [recipe.by_model.{model}]")  # checked now, applied per run
+    pairs = tuple(_pair_item(p, where) for p in _expect(data["pairs"], list, "pairs", where))
+    if not pairs:
+        raise KdbenchError(f"{where}: 'pairs' is empty; list at least one \"TEACHER:STUDENT\"")
+    seeds = tuple(_expect(s, int, "seeds item", where) for s in _expect(data.get("seeds", [0]), list, "seeds", where))
+    hparams = _expect(data.get("hparams", {}), dict, "hparams", where)
+    overrides = tuple((f"{m}.{k}", _override_text(v)) for m, hp in hparams.items()
+                      for k, v in _expect(hp, dict, f"hparams.{m}", where).items())
+    sweeps = []
+    for m, hp in _expect(data.get("sweep", {}), dict, "sweep", where).items():
+        for k, values in _expect(hp, dict, f"sweep.{m}", where).items():
+            values = _expect(values, list, f"sweep.{m}.{k}", where)
+            if not values:
+                raise KdbenchError(f"{where}: sweep.{m}.{k} is an empty list; give the values to run")
+            sweeps.append((f"{m}.{k}", tuple(_override_text(v) for v in values)))
+    models = _expect(data.get("models", {}), dict, "models", where)
+    for model, kwargs in models.items():
+        _expect(kwargs, dict, f"models.{model}", where)
+    reproduce = None
+    if "reproduce" in data:
+        rep = _expect(data["reproduce"], dict, "reproduce", where)
+        _check_keys(rep, _REPRO_KEYS, f"{where} [reproduce]")
+        tol = _expect(rep.get("tolerance", {}), dict, "reproduce.tolerance", where)
+        _check_keys(tol, _TOL_KEYS, f"{where} [reproduce.tolerance]")
+        files = tuple(path.parent / _expect(f, str, "reproduce.published item", where)
+                      for f in _expect(rep.get("published", []), list, "reproduce.published", where))
+        for f in files:
+            if not f.is_file():
+                raise KdbenchError(f"{where}: published-numbers file {f} does not exist; paths are relative "
+                                   "to the suite file")
+        reproduce = Reproduction(
+            published=files,
+            tables=tuple(str(t) for t in rep.get("tables", [])),
+            method_names=tuple(sorted(_expect(rep.get("method_names", {}), dict, "reproduce.method_names",
+                                              where).items())),
+            tolerance=Tolerance(
+                points=float(tol.get("points", 0.5)), sigmas=float(tol.get("sigmas", 2.0)),
+                relative=float(tol.get("relative", 0.15)), ordering=tuple(tol.get("ordering", ())),
             ),
-        ),
-        Suite(
-            name="crd_cifar100",
-            description="CRD benchmark (Tian et al. 2020) CIFAR-100 pairs available in kdbench's "
-                        "zoo, on the CRD protocol (needs CIFAR-100: --data-dir or --download).",
-            dataset="cifar100",
-            recipe=get_recipe("crd"),
-            pairs=(
-                Pair(("cifar_wrn_40_2",), "cifar_wrn_16_2"),
-                Pair(("cifar_resnet56",), "cifar_resnet20"),
-                Pair(("cifar_resnet32x4",), "cifar_resnet8x4"),
-            ),
-        ),
-        Suite(
-            name="hinton_mnist",
-            description="Hinton et al. 2015, section 3: 784-1200-1200-10 teacher into a "
-                        "784-800-800-10 student on MNIST (needs MNIST: --data-dir or --download).",
-            dataset="mnist",
-            recipe=get_recipe("mnist_mlp"),
-            pairs=(Pair(("hinton_mlp_1200",), "hinton_mlp_800"),),
-            # The MLPs have two stages (the hidden layers): hint the second.
-            overrides=(("fitnets.stage", "1"),),
-        ),
-    ]
-}
+            notes=tuple(rep.get("notes", ())),
+        )
+    pad_to = _expect(data.get("pad_to", 0), int, "pad_to", where)
+    return Suite(
+        name=name, description=str(data.get("description", "")).strip(),
+        dataset=_expect(data["dataset"], str, "dataset", where), recipe=recipe, pairs=pairs, seeds=seeds,
+        overrides=overrides, sweeps=tuple(sweeps), methods=tuple(_expect(data.get("methods", []), list, "methods", where)),
+        recipe_by_model={m: dict(v) for m, v in by_model.items()},
+        model_kwargs={m: dict(v) for m, v in models.items()}, pad_to=pad_to, reproduce=reproduce, path=path,
+    )
+
+
+def load_suite_file(path: Path) -> Suite:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise KdbenchError(f"cannot read suite file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise KdbenchError(f"suite file {path} is not valid TOML: {exc}; see benchmarks/suites/README.md "
+                           "for the format") from None
+    return parse_suite(data, path)
 
 
 def get_suite(name: str) -> Suite:
-    if name not in SUITES:
-        raise unknown("suite", name, SUITES, fix="See `kdbench list suites`.")
-    return SUITES[name]
+    """A built-in suite by name (``-`` and ``_`` alike), or a suite file by path."""
+    path = Path(name).expanduser()
+    if name.endswith(".toml") or path.is_file():
+        if not path.is_file():
+            raise KdbenchError(f"suite file {path} does not exist")
+        return load_suite_file(path)
+    names = builtin_names()
+    key = name.strip().lower().replace("_", "-")
+    if key not in names:
+        raise unknown("suite", name, names, fix="See `kdbench list suites`, or pass a path to a suite .toml file.")
+    return load_suite_file(builtin_dir() / f"{key}.toml")
+
+
+def all_suites() -> list[Suite]:
+    return [get_suite(n) for n in builtin_names()]
+
+
+# -- published numbers ------------------------------------------------------------------------------
+
+def read_published(suite: Suite, model_name: Any) -> list[dict[str, Any]]:
+    """The published cells of a suite's pairs, as dicts for ``kdbench.compare.Cell``.
+
+    ``model_name`` maps a paper's model name to a timm name (``kdbench.models.timm_name``).
+    A CSV has columns table, teacher, student, method, a value column (``top1`` or
+    ``test_errors``), selection (``last_epoch``/``best_epoch``) and source, plus an optional note.
+    """
+    if suite.reproduce is None:
+        return []
+    rep = suite.reproduce
+    names = dict(rep.method_names)
+    wanted = {(p.teachers, p.student) for p in suite.pairs}
+    cells = []
+    for path in rep.published:
+        with open(path, newline="", encoding="utf-8") as f:
+            for i, rec in enumerate(csv.DictReader(f), start=2):
+                where = f"{path}, line {i}"
+                if rep.tables and rec.get("table", "") not in rep.tables:
+                    continue
+                metric = "top1" if rec.get("top1") else "test_errors" if rec.get("test_errors") else ""
+                if not metric:
+                    raise KdbenchError(f"{where}: needs a top1 or test_errors value")
+                teachers = tuple(model_name(t) for t in rec["teacher"].split("+"))
+                student = model_name(rec["student"])
+                if (teachers, student) not in wanted:
+                    continue
+                selection = rec["selection"].removesuffix("_epoch")
+                if selection not in ("last", "best"):
+                    raise KdbenchError(f"{where}: selection must be last_epoch or best_epoch, got "
+                                       f"'{rec['selection']}'")
+                cells.append(dict(
+                    teachers=teachers, student=student, method=names.get(rec["method"], rec["method"]),
+                    paper_method=rec["method"], metric=metric, value=float(rec[metric]), selection=selection,
+                    source=rec["source"], table=rec.get("table", ""), note=rec.get("note", "") or "",
+                ))
+    return cells

@@ -1,0 +1,105 @@
+"""How long a plan will take on this device, from a few timed training steps of each model.
+
+``--dry-run`` prints it. Each architecture is timed once: a training step (forward, backward,
+SGD update) at the recipe's batch size and a no-grad forward. A run's estimate is its steps ×
+(student step + each teacher's forward) plus one evaluation pass per epoch; a teacher that is
+not cached yet adds its own training. Method terms (adapters, losses) are not timed: they are
+small next to the models, so the estimate is a lower bound.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import zoo
+from .store import ResultsStore
+
+_EVAL_BATCH = 500  # as engine.predict
+
+
+def _timed(fn: Any, device: torch.device, repeats: int = 2) -> float:
+    fn()  # warm-up: allocator, kernel selection
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def step_times(name: str, kwargs: tuple[tuple[str, Any], ...], batch: int, req: Any, plan: Any) -> tuple[float, float]:
+    """Seconds of one training step and of one no-grad forward of ``batch`` images."""
+    info, device = plan.data.info, plan.device
+    model = zoo.create(name, num_classes=info.num_classes, in_chans=info.in_chans, img_size=info.img_size,
+                       **dict(kwargs)).to(device)
+    x = torch.randn(batch, info.in_chans, info.img_size, info.img_size, device=device)
+    y = torch.randint(0, info.num_classes, (batch,), device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def train_step() -> None:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(x)
+
+    model.train()
+    t_train = _timed(train_step, device)
+    model.eval()
+    return t_train, _timed(forward, device)
+
+
+def estimate(req: Any, plan: Any, store: ResultsStore) -> tuple[list[str], float]:
+    """One line per run still to do, and the total estimated seconds."""
+    if plan.device.type == "cpu":
+        torch.set_flush_denormal(True)  # as the engine trains
+    info = plan.data.info
+    cache: dict[tuple, tuple[float, float]] = {}
+
+    def times(name: str, kwargs: tuple, batch: int) -> tuple[float, float]:
+        key = (name, kwargs, batch)
+        if key not in cache:
+            cache[key] = step_times(name, kwargs, batch, req, plan)
+        return cache[key]
+
+    def eval_s(name: str, kwargs: tuple, batch: int) -> float:
+        # forward time scales with the batch; scale the measured one to the test set
+        return times(name, kwargs, batch)[1] * info.test_size / batch
+
+    lines: list[str] = []
+    total = 0.0
+    teachers_done: set[str] = set()
+    for spec in plan.specs:
+        if store.has(spec.run_id):
+            continue
+        r = spec.recipe
+        steps = math.ceil(info.train_size / r.batch_size)
+        seconds = 0.0
+        for ts in spec.teachers:
+            if ts.teacher_id in teachers_done or ts.checkpoint_sha256 or store.has(ts.teacher_id):
+                continue
+            teachers_done.add(ts.teacher_id)
+            tr = ts.recipe
+            t_steps = math.ceil(info.train_size / tr.batch_size)
+            seconds += tr.epochs * (t_steps * times(ts.model, ts.model_kwargs, tr.batch_size)[0]
+                                    + eval_s(ts.model, ts.model_kwargs, tr.batch_size))
+        step = times(spec.student, spec.student_kwargs, r.batch_size)[0]
+        step += sum(times(ts.model, ts.model_kwargs, r.batch_size)[1] for ts in spec.teachers)
+        seconds += r.epochs * (steps * step + eval_s(spec.student, spec.student_kwargs, r.batch_size))
+        total += seconds
+        lines.append(f"  {spec.run_id}  {spec.method:<12} {spec.pair:<45} seed {spec.seed}  "
+                     f"{r.epochs} epochs  ~{seconds / 60:.1f} min")
+    for spec in plan.specs:
+        if store.has(spec.run_id):
+            lines.append(f"  {spec.run_id}  {spec.method:<12} {spec.pair:<45} seed {spec.seed}  done (in the store)")
+    return lines, total
