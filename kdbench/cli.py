@@ -8,11 +8,10 @@ import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .errors import KdbenchError
-from typing import Any
-
 from .recipe import RECIPES, Recipe, get_recipe
 from .registry import load_methods, parse_overrides
 from .suites import Pair, Suite, all_suites, get_suite, read_published

@@ -27,7 +27,6 @@ import numpy as np
 import pandas as pd
 
 from kdbench.errors import KdbenchError
-from kdbench.suites import Tolerance
 from kdbench.report import (
     _MARKERS,
     _RC,
@@ -45,6 +44,7 @@ from kdbench.report import (
     slugify,
     write_text,
 )
+from kdbench.suites import Tolerance
 
 METRICS = ("top1", "test_errors")
 SELECTIONS = ("last", "best")

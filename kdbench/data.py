@@ -298,13 +298,19 @@ def _download_failed(name: str, root: Path, err: BaseException) -> str:
 
 # The normalisation constants are the published ones (CIFAR's as used by the CRD protocol),
 # not recomputed, so results stay comparable with the literature.
+NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+}
 
 
 def _load_mnist(data_dir: DataDir, download: bool) -> DataSplits:
     """MNIST, 60,000/10,000 28×28 grey digits."""
     return _load_torchvision(
         data_dir, download, name="mnist", cls_name="MNIST",
-        probe="MNIST/raw/train-images-idx3-ubyte", mean=(0.1307,), std=(0.3081,),
+        probe="MNIST/raw/train-images-idx3-ubyte", mean=NORMALISATION["mnist"][0], std=NORMALISATION["mnist"][1],
     )  # fmt: skip
 
 
@@ -312,7 +318,8 @@ def _load_fashion_mnist(data_dir: DataDir, download: bool) -> DataSplits:
     """Fashion-MNIST, 60,000/10,000 28×28 grey clothing images."""
     return _load_torchvision(
         data_dir, download, name="fashion_mnist", cls_name="FashionMNIST",
-        probe="FashionMNIST/raw/train-images-idx3-ubyte", mean=(0.2860,), std=(0.3530,),
+        probe="FashionMNIST/raw/train-images-idx3-ubyte",
+        mean=NORMALISATION["fashion_mnist"][0], std=NORMALISATION["fashion_mnist"][1],
     )  # fmt: skip
 
 
@@ -321,7 +328,7 @@ def _load_cifar10(data_dir: DataDir, download: bool) -> DataSplits:
     return _load_torchvision(
         data_dir, download, name="cifar10", cls_name="CIFAR10",
         probe="cifar-10-batches-py/data_batch_1",
-        mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+        mean=NORMALISATION["cifar10"][0], std=NORMALISATION["cifar10"][1],
     )  # fmt: skip
 
 
@@ -330,7 +337,7 @@ def _load_cifar100(data_dir: DataDir, download: bool) -> DataSplits:
     return _load_torchvision(
         data_dir, download, name="cifar100", cls_name="CIFAR100",
         probe="cifar-100-python/train",
-        mean=(0.5071, 0.4867, 0.4408), std=(0.2675, 0.2565, 0.2761),
+        mean=NORMALISATION["cifar100"][0], std=NORMALISATION["cifar100"][1],
     )  # fmt: skip
 
 
@@ -341,10 +348,8 @@ SYNTHETIC_TRAIN, SYNTHETIC_TEST = 512, 256
 # (channels, side, classes, mean, std) of the datasets a synthetic stand-in can mimic.
 _SHAPES: dict[str, tuple[int, int, int, tuple[float, ...], tuple[float, ...]]] = {
     "digits": (1, 8, 10, (0.5,), (0.5,)),
-    "mnist": (1, 28, 10, (0.1307,), (0.3081,)),
-    "fashion_mnist": (1, 28, 10, (0.2860,), (0.3530,)),
-    "cifar10": (3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": (3, 32, 100, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    **{name: (c, side, k, *NORMALISATION[name]) for name, (c, side, k) in
+       {"mnist": (1, 28, 10), "fashion_mnist": (1, 28, 10), "cifar10": (3, 32, 10), "cifar100": (3, 32, 100)}.items()},
 }
 
 

@@ -160,13 +160,28 @@ def _expect(value: Any, kind: type | tuple[type, ...], what: str, where: str) ->
 
 def _pair_item(item: Any, where: str) -> Pair:
     """A pairs entry: "T:S", or a table { pair = "T:S", methods = [...] } restricting the methods."""
-    if isinstance(item, str):
-        return Pair.parse(item)
-    _expect(item, dict, "pairs item", where)
-    _check_keys(item, {"pair", "methods"}, f"{where} pairs item")
-    pair = Pair.parse(_expect(item.get("pair", ""), str, "pair", where))
+    try:
+        if isinstance(item, str):
+            return Pair.parse(item)
+        _expect(item, dict, "pairs item", where)
+        _check_keys(item, {"pair", "methods"}, f"{where} pairs item")
+        pair = Pair.parse(_expect(item.get("pair", ""), str, "pair", where))
+    except KdbenchError as exc:
+        raise KdbenchError(f"{where}: {exc}" if where not in str(exc) else str(exc)) from None
     methods = tuple(_expect(m, str, "methods item", where) for m in _expect(item.get("methods", []), list, "methods", where))
     return Pair(pair.teachers, pair.student, pair.teacher_seeds, methods)
+
+
+def _published_file(name: str, suite_path: Path, where: str) -> Path:
+    """A published-numbers CSV: beside the suite file, else among the built-in ones.
+
+    So a copy of a built-in suite file, edited anywhere, still finds the paper's numbers.
+    """
+    for base in (suite_path.parent, builtin_dir()):
+        if (base / name).is_file():
+            return base / name
+    raise KdbenchError(f"{where}: published-numbers file '{name}' was found neither beside the suite file nor "
+                       f"among the built-in ones ({builtin_dir()}); give a path relative to the suite file")
 
 
 def _override_text(value: Any) -> str:
@@ -213,12 +228,8 @@ def parse_suite(data: Mapping[str, Any], path: Path) -> Suite:
         _check_keys(rep, _REPRO_KEYS, f"{where} [reproduce]")
         tol = _expect(rep.get("tolerance", {}), dict, "reproduce.tolerance", where)
         _check_keys(tol, _TOL_KEYS, f"{where} [reproduce.tolerance]")
-        files = tuple(path.parent / _expect(f, str, "reproduce.published item", where)
+        files = tuple(_published_file(_expect(f, str, "reproduce.published item", where), path, where)
                       for f in _expect(rep.get("published", []), list, "reproduce.published", where))
-        for f in files:
-            if not f.is_file():
-                raise KdbenchError(f"{where}: published-numbers file {f} does not exist; paths are relative "
-                                   "to the suite file")
         reproduce = Reproduction(
             published=files,
             tables=tuple(str(t) for t in rep.get("tables", [])),
@@ -293,6 +304,8 @@ def read_published(suite: Suite, model_name: Any) -> list[dict[str, Any]]:
                 metric = "top1" if rec.get("top1") else "test_errors" if rec.get("test_errors") else ""
                 if not metric:
                     raise KdbenchError(f"{where}: needs a top1 or test_errors value")
+                if rec[metric].strip().upper() == "N/A":
+                    continue  # the paper reports no number for this cell (e.g. FSP on wrn_40_1)
                 teachers = tuple(model_name(t) for t in rec["teacher"].split("+"))
                 student = model_name(rec["student"])
                 if (teachers, student) not in wanted:
@@ -301,9 +314,13 @@ def read_published(suite: Suite, model_name: Any) -> list[dict[str, Any]]:
                 if selection not in ("last", "best"):
                     raise KdbenchError(f"{where}: selection must be last_epoch or best_epoch, got "
                                        f"'{rec['selection']}'")
+                try:
+                    value = float(rec[metric])
+                except ValueError:
+                    raise KdbenchError(f"{where}: {metric} '{rec[metric]}' is not a number (or N/A)") from None
                 cells.append(dict(
                     teachers=teachers, student=student, method=names.get(rec["method"], rec["method"]),
-                    paper_method=rec["method"], metric=metric, value=float(rec[metric]), selection=selection,
+                    paper_method=rec["method"], metric=metric, value=value, selection=selection,
                     source=rec["source"], table=rec.get("table", ""), note=rec.get("note", "") or "",
                 ))
     return cells

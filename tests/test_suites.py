@@ -1,0 +1,259 @@
+"""Suite files: the built-in ones follow the papers' protocols, and bad files get clear errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import REPO
+
+from kdbench.data import NORMALISATION, load_dataset
+from kdbench.engine import apply_max_norm, train
+from kdbench.errors import KdbenchError
+from kdbench.models.crd_names import timm_name
+from kdbench.recipe import get_recipe
+from kdbench.registry import build_method, load_methods, parse_overrides
+from kdbench.suites import Pair, all_suites, builtin_dir, builtin_names, get_suite, read_published
+from kdbench.zoo import check_model_name, create
+
+SUITES_DIR = REPO / "benchmarks" / "suites"
+SHARED = Path(os.environ.get("KDBENCH_SHARED", REPO.parent / "shared"))
+REFERENCE_CSV = SHARED / "reference" / "crd_cifar100.csv"
+PUBLISHED_CSV = SUITES_DIR / "published" / "crd_cifar100.csv"
+
+
+def published_rows(table: str) -> list[dict[str, str]]:
+    with PUBLISHED_CSV.open(newline="") as f:
+        return [r for r in csv.DictReader(f) if r["table"] == table]
+
+
+def pairs_of(rows: list[dict[str, str]]) -> set[tuple[tuple[str, ...], str]]:
+    return {((timm_name(r["teacher"]),), timm_name(r["student"])) for r in rows}
+
+
+def test_builtin_suites_are_the_installed_files():
+    assert builtin_dir().resolve() == SUITES_DIR.resolve()
+    assert builtin_names() == ["crd-table1", "crd-table2", "digits", "ensemble-mnist", "fashion-mnist",
+                               "hinton-mnist"]
+    for suite in all_suites():
+        assert suite.name == suite.path.stem
+        for pair in suite.pairs:
+            for model in (*pair.teachers, pair.student):
+                check_model_name(model)
+    # '_' and '-' alike, so the old spelling still works
+    assert get_suite("hinton_mnist").name == "hinton-mnist"
+
+
+def test_published_numbers_are_the_reference_file():
+    if not REFERENCE_CSV.is_file():
+        pytest.skip(f"{REFERENCE_CSV} is not present (no shared reference folder here), so the vendored copy "
+                    "cannot be compared with it")
+    assert PUBLISHED_CSV.read_bytes() == REFERENCE_CSV.read_bytes()
+
+
+@pytest.mark.parametrize(("suite", "table", "n_pairs"), [("crd-table1", "1", 7), ("crd-table2", "2", 6)])
+def test_crd_suites_have_every_pair_and_cell_of_their_table(suite, table, n_pairs):
+    s = get_suite(suite)
+    rows = published_rows(table)
+    assert {(p.teachers, p.student) for p in s.pairs} == pairs_of(rows)
+    rows = [r for r in rows if r["top1"] != "N/A"]  # cells the paper left empty
+    assert len(s.pairs) == n_pairs
+    cells = [c for c in read_published(s, timm_name) if c["table"] == table]
+    assert len(cells) == len(rows)  # every published cell of the table, none dropped
+    assert {c["selection"] for c in cells} == {"last"}  # CRD reports the last epoch
+    by_key = {(c["teachers"], c["student"], c["paper_method"]): c for c in cells}
+    for r in rows:
+        c = by_key[((timm_name(r["teacher"]),), timm_name(r["student"]), r["method"])]
+        assert c["value"] == float(r["top1"]) and c["metric"] == "top1"
+    methods = {c["method"] for c in cells}
+    assert {"teacher", "ce", "kd", "fitnets", "rkd"} <= methods  # paper names mapped to kdbench's
+    assert "student_ce" not in methods and "fitnet" not in methods
+
+
+def test_table1_kd_cells_also_carry_dkd_best_epoch_numbers():
+    cells = [c for c in read_published(get_suite("crd-table1"), timm_name) if c["table"] == "DKD"]
+    kd = {(c["teachers"][0], c["student"]): c for c in cells if c["method"] == "kd"}
+    assert len(kd) == 6 and {c["selection"] for c in cells} == {"best"}
+    assert kd[("cifar_resnet32x4", "cifar_resnet8x4")]["value"] == 73.33
+    assert all(c["note"] == "mean of 5 runs" for c in cells)
+
+
+def test_crd_protocol_recipe_and_lr_exceptions():
+    for name in ("crd-table1", "crd-table2"):
+        s = get_suite(name)
+        r = s.recipe
+        assert (r.epochs, r.batch_size, r.lr, r.milestones, r.gamma) == (240, 64, 0.05, (150, 180, 210), 0.1)
+        assert (r.momentum, r.weight_decay, r.crop_padding, r.flip, r.max_norm) == (0.9, 5e-4, 4, True, 0.0)
+        assert r.lr_milestones == (150, 180, 210)
+    t2 = get_suite("crd-table2")
+    for student in ("cifar_mobilenetv2", "cifar_shufflenetv1", "cifar_shufflenetv2"):
+        assert t2.recipe_for(student).lr == 0.01
+    for other in ("cifar_vgg8", "cifar_resnet32x4", "cifar_resnet50", "cifar_vgg13", "cifar_wrn_40_2"):
+        assert t2.recipe_for(other).lr == 0.05
+    # a shortened run keeps the per-model lr and scales the milestones
+    short = t2.recipe_for("cifar_shufflenetv2", t2.recipe.with_epochs(24))
+    assert (short.lr, short.epochs, short.lr_milestones, short.shortened) == (0.01, 24, (15, 18, 21), True)
+
+
+def test_crd_cifar100_normalisation_matches_the_protocol():
+    assert NORMALISATION["cifar100"] == ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))
+
+
+def suite_methods(suite_name: str) -> dict[str, object]:
+    methods = load_methods([])
+    s = get_suite(suite_name)
+    overrides = parse_overrides([f"{k}={v}" for k, v in s.overrides], methods)
+    return {n: build_method(methods[n], overrides.get(n)) for n in s.methods}
+
+
+@pytest.mark.parametrize("suite", ["crd-table1", "crd-table2"])
+def test_crd_per_method_weights(suite):
+    m = suite_methods(suite)
+    assert set(m) == {"ce", "kd", "fitnets", "rkd"}
+    kd, fit, rkd = m["kd"].config(), m["fitnets"].config(), m["rkd"].config()
+    assert (kd["ce_weight"], kd["kd_weight"], kd["temperature"]) == (0.1, 0.9, 4.0)
+    assert (fit["ce_weight"], fit["hint_weight"], fit["stage"], fit["schedule"]) == (1.0, 100.0, 2, "joint")
+    assert (rkd["ce_weight"], rkd["distance_weight"], rkd["angle_weight"]) == (1.0, 25.0, 50.0)
+
+
+def test_hinton_suite_regularises_the_teacher_only():
+    s = get_suite("hinton-mnist")
+    teacher, student = "hinton_mlp_1200", "hinton_mlp_800"
+    assert [(p.teachers, p.student) for p in s.pairs] == [((teacher,), student)]
+    t, st = s.recipe_for(teacher), s.recipe_for(student)
+    assert (t.crop_padding, t.max_norm) == (2, 3.5)       # jittered by up to 2 pixels, max-norm
+    assert (st.crop_padding, st.max_norm, st.weight_decay) == (0, 0.0, 0.0)  # no regularisation
+    assert dict(s.model_kwargs) == {teacher: {"drop_rate": 0.5, "input_drop_rate": 0.2}}
+    kd = suite_methods("hinton-mnist")["kd"].config()
+    assert kd["temperature"] == 20.0
+    cells = read_published(s, lambda n: n)
+    assert {c["method"]: c["value"] for c in cells} == {"teacher": 67.0, "ce": 146.0, "kd": 74.0}
+    assert {c["metric"] for c in cells} == {"test_errors"}
+    tol = s.reproduce.tolerance
+    assert (tol.relative, tol.ordering) == (0.15, ("teacher", "kd", "ce"))
+
+
+def test_pair_syntax_with_teacher_seeds():
+    p = Pair.parse("hinton_mlp_1200@0+hinton_mlp_1200@2+cifar_resnet8:hinton_mlp_800")
+    assert p.teachers == ("hinton_mlp_1200", "hinton_mlp_1200", "cifar_resnet8")
+    assert p.teacher_seeds == (0, 2, None)
+    assert p.label == "hinton_mlp_1200@0+hinton_mlp_1200@2+cifar_resnet8→hinton_mlp_800"
+    assert Pair.parse("a:b").teacher_seeds == (None,)
+    for bad in ("a@x:b", "a@:b", "a@1.5:b", ":b", "a:"):
+        with pytest.raises(KdbenchError):
+            Pair.parse(bad)
+
+
+def test_ensemble_suite_sweeps_the_combination_rules_on_three_teacher_seeds():
+    s = get_suite("ensemble-mnist")
+    single, ens = s.pairs
+    assert single.teacher_seeds == (0,) and single.methods == ("ce", "kd")
+    assert ens.teacher_seeds == (0, 1, 2) and set(ens.teachers) == {"hinton_mlp_1200"} and ens.methods == ("ensemble_kd",)
+    assert s.sweeps == (("ensemble_kd.combine", ("mean_probs", "mean_kl", "mean_logits")),)
+
+
+def test_fashion_suite_pads_to_32():
+    s = get_suite("fashion-mnist")
+    assert (s.dataset, s.pad_to, s.seeds) == ("fashion_mnist", 32, (0, 1, 2))
+    assert (s.recipe.name, s.recipe.epochs, s.recipe.full_epochs, s.recipe.shortened) == ("fashion", 30, 30, False)
+
+
+# -- bad suite files ----------------------------------------------------------------------------
+
+GOOD = """name = "mine"
+dataset = "digits"
+pairs = ["cifar_resnet14:cifar_resnet8"]
+[recipe]
+base = "digits"
+"""
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("name = 'x'\ndataset = [", r"is not valid TOML"),
+    (GOOD.replace('dataset = "digits"\n', ""), r"missing required key 'dataset'"),
+    ("seed = [1]\n" + GOOD, r"unknown key 'seed'; did you mean 'seeds'\?"),
+    ("seeds = 3\n" + GOOD, r"'seeds' must be list"),
+    (GOOD.replace('"cifar_resnet14:cifar_resnet8"', '"cifar_resnet14"'), r"is not of the form TEACHER"),
+    (GOOD + "epoch = 3\n", r"unknown recipe field 'epoch'; did you mean 'epochs'\?"),
+    (GOOD + "lr = 'fast'\n", r"recipe field 'lr' takes a float, got 'fast'"),
+    (GOOD + "lr = -1.0\n", r"lr must be positive"),
+    (GOOD + "[recipe.by_model.cifar_resnet8]\nmomentun = 0.5\n", r"unknown recipe field 'momentun'"),
+    (GOOD + "[reproduce]\npublished = ['nowhere.csv']\n", r"'nowhere.csv' was found neither"),
+    (GOOD.replace('base = "digits"', 'base = "crdd"'), r"unknown recipe 'crdd'; did you mean 'crd'\?"),
+])
+def test_bad_suite_file_is_a_clear_error(tmp_path, text, message):
+    path = tmp_path / "mine.toml"
+    path.write_text(text)
+    with pytest.raises(KdbenchError, match=message) as info:
+        get_suite(str(path))
+    assert str(path) in str(info.value) or "recipe" in str(info.value)
+
+
+def test_a_copied_and_edited_suite_file_runs_and_finds_its_published_numbers(tmp_path):
+    mine = tmp_path / "my-table1.toml"
+    text = (SUITES_DIR / "crd-table1.toml").read_text().replace('name = "crd-table1"', 'name = "my-table1"')
+    mine.write_text(text.replace("seeds = [0, 1, 2]", "seeds = [7]"))
+    s = get_suite(str(mine))
+    assert (s.name, s.seeds, s.path) == ("my-table1", (7,), mine)
+    n_table1 = len([r for r in published_rows("1") if r["top1"] != "N/A"])
+    assert len(read_published(s, timm_name)) == n_table1 + 12  # CRD Table 1 + DKD
+    shutil.copytree(SUITES_DIR / "published", tmp_path / "published")
+    edited = tmp_path / "published" / "crd_cifar100.csv"
+    edited.write_text(edited.read_text().replace(",kd,73.33,", ",kd,99.99,"))
+    cells = read_published(get_suite(str(mine)), timm_name)  # the copy beside the file wins
+    assert any(c["value"] == 99.99 for c in cells)
+
+
+# -- recipe mechanics the suites rely on -----------------------------------------------------------
+
+def test_max_norm_bounds_every_units_incoming_weights():
+    torch.manual_seed(0)
+    model = create("hinton_mlp_800", num_classes=10, in_chans=1, img_size=8)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(10)
+    assert model.fc1.weight.norm(dim=1).max() > 1.0
+    bias = model.fc1.bias.clone()
+    apply_max_norm(model, 1.0)
+    for w in (model.fc1.weight, model.fc2.weight, model.classifier.weight):
+        assert w.norm(dim=1).max() <= 1.0 + 1e-5
+    torch.testing.assert_close(model.fc1.bias, bias)  # biases untouched
+
+
+def test_engine_applies_the_recipes_max_norm():
+    data = load_dataset("digits", limit=128)
+    recipe = get_recipe("digits").with_overrides({"epochs": 1, "lr": 0.5, "max_norm": 0.3}, "test")
+    free = recipe.with_overrides({"max_norm": 0.0}, "test")
+    norms = {}
+    for r in (recipe, free):
+        torch.manual_seed(0)
+        model = create("hinton_mlp_800", num_classes=10, in_chans=1, img_size=8)
+        train(model, data, r, seed=0)
+        norms[r.max_norm] = model.fc1.weight.norm(dim=1).max().item()
+    assert norms[0.3] <= 0.3 + 1e-5 < norms[0.0]
+
+
+def test_recipe_ids_unchanged_by_new_fields():
+    # max_norm left out at its default, so run ids of results stored before it existed still match
+    assert "max_norm" not in get_recipe("crd").to_dict()
+    assert get_recipe("crd").with_overrides({"max_norm": 2.0}, "t").to_dict()["max_norm"] == 2.0
+
+
+def test_committed_digits_results_keep_their_run_ids():
+    """The rows in results/digits were written before suites became files: their ids must still match."""
+    from kdbench.runner import Request, plan
+
+    rows = [json.loads(p.read_text()) for p in (REPO / "results" / "digits" / "runs").glob("*.json")]
+    assert rows
+    s = get_suite("digits")
+    methods = load_methods([])
+    req = Request(methods=methods, selected=None, pairs=list(s.pairs), dataset=s.dataset, recipe=s.recipe,
+                  seeds=s.seeds, device="cpu", strict=False)
+    p = plan(req)
+    ids = {spec.run_id for spec in p.specs} | {t.teacher_id for spec in p.specs for t in spec.teachers}
+    assert {r["run_id"] for r in rows} == ids
