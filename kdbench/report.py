@@ -136,8 +136,31 @@ def benchmarks(rows: pd.DataFrame) -> list[Benchmark]:
         while slug in used:
             slug, k = f"{base}-{k}", k + 1
         used.add(slug)
-        out.append(Benchmark(dataset, str(group["schedule"].iloc[0]), slug, label_variants(group)))
+        out.append(Benchmark(dataset, str(group["schedule"].iloc[0]), slug,
+                             label_teacher_seeds(label_variants(group))))
     return out
+
+
+def label_teacher_seeds(rows: pd.DataFrame) -> pd.DataFrame:
+    """Name teachers whose seed a pair fixed (``model@N``) by that label, in student and teacher rows.
+
+    Three seeds of one architecture are three teachers (an ensemble, or one teacher shared by all
+    student seeds): the table must not average them as if they were seeds of one.
+    """
+    if "pair" not in rows:
+        return rows
+    students = (rows["kind"] != TEACHER) & rows["pair"].astype(str).str.contains("@", regex=False)
+    if not students.any():
+        return rows
+    rows = rows.copy()
+    rows.loc[students, "teachers"] = rows.loc[students, "pair"].astype(str).str.split("→").str[0]
+    labels = {t for v in rows.loc[students, "teachers"] for t in v.split("+") if "@" in t}
+    seeds = _numeric(rows, "seed")
+    for label in labels:
+        model, _, seed = label.rpartition("@")
+        mask = (rows["kind"] == TEACHER) & (rows["student"] == model) & (seeds == float(seed))
+        rows.loc[mask, "student"] = label
+    return rows
 
 
 def label_variants(rows: pd.DataFrame) -> pd.DataFrame:
@@ -458,6 +481,27 @@ def provenance(rows: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def ensemble_section(rows: pd.DataFrame) -> list[str]:
+    """Each multi-teacher ensemble's own top-1 beside its members' (last epoch), when there is one."""
+    acc = _numeric(rows, "teacher_ensemble_top1")
+    runs = rows[acc.notna()]
+    if runs.empty:
+        return []
+    by_id = dict(zip(rows["run_id"], _numeric(rows, "top1_last")))
+    lines = []
+    for ids, group in runs.groupby(runs["teacher_ids"].astype(str), sort=True):
+        seeds = str(group["teacher_seeds"].iloc[0]) if "teacher_seeds" in group else ""
+        members = ids.split("+")
+        names = str(group["teachers"].iloc[0]).split("+")
+        member_acc = ", ".join(f"{n}{'@' + s if s and '@' not in n else ''} {_fmt(by_id.get(i, math.nan))}"
+                               for n, s, i in zip(names, (seeds.split("+") if seeds else [""] * len(names)), members))
+        lines.append([_md_escape("+".join(names)), member_acc, _fmt(float(_numeric(group, "teacher_ensemble_top1").iloc[0]))])
+    return ["", "## Teacher ensembles", "",
+            "Top-1 at the last epoch of each teacher, and of their ensemble (the mean of their class "
+            "probabilities), on the test set.", "",
+            _md_table(["teachers", "each teacher", "ensemble"], lines)]
+
+
 def markdown(bench: Benchmark, entries: Sequence[Entry], metric: str,
              plots: Sequence[Path] = ()) -> str:
     """The whole markdown report of one benchmark."""
@@ -474,6 +518,7 @@ def markdown(bench: Benchmark, entries: Sequence[Entry], metric: str,
     papers = [(m, p) for m, p in zip(papers["method"], papers["method_paper"]) if p]
     if papers:
         parts += ["", "Methods: " + "; ".join(f"`{m}`: {p}" for m, p in sorted(papers))]
+    parts += ensemble_section(rows)
     parts += ["", "## Models", ""] + [f"- {n}" for n in cost_notes] + ["", costs]
     if plots:
         parts += ["", "Plots: " + ", ".join(f"[{p.stem}]({p.name})" for p in plots)]

@@ -161,6 +161,12 @@ combine = ["mean_probs", "mean_logits"]
     assert kd[0]["teacher_ids"] == ens[0]["teacher_ids"].split("+")[0]  # the same seed-0 teacher, trained once
     md = next((res / "report").glob("table_*.md")).read_text()
     assert "combine=mean_logits" in md and "combine=mean_probs" in md
+    # the two seeds of one architecture are two teachers in the table, never averaged as seeds
+    assert "| method | cifar_resnet8@0 → hinton_mlp_800 | cifar_resnet8@0+cifar_resnet8@1 → hinton_mlp_800 |" in md
+    by_id = {r["run_id"]: r["top1_last"] for r in rows}
+    t0, t1 = (by_id[i] for i in ens[0]["teacher_ids"].split("+"))
+    assert f"| teacher | {t0:.2f} | {t0:.2f} / {t1:.2f} |" in md
+    assert "## Teacher ensembles" in md and f"cifar_resnet8@1 {t1:.2f} | {ens[0]['teacher_ensemble_top1']:.2f} |" in md
 
 
 def test_pad_to_centres_the_images_on_a_black_border():
