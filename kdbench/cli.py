@@ -20,7 +20,7 @@ EXAMPLES = """\
 examples:
   kdbench run --methods all                      # embedded digits suite, every method (~5 min on 2 CPU cores)
   kdbench run --methods kd,fitnets --seeds 0,1,2 --set kd.temperature=8
-  kdbench run --suite hinton_mnist --data-dir ~/data --epochs 10
+  kdbench run --suite hinton-mnist --data-dir ~/data --epochs 10
   kdbench run --dataset cifar100 --download --pairs cifar_resnet32x4:cifar_resnet8x4 --recipe crd
   kdbench run --methods ensemble_kd --pairs cifar_resnet56+cifar_wrn_40_2:cifar_resnet20
   kdbench run --methods my_kd --plugin my_kd.py   # a method in one file, no install
