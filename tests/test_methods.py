@@ -20,7 +20,7 @@ from kdbench import zoo
 from kdbench.engine import freeze
 from kdbench.errors import KdbenchError
 from kdbench.features import FeatureCapture, probe
-from kdbench.method import Batch, Outputs
+from kdbench.method import Batch, Outputs, Probe
 from kdbench.registry import build_method, load_methods, parse_overrides
 
 METHODS = load_methods()
@@ -158,6 +158,35 @@ def test_kd_matches_the_formula():
     q = torch.softmax(s.logits.double() / T, 1)
     expected = 0.9 * (p * (p.log() - q.log())).sum(1).mean() * T * T
     assert terms["kd"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_fitnets_matches_the_formula():
+    """CRD's FitNet term: 100 · mean squared error between ConvReg(student stage 2) and the teacher's."""
+    s, ts, batch = fixed_outputs()
+    method = build_method(METHODS["fitnets"])
+
+    def probe_of(o):
+        return Probe(model="m", num_classes=o.logits.shape[1], stages={2: tuple(o.stages[2].shape[1:])},
+                     pooled=None)
+
+    method.setup(probe_of(s), [probe_of(ts[0])])
+    method.eval()  # BatchNorm with its initial running statistics: an affine map we can write out
+    terms = method(s, ts[:1], batch)
+    conv, bn = method.regressor[0], method.regressor[1]
+    # student 4x4 -> teacher 2x2: ConvReg's 3x3 stride-2 conv, then BN (eval) and ReLU, written out
+    x = s.stages[2].double()
+    w, b = conv.weight.double(), conv.bias.double()
+    y = torch.zeros(x.shape[0], w.shape[0], 2, 2, dtype=torch.double)
+    xp = F.pad(x, (1, 1, 1, 1))
+    for i in range(2):
+        for j in range(2):
+            patch = xp[:, :, 2 * i:2 * i + 3, 2 * j:2 * j + 3]
+            y[:, :, i, j] = torch.einsum("nchw,ochw->no", patch, w) + b
+    y = (y - bn.running_mean.double().view(1, -1, 1, 1)) / torch.sqrt(bn.running_var.double().view(1, -1, 1, 1) + bn.eps)
+    y = torch.relu(y * bn.weight.double().view(1, -1, 1, 1) + bn.bias.double().view(1, -1, 1, 1))
+    expected = 100 * ((y - ts[0].stages[2].double()) ** 2).mean()
+    assert isinstance(conv, torch.nn.Conv2d) and conv.stride == (2, 2) and conv.kernel_size == (3, 3)
+    assert terms["hint"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_rkd_matches_explicit_loops():
