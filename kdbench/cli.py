@@ -275,30 +275,34 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _plan_and_execute(req: Any, args: argparse.Namespace) -> Any:
+    """Plan (printing it), then run what is not in the store yet; None for --dry-run."""
     from .runner import Runner
     from .store import ResultsStore
 
+    p = _plan_and_print(req, args)
+    if args.dry_run:
+        return None
+    store = ResultsStore(req.results_dir)
+    ran, skipped = Runner(req, p, store).execute()
+    print(f"kdbench: {ran} runs finished, {skipped} already done; rows in {store.runs}")
+    return p
+
+
+def cmd_run(args: argparse.Namespace) -> int:
     suite = get_suite(args.suite)
     recipe = get_recipe(args.recipe) if args.recipe else suite.recipe
     if args.epochs:
         recipe = recipe.with_epochs(args.epochs)
     req = build_request(args, suite, dataset=args.dataset or suite.dataset, recipe=recipe)
-    p = _plan_and_print(req, args)
-    if args.dry_run:
+    if _plan_and_execute(req, args) is None:
         return 0
-    store = ResultsStore(req.results_dir)
-    ran, skipped = Runner(req, p, store).execute()
-    print(f"kdbench: {ran} runs finished, {skipped} already done; rows in {store.runs}")
     if not args.no_report:
         return report(req.results_dir, None, "top1_last")
     return 0
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from .runner import Runner
-    from .store import ResultsStore
-
     suite = get_suite(args.suite)
     if suite.reproduce is None:
         raise KdbenchError(f"suite '{suite.name}' has no published numbers to compare with; run it with "
@@ -323,14 +327,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         recipe = recipe.with_epochs(args.epochs)
     dataset = f"synthetic:{suite.dataset}" if args.synthetic else suite.dataset
     req = build_request(args, suite, dataset=dataset, recipe=recipe)
-    if args.pairs is None:
-        req.pairs = list(suite.pairs)
-    p = _plan_and_print(req, args)
-    if args.dry_run:
+    p = _plan_and_execute(req, args)
+    if p is None:
         return 0
-    store = ResultsStore(req.results_dir)
-    ran, skipped = Runner(req, p, store).execute()
-    print(f"kdbench: {ran} runs finished, {skipped} already done; rows in {store.runs}")
     return write_comparison(suite, req, p, args.out or req.results_dir / "reproduce" / suite.name)
 
 
