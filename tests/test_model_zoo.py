@@ -336,3 +336,20 @@ def test_hinton_mlp_dropout_only_in_training() -> None:
     assert not torch.allclose(a, model(x))
     model.eval()
     torch.testing.assert_close(model(x), model(x))
+
+
+def test_list_models_shows_the_reference_params_and_macs(capsys) -> None:
+    """`kdbench list models` counts each zoo model itself; the numbers equal RepDistiller's."""
+    from kdbench.cli import main
+
+    assert main(["list", "models"]) == 0
+    out = capsys.readouterr().out
+    shown = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[1].startswith("cifar_"):
+            shown[parts[0]] = (parts[1], int(parts[2].replace(",", "")), int(parts[3].replace(",", "")))
+    assert set(shown) == set(REF) == set(CRD_TO_TIMM)
+    for crd, (name, params, macs) in shown.items():
+        assert (name, params, macs) == (CRD_TO_TIMM[crd], REF[crd]["params"], REF[crd]["macs_per_image"]), crd
+    assert "hinton_mlp_1200" in out and "2,395,210" in out
