@@ -128,9 +128,14 @@ def plan(req: Request) -> Plan:
     sha = {m: zoo.file_sha256(p) for m, p in checkpoints.items()}
     dev = device.type
     label = dataset_label(info.name, req.limit, req.pad_to)
-    for model in (*req.recipe_by_model, *req.model_kwargs):
+    for model in req.recipe_by_model:
         zoo.check_model_name(model)
         req.recipe_for(model)
+    for model, kwargs in req.model_kwargs.items():
+        try:
+            zoo.create(model, num_classes=info.num_classes, in_chans=info.in_chans, img_size=info.img_size, **kwargs)
+        except TypeError as exc:
+            raise KdbenchError(f"model '{model}' does not take the arguments {kwargs} given for it: {exc}") from None
 
     def teacher_spec(model: str, seed: int) -> TeacherSpec:
         return TeacherSpec(model, label, req.recipe_for(model), seed, dev, sha.get(model, ""), req.limit,
@@ -149,7 +154,7 @@ def plan(req: Request) -> Plan:
                 n = len(pair.teachers)
                 if cls.max_teachers == 0:
                     teachers: tuple[str, ...] = ()
-                    seeds: tuple[int | None, ...] = ()
+                    t_seeds: tuple[int | None, ...] = ()
                 elif n > cls.max_teachers or n < cls.min_teachers:
                     why = f"method '{name}' takes {cls.teachers_taken()}; pair {pair.label} has {n}"
                     if req.strict:
@@ -158,16 +163,16 @@ def plan(req: Request) -> Plan:
                     skipped.append(why)
                     continue
                 else:
-                    teachers, seeds = pair.teachers, pair.teacher_seeds
+                    teachers, t_seeds = pair.teachers, pair.teacher_seeds
                 for method in instances[name]:
                     key = (name, teachers, pair.student)
                     if key not in checked:
                         check_setup(method, teachers, pair.student, data, probes)
                         checked.add(key)
-                    labels = [t if s is None else f"{t}@{s}" for t, s in zip(teachers, seeds)]
+                    labels = [t if s is None else f"{t}@{s}" for t, s in zip(teachers, t_seeds)]
                     spec = RunSpec(
                         method=name, hparams=tuple(sorted(method.config().items())),
-                        teachers=tuple(teacher_spec(t, seed if s is None else s) for t, s in zip(teachers, seeds)),
+                        teachers=tuple(teacher_spec(t, seed if s is None else s) for t, s in zip(teachers, t_seeds)),
                         student=pair.student, dataset=label, recipe=req.recipe_for(pair.student), seed=seed,
                         device=dev, data_limit=req.limit, student_kwargs=req.kwargs_for(pair.student),
                         pair=f"{'+'.join(labels)}→{pair.student}",

@@ -257,3 +257,14 @@ def test_committed_digits_results_keep_their_run_ids():
     p = plan(req)
     ids = {spec.run_id for spec in p.specs} | {t.teacher_id for spec in p.specs for t in spec.teachers}
     assert {r["run_id"] for r in rows} == ids
+
+
+def test_model_arguments_a_model_does_not_take_are_refused_before_training(tmp_path, capsys):
+    from kdbench.cli import main
+
+    path = tmp_path / "kw.toml"
+    path.write_text(GOOD + "[models.cifar_resnet8]\ndropout = 0.5\n")
+    code = main(["run", "--suite", str(path), "--results-dir", str(tmp_path / "res"), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "model 'cifar_resnet8' does not take the arguments {'dropout': 0.5}" in err
+    assert not (tmp_path / "res").exists()
