@@ -74,19 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser(
         "run", help="train and evaluate methods over teacher→student pairs, then write the report",
-        description="Train every (method × pair × seed) of a suite, one results row per finished run. Runs "
-                    "already in the results folder are skipped, so re-running a command resumes it. Teachers "
-                    "without a checkpoint are trained once per (model, dataset, recipe, seed) and cached.",
+        description=textwrap.fill(
+            "Train every (method × pair × seed) of a suite, one results row per finished run. Runs already in the "
+            "results folder are skipped, so re-running a command resumes it. Teachers without a checkpoint are "
+            "trained once per (model, dataset, recipe, seed) and cached.", 88),
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _run_options(run, reproduce=False)
 
     repro = sub.add_parser(
         "reproduce", help="run a suite with published numbers and compare them with kdbench's, cell by cell",
-        description="Run a suite that has published numbers (crd-table1, crd-table2, hinton-mnist; `kdbench list "
-                    "suites`), then write a table per published cell: the paper's value, kdbench's mean ± std over "
-                    "seeds at the same selection rule (last or best epoch) with the other rule beside it, the gap Δ "
-                    "and a verdict within tolerance, plus a published-vs-kdbench plot. Finished runs are reused, so "
-                    "re-running resumes; a shortened schedule or synthetic data is marked in every output.",
+        description=textwrap.fill(
+            "Run a suite that has published numbers (crd-table1, crd-table2, hinton-mnist; `kdbench list suites`), "
+            "then write a table per published cell: the paper's value, kdbench's mean ± std over seeds at the same "
+            "selection rule (last or best epoch) with the other rule beside it, the gap Δ and a verdict within "
+            "tolerance, plus a published-vs-kdbench plot. Finished runs are reused, so re-running resumes; a "
+            "shortened schedule or synthetic data is marked in every output.", 88),
         epilog=REPRODUCE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     repro.add_argument("suite", metavar="SUITE", help="a built-in suite name or a suite .toml file")
     _run_options(repro, reproduce=True)
