@@ -208,15 +208,12 @@ def model_name(name: str) -> str:
         return name  # any other timm model name; the planner checks it exists
 
 
-def build_request(args: argparse.Namespace, suite: Suite, *, dataset: str, recipe: Recipe) -> Any:
+def build_request(args: argparse.Namespace, suite: Suite, *, dataset: str, recipe: Recipe,
+                  pairs: list[Pair]) -> Any:
     """A runner Request from the shared run/reproduce options and a suite's defaults."""
     from .runner import Request
 
     methods = load_methods(args.plugins)
-    if args.pairs:
-        pairs = [Pair.parse(p) for p in _csv(args.pairs)]
-    else:
-        pairs = list(suite.pairs)
     if args.methods is None or args.methods.strip() == "all":
         selected = list(suite.methods) if args.methods is None and suite.methods else None
         strict = False
@@ -234,7 +231,8 @@ def build_request(args: argparse.Namespace, suite: Suite, *, dataset: str, recip
         variants[m] = [{**o, **p[m]} for o in old for p in parsed]  # every combination
     return Request(
         methods=methods, selected=selected, pairs=pairs, dataset=dataset, recipe=recipe,
-        seeds=args.seeds or suite.seeds, overrides=parse_overrides([*suite_sets, *args.sets], methods),
+        seeds=args.seeds or suite.seeds, overrides=parse_overrides(suite_sets, methods),
+        pinned=parse_overrides(args.sets, methods),
         teacher_checkpoints=parse_checkpoints(args.teacher_ckpts, pairs), results_dir=results_dir(args.results_dir),
         data_dir=args.data_dir, download=args.download, limit=args.limit, device=args.device,
         throughput_batch=args.throughput_batch, quiet=args.quiet, strict=strict, variants=variants,
@@ -296,7 +294,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     recipe = get_recipe(args.recipe) if args.recipe else suite.recipe
     if args.epochs:
         recipe = recipe.with_epochs(args.epochs)
-    req = build_request(args, suite, dataset=args.dataset or suite.dataset, recipe=recipe)
+    pairs = [Pair.parse(p) for p in _csv(args.pairs)] if args.pairs else list(suite.pairs)
+    req = build_request(args, suite, dataset=args.dataset or suite.dataset, recipe=recipe, pairs=pairs)
     if _plan_and_execute(req, args) is None:
         return 0
     if not args.no_report:
@@ -310,16 +309,17 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         raise KdbenchError(f"suite '{suite.name}' has no published numbers to compare with; run it with "
                            f"`kdbench run --suite {args.suite}` (suites with numbers: "
                            f"{', '.join(s.name for s in all_suites() if s.reproduce)})")
+    pairs = list(suite.pairs)
     if args.pairs:
-        wanted = [Pair.parse(p) for p in _csv(args.pairs)]
-        wanted = [Pair(tuple(model_name(t) for t in w.teachers), model_name(w.student)) for w in wanted]
+        # A subset of the suite's own pairs, which keep their teacher seeds, methods and hyperparameters.
         by_models = {(p.teachers, p.student): p for p in suite.pairs}
-        for w in wanted:
-            if (w.teachers, w.student) not in by_models:
-                raise KdbenchError(f"pair {w.label} is not in suite '{suite.name}'; its pairs: "
+        pairs = []
+        for w in (Pair.parse(p) for p in _csv(args.pairs)):
+            key = (tuple(model_name(t) for t in w.teachers), model_name(w.student))
+            if key not in by_models:
+                raise KdbenchError(f"pair {'+'.join(key[0])}→{key[1]} is not in suite '{suite.name}'; its pairs: "
                                    f"{', '.join(p.label for p in suite.pairs)}")
-        args.pairs = ",".join(f"{'+'.join(by_models[(w.teachers, w.student)].teacher_labels)}:{w.student}"
-                              for w in wanted)
+            pairs.append(by_models[key])
     if args.epochs and args.epochs_scale:
         raise KdbenchError("give --epochs or --epochs-scale, not both")
     recipe = suite.recipe
@@ -328,7 +328,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     elif args.epochs:
         recipe = recipe.with_epochs(args.epochs)
     dataset = f"synthetic:{suite.dataset}" if args.synthetic else suite.dataset
-    req = build_request(args, suite, dataset=dataset, recipe=recipe)
+    req = build_request(args, suite, dataset=dataset, recipe=recipe, pairs=pairs)
     p = _plan_and_execute(req, args)
     if p is None:
         return 0

@@ -388,7 +388,8 @@ def markdown(table: pd.DataFrame, *, title: str, tolerance: Tolerance,
             parts += [""] + [f"- {_md_escape(n)}" for n in notes]
     if missing:
         listed = ", ".join(f"{m} ({n})" for m, n in missing.items())
-        parts += ["", f"Published cells with no kdbench method: {_md_escape(listed)}."]
+        parts += ["", "Published cells of methods not run here (no kdbench plugin, or not among the methods run): "
+                  f"{_md_escape(listed)}."]
     if ordering_lines:
         parts += ["", "## Ordering (kdbench means)", ""]
         parts += [f"- {_md_escape(line)}" for line in ordering_lines]

@@ -167,15 +167,16 @@ def label_variants(rows: pd.DataFrame) -> pd.DataFrame:
     """Give each hyperparameter setting of a method its own row label: 'kd[temperature=8.0]'.
 
     Runs of one method with different hyperparameters are different experiments, never seeds
-    of one cell. A method run with a single setting keeps its plain name.
+    of one cell. A method run with a single setting per pair keeps its plain name.
     """
     if "hparams" not in rows:
         return rows
     rows = rows.copy()
     for method, group in rows.groupby("method"):
         settings = {h: json.loads(h) for h in group["hparams"].dropna().unique() if isinstance(h, str)}
-        if len(settings) < 2:
-            continue
+        per_pair = group.groupby([group["teachers"].astype(str), group["student"].astype(str)])["hparams"].nunique()
+        if len(settings) < 2 or per_pair.max() < 2:
+            continue  # one setting per pair (a suite may set one per pair, e.g. DKD's beta): no variants
         keys = sorted({k for hp in settings.values() for k in hp})
         differ = [k for k in keys if len({json.dumps(hp.get(k)) for hp in settings.values()}) > 1]
         for text, hp in settings.items():
@@ -512,6 +513,9 @@ def markdown(bench: Benchmark, entries: Sequence[Entry], metric: str,
     if rows["shortened"].any():
         parts += [f"**Shortened schedule** ({schedule_label(rows)}): numbers are not comparable with "
                   "results trained on the full recipe.", ""]
+    if "real_data" in rows and (rows["real_data"] == False).any():  # noqa: E712 (missing counts as real)
+        parts += ["**NOT REAL DATA**: these runs trained on synthetic stand-in images; the numbers only show "
+                  "that the runs work end to end.", ""]
     parts += [main, ""]
     parts += [f"- {n}" for n in main_notes]
     papers = rows[~_is_teacher(rows)].drop_duplicates("method")

@@ -25,7 +25,7 @@ from .errors import KdbenchError, unknown
 from .features import probe
 from .method import Method, Probe, Taps
 from .recipe import Recipe
-from .registry import build_method
+from .registry import build_method, parse_overrides
 from .spec import RunSpec, TeacherSpec
 from .store import ResultsStore, atomic_write
 from .suites import Pair
@@ -58,6 +58,8 @@ class Request:
     recipe_by_model: dict[str, dict[str, Any]] = field(default_factory=dict)  # recipe fields per model
     model_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)     # create_model kwargs per model
     pad_to: int = 0
+    #: Hyperparameters the user set (--set): they win over the suite's, its pairs' and its sweeps'.
+    pinned: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def recipe_for(self, model: str) -> Recipe:
         extra = self.recipe_by_model.get(model)
@@ -99,7 +101,7 @@ def plan(req: Request) -> Plan:
     for name in names:
         if name not in req.methods:
             raise unknown("method", name, req.methods, fix="See `kdbench list methods`.")
-    for name in req.overrides:
+    for name in {**req.overrides, **req.pinned}:
         if name not in names:
             raise KdbenchError(f"--set names method '{name}', which this run does not include "
                                f"(methods: {', '.join(names)})")
@@ -107,8 +109,14 @@ def plan(req: Request) -> Plan:
         if name not in names:
             raise KdbenchError(f"a sweep names method '{name}', which this run does not include "
                                f"(methods: {', '.join(names)})")
-    instances = {n: [build_method(req.methods[n], {**req.overrides.get(n, {}), **v})
-                     for v in req.variants.get(n) or [{}]] for n in names}
+
+    def instances(name: str, pair_hp: dict[str, dict[str, Any]]) -> list[Method]:
+        """One method object per sweep value; suite, then pair, then sweep, then --set values."""
+        return [build_method(req.methods[name], {**req.overrides.get(name, {}), **pair_hp.get(name, {}), **v,
+                                                 **req.pinned.get(name, {})})
+                for v in req.variants.get(name) or [{}]]
+
+    plain = {n: instances(n, {}) for n in names}  # checks every value before any data is loaded
     for pair in req.pairs:
         for model in (*pair.teachers, pair.student):
             zoo.check_model_name(model)
@@ -145,8 +153,10 @@ def plan(req: Request) -> Plan:
     skipped: list[str] = []
     probes: dict[tuple[str, Taps], Probe] = {}
     checked: set[tuple] = set()
+    pair_hps = {p: parse_overrides([f"{k}={v}" for k, v in p.hparams], req.methods) for p in req.pairs if p.hparams}
     for seed in req.seeds:
         for pair in req.pairs:
+            pair_hp = pair_hps.get(pair, {})
             for name in names:
                 if pair.methods and name not in pair.methods:
                     continue  # the suite runs this method on its other pairs only
@@ -164,7 +174,7 @@ def plan(req: Request) -> Plan:
                     continue
                 else:
                     teachers, t_seeds = pair.teachers, pair.teacher_seeds
-                for method in instances[name]:
+                for method in (instances(name, pair_hp) if name in pair_hp else plain[name]):
                     key = (name, teachers, pair.student)
                     if key not in checked:
                         check_setup(method, teachers, pair.student, data, probes)

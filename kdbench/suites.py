@@ -34,6 +34,8 @@ class Pair:
     student: str
     teacher_seeds: tuple[int | None, ...] = ()
     methods: tuple[str, ...] = ()  # only these methods run on this pair (a suite's choice; () = all)
+    #: Hyperparameters for this pair only, as ``(method.name, value)`` (e.g. DKD's β per pair).
+    hparams: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.teacher_seeds:
@@ -164,12 +166,14 @@ def _pair_item(item: Any, where: str) -> Pair:
         if isinstance(item, str):
             return Pair.parse(item)
         _expect(item, dict, "pairs item", where)
-        _check_keys(item, {"pair", "methods"}, f"{where} pairs item")
+        _check_keys(item, {"pair", "methods", "hparams"}, f"{where} pairs item")
         pair = Pair.parse(_expect(item.get("pair", ""), str, "pair", where))
     except KdbenchError as exc:
         raise KdbenchError(f"{where}: {exc}" if where not in str(exc) else str(exc)) from None
     methods = tuple(_expect(m, str, "methods item", where) for m in _expect(item.get("methods", []), list, "methods", where))
-    return Pair(pair.teachers, pair.student, pair.teacher_seeds, methods)
+    hparams = tuple((f"{m}.{k}", _override_text(v)) for m, hp in _expect(item.get("hparams", {}), dict, "hparams", where).items()
+                    for k, v in _expect(hp, dict, f"hparams.{m}", where).items())
+    return Pair(pair.teachers, pair.student, pair.teacher_seeds, methods, hparams)
 
 
 def _published_file(name: str, suite_path: Path, where: str) -> Path:

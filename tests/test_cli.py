@@ -34,8 +34,8 @@ def test_end_to_end_run_report_and_resume(tmp_path):
     rows = [json.loads(p.read_text()) for p in sorted((results / "runs").glob("*.json"))]
     students = [r for r in rows if r["kind"] == "student"]
     teachers = [r for r in rows if r["kind"] == "teacher"]
-    # ce once (it serves both pairs), kd/fitnets/rkd on the single-teacher pair, ensemble_kd on both.
-    assert sorted(r["method"] for r in students) == ["ce", "ensemble_kd", "ensemble_kd", "fitnets", "kd", "rkd"]
+    # ce once (it serves both pairs), dkd/kd/fitnets/rkd on the single-teacher pair, ensemble_kd on both.
+    assert sorted(r["method"] for r in students) == ["ce", "dkd", "ensemble_kd", "ensemble_kd", "fitnets", "kd", "rkd"]
     assert sorted(r["student"] for r in teachers) == ["cifar_resnet8", "hinton_mlp_1200"]
     assert "left out: method 'kd' takes 1 teacher; pair hinton_mlp_1200+cifar_resnet8→hinton_mlp_800 has 2" in proc.stdout
     for r in students:

@@ -189,6 +189,34 @@ def test_fitnets_matches_the_formula():
     assert terms["hint"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_dkd_matches_the_papers_definition():
+    """TCKD and NCKD written out per sample (Zhao et al. 2022, eq. 1-7), ramped in over the warm-up."""
+    s, ts, _ = fixed_outputs(n=6, classes=5)
+    labels = torch.tensor([0, 1, 2, 3, 4, 1])
+    method = build_method(METHODS["dkd"], {"beta": 6.0})
+    T = 4.0
+    tckd, nckd = 0.0, 0.0
+    for i, y in enumerate(labels.tolist()):
+        p_s = torch.softmax(s.logits[i].double() / T, 0)
+        p_t = torch.softmax(ts[0].logits[i].double() / T, 0)
+        b_s = torch.stack([p_s[y], 1 - p_s[y]])
+        b_t = torch.stack([p_t[y], 1 - p_t[y]])
+        tckd += float((b_t * (b_t / b_s).log()).sum())
+        keep = [j for j in range(5) if j != y]
+        q_s = torch.softmax(s.logits[i, keep].double() / T, 0)
+        q_t = torch.softmax(ts[0].logits[i, keep].double() / T, 0)
+        nckd += float((q_t * (q_t / q_s).log()).sum())
+    tckd, nckd = tckd / 6 * T * T, nckd / 6 * T * T
+    for epoch, ramp in [(4, 0.25), (19, 1.0), (100, 1.0)]:
+        terms = method(s, ts[:1], Batch(torch.zeros(6, 1, 8, 8), labels, epoch, 240))
+        assert terms["tckd"].item() == pytest.approx(ramp * 1.0 * tckd, rel=1e-5)
+        assert terms["nckd"].item() == pytest.approx(ramp * 6.0 * nckd, rel=1e-5)
+    # DKD with alpha = beta = 1 and no ramp is not KD: KD couples the two terms by p_target
+    plain = build_method(METHODS["dkd"], {"beta": 1.0, "warmup": 0})(s, ts[:1], Batch(torch.zeros(6, 1, 8, 8), labels, 0, 1))
+    kd = build_method(METHODS["kd"], {"kd_weight": 1.0})(s, ts[:1], Batch(torch.zeros(6, 1, 8, 8), labels, 0, 1))
+    assert sum(plain.values()).item() != pytest.approx(kd["kd"].item(), rel=1e-3)
+
+
 def test_rkd_matches_explicit_loops():
     s, ts, batch = fixed_outputs(n=5)
     terms = build_method(METHODS["rkd"])(s, ts[:1], batch)

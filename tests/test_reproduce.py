@@ -77,6 +77,21 @@ def test_subset_of_pairs_by_crd_name_and_methods(tmp_path, capsys):
     assert set(table.loc[table["method"].isin(["fitnets", "rkd"]), "verdict"]) == {"not run"}
 
 
+def test_a_pair_subset_keeps_the_pairs_own_hyperparameters(tmp_path, capsys):
+    """DKD's beta is set per pair in its suite; --pairs must not lose it (nor --set lose to it)."""
+    res = tmp_path / "res"
+    code, _, err = run_cli(["reproduce", "dkd-cifar100", *FAST, "--pairs", "resnet56:resnet20", "--methods", "dkd",
+                            "--results-dir", str(res)], capsys)
+    assert code == 0, err
+    (row,) = [r for r in rows_of(res) if r["method"] == "dkd"]
+    assert (row["hp.beta"], row["hp.warmup"], row["pair"]) == (2.0, 20, "cifar_resnet56→cifar_resnet20")
+    code, _, err = run_cli(["reproduce", "dkd-cifar100", *FAST, "--pairs", "resnet56:resnet20", "--methods", "dkd",
+                            "--set", "dkd.beta=3", "--results-dir", str(tmp_path / "res2")], capsys)
+    assert code == 0, err
+    (row,) = [r for r in rows_of(tmp_path / "res2") if r["method"] == "dkd"]
+    assert row["hp.beta"] == 3.0  # the user's --set wins over the suite's per-pair value
+
+
 def test_dry_run_estimates_time_and_trains_nothing(tmp_path, capsys):
     res = tmp_path / "res"
     code, out, err = run_cli(["reproduce", "crd-table1", "--synthetic", "--epochs-scale", "0.1", "--pairs",

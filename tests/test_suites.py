@@ -38,8 +38,8 @@ def pairs_of(rows: list[dict[str, str]]) -> set[tuple[tuple[str, ...], str]]:
 
 def test_builtin_suites_are_the_installed_files():
     assert builtin_dir().resolve() == SUITES_DIR.resolve()
-    assert builtin_names() == ["crd-table1", "crd-table2", "digits", "ensemble-mnist", "fashion-mnist",
-                               "hinton-mnist"]
+    assert builtin_names() == ["crd-table1", "crd-table2", "digits", "dkd-cifar100", "ensemble-mnist",
+                               "fashion-mnist", "hinton-mnist"]
     for suite in all_suites():
         assert suite.name == suite.path.stem
         for pair in suite.pairs:
@@ -81,6 +81,21 @@ def test_table1_kd_cells_also_carry_dkd_best_epoch_numbers():
     assert len(kd) == 6 and {c["selection"] for c in cells} == {"best"}
     assert kd[("cifar_resnet32x4", "cifar_resnet8x4")]["value"] == 73.33
     assert all(c["note"] == "mean of 5 runs" for c in cells)
+
+
+def test_dkd_suite_has_the_papers_pairs_and_betas():
+    s = get_suite("dkd-cifar100")
+    cells = read_published(s, timm_name)
+    assert {(c["teachers"], c["student"]) for c in cells} == {(p.teachers, p.student) for p in s.pairs}
+    assert len(s.pairs) == 6 and s.seeds == (0, 1, 2, 3, 4) and s.methods == ("kd", "dkd")
+    assert {c["selection"] for c in cells} == {"best"} and len(cells) == 12
+    beta = {(p.teachers[0], p.student): dict(p.hparams)["dkd.beta"] for p in s.pairs}
+    assert beta == {("cifar_resnet56", "cifar_resnet20"): "2.0", ("cifar_resnet110", "cifar_resnet32"): "2.0",
+                    ("cifar_resnet32x4", "cifar_resnet8x4"): "8.0", ("cifar_wrn_40_2", "cifar_wrn_16_2"): "6.0",
+                    ("cifar_wrn_40_2", "cifar_wrn_40_1"): "6.0", ("cifar_vgg13", "cifar_vgg8"): "6.0"}
+    dkd = suite_methods("dkd-cifar100")["dkd"].config()
+    assert (dkd["ce_weight"], dkd["alpha"], dkd["temperature"], dkd["warmup"]) == (1.0, 1.0, 4.0, 20)
+    assert s.recipe == get_suite("crd-table1").recipe
 
 
 def test_crd_protocol_recipe_and_lr_exceptions():
@@ -256,7 +271,10 @@ def test_committed_digits_results_keep_their_run_ids():
                   seeds=s.seeds, device="cpu", strict=False)
     p = plan(req)
     ids = {spec.run_id for spec in p.specs} | {t.teacher_id for spec in p.specs for t in spec.teachers}
-    assert {r["run_id"] for r in rows} == ids
+    stored = {r["run_id"] for r in rows}
+    assert stored <= ids  # every stored run is still the same run; a re-run skips it
+    new = {spec.method for spec in p.specs if spec.run_id not in stored}
+    assert new <= {"dkd"}  # only methods added after those results were written are still to run
 
 
 def test_model_arguments_a_model_does_not_take_are_refused_before_training(tmp_path, capsys):
