@@ -81,7 +81,10 @@ class Recipe:
             out[key] = _typed(value, getattr(self, key), f"{where}: recipe field '{key}'")
         if "epochs" in out and "full_epochs" not in out:
             out["full_epochs"] = out["epochs"]  # a new length, not a shortened run of the old one
-        return replace(self, **out)
+        try:
+            return replace(self, **out)
+        except KdbenchError as exc:  # a value out of range
+            raise KdbenchError(f"{where}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

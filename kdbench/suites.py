@@ -161,7 +161,8 @@ def _expect(value: Any, kind: type | tuple[type, ...], what: str, where: str) ->
 
 
 def _pair_item(item: Any, where: str) -> Pair:
-    """A pairs entry: "T:S", or a table { pair = "T:S", methods = [...] } restricting the methods."""
+    """A pairs entry: "T:S", or a table { pair = "T:S", methods = [...], hparams = {...} } with this
+    pair's own methods and hyperparameters."""
     try:
         if isinstance(item, str):
             return Pair.parse(item)
@@ -203,7 +204,10 @@ def parse_suite(data: Mapping[str, Any], path: Path) -> Suite:
             raise KdbenchError(f"{where}: missing required key '{key}'")
     name = _expect(data["name"], str, "name", where)
     recipe_table = dict(_expect(data["recipe"], dict, "recipe", where))
-    base = get_recipe(_expect(recipe_table.pop("base", ""), str, "recipe.base", where) or "crd")
+    try:
+        base = get_recipe(_expect(recipe_table.pop("base", ""), str, "recipe.base", where) or "crd")
+    except KdbenchError as exc:
+        raise KdbenchError(f"{where} [recipe] base: {exc}") from None
     by_model = _expect(recipe_table.pop("by_model", {}), dict, "recipe.by_model", where)
     recipe = base.with_overrides(recipe_table, f"{where} [recipe]") if recipe_table else base
     for model, extra in by_model.items():
