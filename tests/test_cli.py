@@ -71,7 +71,7 @@ def test_end_to_end_run_report_and_resume(tmp_path):
     before = {p.name: p.read_text() for p in (results / "runs").glob("*.json")}
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
-    assert "0 runs finished, 6 already done" in again.stdout
+    assert "0 runs finished, 7 already done" in again.stdout
     assert {p.name: p.read_text() for p in (results / "runs").glob("*.json")} == before
 
 
