@@ -296,49 +296,43 @@ def _download_failed(name: str, root: Path, err: BaseException) -> str:
     )
 
 
-# The normalisation constants are the published ones (CIFAR's as used by the CRD protocol),
-# not recomputed, so results stay comparable with the literature.
+@dataclass(frozen=True)
+class TorchvisionSet:
+    """A torchvision dataset kdbench reads: its class, a file whose absence means "not there", its shape."""
+
+    cls_name: str
+    probe: str
+    in_chans: int
+    side: int
+    num_classes: int
+    # The published normalisation constants (CIFAR's as used by the CRD protocol), not
+    # recomputed, so results stay comparable with the literature.
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+TORCHVISION_SETS: dict[str, TorchvisionSet] = {
+    "mnist": TorchvisionSet("MNIST", "MNIST/raw/train-images-idx3-ubyte", 1, 28, 10, (0.1307,), (0.3081,)),
+    "fashion_mnist": TorchvisionSet("FashionMNIST", "FashionMNIST/raw/train-images-idx3-ubyte", 1, 28, 10,
+                                    (0.2860,), (0.3530,)),
+    "cifar10": TorchvisionSet("CIFAR10", "cifar-10-batches-py/data_batch_1", 3, 32, 10,
+                              (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": TorchvisionSet("CIFAR100", "cifar-100-python/train", 3, 32, 100,
+                               (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+}
 NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "mnist": ((0.1307,), (0.3081,)),
-    "fashion_mnist": ((0.2860,), (0.3530,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    name: (t.mean, t.std) for name, t in TORCHVISION_SETS.items()
 }
 
 
-def _load_mnist(data_dir: DataDir, download: bool) -> DataSplits:
-    """MNIST, 60,000/10,000 28×28 grey digits."""
-    return _load_torchvision(
-        data_dir, download, name="mnist", cls_name="MNIST",
-        probe="MNIST/raw/train-images-idx3-ubyte", mean=NORMALISATION["mnist"][0], std=NORMALISATION["mnist"][1],
-    )  # fmt: skip
+def _torchvision_loader(name: str) -> DatasetLoader:
+    t = TORCHVISION_SETS[name]
 
+    def load(data_dir: DataDir, download: bool) -> DataSplits:
+        return _load_torchvision(data_dir, download, name=name, cls_name=t.cls_name, probe=t.probe,
+                                 mean=t.mean, std=t.std)
 
-def _load_fashion_mnist(data_dir: DataDir, download: bool) -> DataSplits:
-    """Fashion-MNIST, 60,000/10,000 28×28 grey clothing images."""
-    return _load_torchvision(
-        data_dir, download, name="fashion_mnist", cls_name="FashionMNIST",
-        probe="FashionMNIST/raw/train-images-idx3-ubyte",
-        mean=NORMALISATION["fashion_mnist"][0], std=NORMALISATION["fashion_mnist"][1],
-    )  # fmt: skip
-
-
-def _load_cifar10(data_dir: DataDir, download: bool) -> DataSplits:
-    """CIFAR-10, 50,000/10,000 32×32 colour images, 10 classes."""
-    return _load_torchvision(
-        data_dir, download, name="cifar10", cls_name="CIFAR10",
-        probe="cifar-10-batches-py/data_batch_1",
-        mean=NORMALISATION["cifar10"][0], std=NORMALISATION["cifar10"][1],
-    )  # fmt: skip
-
-
-def _load_cifar100(data_dir: DataDir, download: bool) -> DataSplits:
-    """CIFAR-100, 50,000/10,000 32×32 colour images, 100 classes."""
-    return _load_torchvision(
-        data_dir, download, name="cifar100", cls_name="CIFAR100",
-        probe="cifar-100-python/train",
-        mean=NORMALISATION["cifar100"][0], std=NORMALISATION["cifar100"][1],
-    )  # fmt: skip
+    return load
 
 
 # ----------------------------------------------------------------------------- synthetic stand-ins
@@ -348,8 +342,7 @@ SYNTHETIC_TRAIN, SYNTHETIC_TEST = 512, 256
 # (channels, side, classes, mean, std) of the datasets a synthetic stand-in can mimic.
 _SHAPES: dict[str, tuple[int, int, int, tuple[float, ...], tuple[float, ...]]] = {
     "digits": (1, 8, 10, (0.5,), (0.5,)),
-    **{name: (c, side, k, *NORMALISATION[name]) for name, (c, side, k) in
-       {"mnist": (1, 28, 10), "fashion_mnist": (1, 28, 10), "cifar10": (3, 32, 10), "cifar100": (3, 32, 100)}.items()},
+    **{name: (t.in_chans, t.side, t.num_classes, t.mean, t.std) for name, t in TORCHVISION_SETS.items()},
 }
 
 
@@ -398,10 +391,7 @@ def pad_images(splits: DataSplits, size: int) -> DataSplits:
 
 DATASETS: dict[str, DatasetLoader] = {
     "digits": _load_digits,
-    "mnist": _load_mnist,
-    "fashion_mnist": _load_fashion_mnist,
-    "cifar10": _load_cifar10,
-    "cifar100": _load_cifar100,
+    **{name: _torchvision_loader(name) for name in TORCHVISION_SETS},
 }
 
 
