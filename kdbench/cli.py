@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import KdbenchError
+from .errors import KdbenchError, unknown
+from .provenance import command_line
 from .recipe import RECIPES, Recipe, get_recipe
 from .registry import load_methods, parse_overrides
 from .suites import Pair, Suite, all_suites, get_suite, read_published
@@ -155,6 +156,38 @@ def _run_options(parser: argparse.ArgumentParser, *, reproduce: bool) -> None:
         train.add_argument("--epochs-scale", type=_fraction, metavar="F", help="train for F × the recipe's epochs "
                            "(e.g. 0.1: 24 of CRD's 240), at least 1; labelled 'shortened' everywhere")
     train.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu or cuda[:N]")
+    ex = parser.add_argument_group(
+        "where runs happen", "Every executor writes into the same results folder (shared by all machines), skips "
+        "finished runs and resumes interrupted ones from their last epoch checkpoint.")
+    ex.add_argument("--executor", default="local", metavar="NAME", help="local (default: here, one run after another, "
+                    "or one worker per GPU with --gpus), ray (a Ray cluster), slurm (a job array through submitit)")
+    ex.add_argument("--gpus", metavar="LIST", help="local: one worker process per GPU, e.g. 0,1,2,3 or 'all'")
+    ex.add_argument("--workers", type=_positive, default=0, metavar="N",
+                    help="local: N worker processes on this machine (CPU runs in parallel)")
+    ex.add_argument("--gpus-per-run", type=_nonnegative_float, default=None, metavar="F", help="ray/slurm: GPUs each "
+                    "run asks for; a fraction packs small runs onto one GPU (ray, e.g. 0.25). Default 1 with a GPU "
+                    "device, else 0")
+    ex.add_argument("--cpus-per-run", type=_nonnegative_float, default=1.0, metavar="N",
+                    help="ray/slurm: CPU cores each run asks for (default 1)")
+    ex.add_argument("--max-retries", type=_nonnegative_int, default=2, metavar="N",
+                    help="ray: tries after the first before a failing run is reported (default 2)")
+    ex.add_argument("--ray-address", metavar="ADDR", help="ray: an existing cluster ('auto', or HOST:PORT); "
+                    "default: start a local one")
+    ex.add_argument("--env", dest="env", action="append", default=[], metavar="NAME[=VALUE]",
+                    help="ray/slurm: an environment variable the runs need (KDBENCH_* ones always travel)")
+    ex.add_argument("--slurm-partition", metavar="NAME", help="slurm: partition to submit to")
+    ex.add_argument("--slurm-max-concurrent", type=_positive, default=None, metavar="N",
+                    help="slurm: at most N jobs of the array run at once")
+    ex.add_argument("--slurm-time", type=_positive, default=240, metavar="MIN",
+                    help="slurm: time limit per job in minutes (default 240); a job that hits it is requeued and "
+                    "resumes")
+    ex.add_argument("--slurm-mem", type=_positive, default=None, metavar="GB", help="slurm: memory per job in GB")
+    ex.add_argument("--slurm-account", metavar="NAME", help="slurm: account to charge")
+    ex.add_argument("--slurm-qos", metavar="NAME", help="slurm: quality of service")
+    ex.add_argument("--slurm-folder", type=Path, metavar="DIR",
+                    help="slurm: where submitit keeps job scripts and logs (default RESULTS_DIR/slurm)")
+    ex.add_argument("--slurm-extra", action="append", default=[], metavar="KEY=VALUE",
+                    help="slurm: any other sbatch option, e.g. --slurm-extra constraint=h100 (repeatable)")
     out = parser.add_argument_group("output")
     out.add_argument("--results-dir", type=Path, default=None, help="results folder (default: $KDBENCH_RESULTS, "
                      "else ./kdbench-results)")
@@ -168,6 +201,26 @@ def _run_options(parser: argparse.ArgumentParser, *, reproduce: bool) -> None:
     out.add_argument("--dry-run", action="store_true", help="check everything and list the runs with an estimate "
                      "of their time on this device (from a few timed training steps); train nothing")
     out.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number like 0.25, got '{text}'") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return v
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {v}")
+    return v
 
 
 def _fraction(text: str) -> float:
@@ -239,6 +292,7 @@ def build_request(args: argparse.Namespace, suite: Suite, *, dataset: str, recip
         recipe_by_model={k: dict(v) for k, v in suite.recipe_by_model.items()},
         model_kwargs={k: dict(v) for k, v in suite.model_kwargs.items()},
         pad_to=suite.pad_to if args.pad_to is None else args.pad_to,
+        plugins=tuple(str(Path(f).resolve()) for f in args.plugins), command=command_line(),
     )
 
 
@@ -275,18 +329,95 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _plan_and_execute(req: Any, args: argparse.Namespace) -> Any:
-    """Plan (printing it), then run what is not in the store yet; None for --dry-run."""
+EXECUTORS = ("local", "ray", "slurm")
+
+
+def build_executor(args: argparse.Namespace, req: Any, device: Any) -> Any:
+    """The executor the options ask for; None means here, in this process (the default)."""
+    name = args.executor
+    if name not in EXECUTORS:
+        raise unknown("executor", name, EXECUTORS, fix="See `kdbench run --help`, section 'where runs happen'.")
+    env = _env_vars(args.env)
+    gpus_per_run = args.gpus_per_run if args.gpus_per_run is not None else (1.0 if device.type == "cuda" else 0.0)
+    if name == "local":
+        if args.gpus and args.workers:
+            raise KdbenchError("give --gpus or --workers, not both (--gpus starts one worker per GPU)")
+        if args.gpus:
+            import torch
+
+            gpus = ([str(i) for i in range(torch.cuda.device_count())] if args.gpus.strip() == "all"
+                    else _csv(args.gpus))
+            if not gpus:
+                raise KdbenchError("--gpus all: torch sees no CUDA GPU on this machine; drop --gpus")
+            from .executors.local import LocalExecutor
+            return LocalExecutor(gpus=gpus)
+        if args.workers > 1:
+            from .executors.local import LocalExecutor
+            return LocalExecutor(workers=args.workers)
+        return None
+    if name == "ray":
+        from .executors.ray_executor import RayExecutor
+
+        return RayExecutor(address=args.ray_address, gpus_per_run=gpus_per_run, cpus_per_run=args.cpus_per_run,
+                           max_retries=args.max_retries, env=env)
+    from .executors.slurm_executor import SlurmExecutor
+
+    extra = {}
+    for item in args.slurm_extra:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise KdbenchError(f"--slurm-extra '{item}': write KEY=VALUE, e.g. constraint=h100")
+        extra[key] = value
+    return SlurmExecutor(folder=args.slurm_folder or Path(req.results_dir).resolve() / "slurm", cluster="slurm",
+                         partition=args.slurm_partition, max_concurrent=args.slurm_max_concurrent,
+                         time_min=args.slurm_time, gpus_per_run=gpus_per_run, cpus_per_run=args.cpus_per_run,
+                         mem_gb=args.slurm_mem, account=args.slurm_account, qos=args.slurm_qos, extra=extra, env=env)
+
+
+def _env_vars(items: Sequence[str]) -> dict[str, str]:
+    from .executors.base import worker_env
+
+    env = worker_env()
+    for item in items:
+        name, sep, value = item.partition("=")
+        if sep:
+            env[name] = value
+        elif name in os.environ:
+            env[name] = os.environ[name]
+        else:
+            raise KdbenchError(f"--env {name}: no such variable in this shell; export it or write --env {name}=VALUE")
+    return env
+
+
+def _plan_and_execute(req: Any, args: argparse.Namespace) -> tuple[Any, int]:
+    """Plan (printing it), then run what is not in the store yet; (plan, exit code), plan None for --dry-run."""
     from .runner import Runner
     from .store import ResultsStore
 
+    store = ResultsStore(req.results_dir)
+    if args.executor not in EXECUTORS:
+        raise unknown("executor", args.executor, EXECUTORS, fix="See `kdbench run --help`, section 'where runs happen'.")
     p = _plan_and_print(req, args)
     if args.dry_run:
-        return None
-    store = ResultsStore(req.results_dir)
-    ran, skipped = Runner(req, p, store).execute()
-    print(f"kdbench: {ran} runs finished, {skipped} already done; rows in {store.runs}")
-    return p
+        return None, 0
+    store.check_writable()  # after the checks of the plan, before anything trains
+    executor = build_executor(args, req, p.device)
+    try:
+        sweep = Runner(req, p, store).execute(executor)
+    finally:
+        if executor is not None:
+            executor.close()
+    bad = sweep.unfinished
+    print(f"kdbench: {sweep.ran} runs finished, {sweep.skipped} already done"
+          + (f", {len(bad)} not finished" if bad else "") + f"; rows in {store.runs}")
+    for o in bad:
+        where = store.error_path(o.run_id)
+        print(f"  not finished: {o.label}: {o.status}" + (f": {o.error.strip().splitlines()[-1]}" if o.error else "")
+              + (f" (traceback: {where})" if where.is_file() else ""), file=sys.stderr)
+    if bad:
+        print("kdbench: re-run the same command to retry the runs that did not finish; finished ones are kept",
+              file=sys.stderr)
+    return p, 1 if bad else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -296,11 +427,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         recipe = recipe.with_epochs(args.epochs)
     pairs = [Pair.parse(p) for p in _csv(args.pairs)] if args.pairs else list(suite.pairs)
     req = build_request(args, suite, dataset=args.dataset or suite.dataset, recipe=recipe, pairs=pairs)
-    if _plan_and_execute(req, args) is None:
-        return 0
+    p, rc = _plan_and_execute(req, args)
+    if p is None:
+        return rc
     if not args.no_report:
-        return report(req.results_dir, None, "top1_last")
-    return 0
+        return report(req.results_dir, None, "top1_last") or rc
+    return rc
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
@@ -329,10 +461,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         recipe = recipe.with_epochs(args.epochs)
     dataset = f"synthetic:{suite.dataset}" if args.synthetic else suite.dataset
     req = build_request(args, suite, dataset=dataset, recipe=recipe, pairs=pairs)
-    p = _plan_and_execute(req, args)
+    p, rc = _plan_and_execute(req, args)
     if p is None:
-        return 0
-    return write_comparison(suite, req, p, args.out or req.results_dir / "reproduce" / suite.name)
+        return rc
+    return write_comparison(suite, req, p, args.out or req.results_dir / "reproduce" / suite.name) or rc
 
 
 def suite_file(suite: Suite) -> str:
@@ -458,7 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_list(args)
     except KdbenchError as exc:
         print(f"kdbench: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("kdbench: interrupted; finished runs are kept, re-run the same command to resume", file=sys.stderr)
         return 130

@@ -9,7 +9,9 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,8 @@ from .features import FeatureCapture
 from .method import Batch, Method, Taps
 from .metrics import topk_accuracy
 from .recipe import Recipe
+from .store import atomic_write, warn
+from .zoo import load_fitting
 
 
 @dataclass
@@ -41,6 +45,8 @@ class TrainResult:
     best_top5: float = 0.0
     train_time_s: float = 0.0  # wall time of the training steps, evaluation excluded
     eval_time_s: float = 0.0
+    resumed_from: int = 0  # the epoch training resumed at from a checkpoint (0: it started fresh)
+    checkpoint_time_s: float = 0.0  # writing epoch checkpoints, excluded from train_time_s
 
     @property
     def last(self) -> EpochLog:
@@ -97,6 +103,59 @@ def apply_max_norm(model: nn.Module, max_norm: float) -> None:
             p.copy_(torch.renorm(p, 2, 0, max_norm))
 
 
+class Diverged(KdbenchError):
+    """A loss term became NaN or infinite: the run ends with status "diverged", the sweep goes on."""
+
+    def __init__(self, message: str, epoch: int, result: TrainResult) -> None:
+        super().__init__(message)
+        self.epoch, self.result = epoch, result
+
+
+_CKPT_VERSION = 1
+
+
+def save_state(path: Path, *, key: str, epoch: int, model: nn.Module, method: Method | None,
+               opt: torch.optim.Optimizer, sched: Any, gen: torch.Generator, result: TrainResult) -> None:
+    """Everything the next epoch depends on, written atomically: weights, method state (adapters),
+    optimizer momentum, schedule, the data-order generator and torch's global RNG (dropout)."""
+    state = {
+        "version": _CKPT_VERSION, "key": key, "next_epoch": epoch + 1,
+        "model": model.state_dict(), "method": method.state_dict() if method is not None else {},
+        "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "result": {**asdict(result), "history": [asdict(h) for h in result.history]},
+    }
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_state(path: Path, *, key: str, model: nn.Module, method: Method | None, opt: torch.optim.Optimizer,
+               sched: Any, gen: torch.Generator, model_name: str) -> tuple[int, TrainResult] | None:
+    """Restore a checkpoint written by :func:`save_state`; None (with a warning) when it is damaged
+    or belongs to another run, so training starts over instead of failing."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("version") != _CKPT_VERSION or state.get("key") != key:
+            warn(f"ignoring checkpoint {path}: it belongs to another run or kdbench version; starting the run over")
+            return None
+    except Exception as exc:  # a truncated or garbled file: any unpickling error
+        warn(f"ignoring damaged checkpoint {path} ({type(exc).__name__}: {str(exc)[:120]}); starting the run over")
+        return None
+    # Weights that do not fit the architecture name the keys instead of loading partially.
+    load_fitting(model, state["model"], f"resume checkpoint '{path}'", model_name)
+    if method is not None:
+        load_fitting(method, state["method"], f"resume checkpoint '{path}' (method state)", method.name)
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    gen.set_state(state["gen"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    r = dict(state["result"])
+    r["history"] = [EpochLog(**h) for h in r["history"]]
+    return state["next_epoch"], TrainResult(**r)
+
+
 def check_terms(terms: dict[str, Tensor], who: str) -> None:
     for name, value in terms.items():
         if not isinstance(value, Tensor) or value.dim() != 0:
@@ -116,11 +175,15 @@ def train(
     teacher_names: Sequence[str] = (),
     model_name: str = "",
     progress: object | None = None,
+    state_path: Path | None = None,
+    state_key: str = "",
 ) -> TrainResult:
     """Train ``model`` on ``data`` with ``recipe``; distil from ``teachers`` through ``method``.
 
     With no method, the model trains on cross-entropy alone (how kdbench trains teachers).
-    ``progress`` is a tqdm bar advanced once per epoch, or None.
+    ``progress`` is a tqdm bar advanced once per epoch, or None. With ``state_path``, every epoch
+    ends with a checkpoint there, and an existing checkpoint (for ``state_key``, the run id) is
+    resumed: the result equals an uninterrupted run's, bit for bit on the CPU.
     """
     device = data.train_images.device
     if device.type == "cpu":
@@ -142,8 +205,17 @@ def train(
                     generator=gen, crop_padding=recipe.crop_padding, flip=recipe.flip)
     who = f"method '{method.name}'" if method is not None else "training"
     result = TrainResult()
-    start = time.perf_counter()
-    for epoch in range(recipe.epochs):
+    first = 0
+    if state_path is not None and state_path.is_file():
+        resumed = load_state(state_path, key=state_key, model=model, method=method, opt=opt, sched=sched, gen=gen,
+                             model_name=model_name)
+        if resumed is not None:
+            first, result = resumed
+            result.resumed_from = first
+            if progress is not None:
+                progress.update(first)
+    start = time.perf_counter() - result.train_time_s - result.eval_time_s - result.checkpoint_time_s
+    for epoch in range(first, recipe.epochs):
         model.train()
         if method is not None:
             method.train()
@@ -181,8 +253,9 @@ def train(
         losses = {k: float(v) / steps for k, v in sums.items()}
         bad = [k for k, v in losses.items() if not math.isfinite(v)]
         if bad:
-            raise KdbenchError(f"{who}: loss term(s) {', '.join(bad)} became non-finite at epoch {epoch}; "
-                               "lower the learning rate or the term's weight")
+            result.train_time_s = time.perf_counter() - start - result.eval_time_s - result.checkpoint_time_s
+            raise Diverged(f"{who}: loss term(s) {', '.join(bad)} became non-finite at epoch {epoch}; "
+                           "lower the learning rate or the term's weight", epoch, result)
         lr = opt.param_groups[0]["lr"]
         sched.step()
         t_eval = time.perf_counter()
@@ -192,8 +265,14 @@ def train(
             result.best_epoch, result.best_top1, result.best_top5 = epoch, top1, top5
         result.test_logits = logits
         result.eval_time_s += time.perf_counter() - t_eval
+        if state_path is not None:
+            result.train_time_s = time.perf_counter() - start - result.eval_time_s - result.checkpoint_time_s
+            t_save = time.perf_counter()
+            save_state(state_path, key=state_key, epoch=epoch, model=model, method=method, opt=opt, sched=sched,
+                       gen=gen, result=result)
+            result.checkpoint_time_s += time.perf_counter() - t_save
         if progress is not None:
             progress.set_postfix(loss=f"{sum(losses.values()):.3f}", top1=f"{top1:.2f}", refresh=False)
             progress.update(1)
-    result.train_time_s = time.perf_counter() - start - result.eval_time_s
+    result.train_time_s = time.perf_counter() - start - result.eval_time_s - result.checkpoint_time_s
     return result

@@ -9,6 +9,14 @@ from collections.abc import Iterable
 class KdbenchError(Exception):
     """An error caused by the user's input; the CLI prints it without a traceback and exits 2."""
 
+    exit_code = 2
+
+
+class DiskFull(KdbenchError):
+    """Writing a result or checkpoint failed for lack of space: the sweep stops, nothing half-written."""
+
+    exit_code = 1
+
 
 def suggest(name: str, choices: Iterable[str]) -> str:
     """Return a " did you mean 'x'?" hint for a misspelt name, or an empty string."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import inspect
+import math
 import sys
 from collections.abc import Iterable, Mapping
 from importlib import metadata
@@ -126,7 +127,9 @@ def load_methods(plugin_files: Iterable[str | Path] = ()) -> dict[str, type[Meth
 def convert_value(text: str, default: Any, where: str) -> Any:
     """Parse ``text`` as the type of ``default`` (bool, int, float, str, tuple, or a literal)."""
     def bad(expected: str) -> KdbenchError:
-        return KdbenchError(f"bad value for {where}: '{text}' is not {expected} (default is {default!r})")
+        example = str(default).lower() if isinstance(default, bool) else default
+        return KdbenchError(f"bad value for {where}: '{text}' is not {expected}; give one like the default, "
+                            f"{where}={example}")
 
     if isinstance(default, bool):
         low = text.strip().lower()
@@ -148,7 +151,11 @@ def convert_value(text: str, default: Any, where: str) -> Any:
     if isinstance(default, tuple):
         items = [t for t in text.replace(" ", "").split(",") if t]
         proto = default[0] if default else 1.0
-        return tuple(convert_value(t, proto, where) for t in items)
+        try:
+            return tuple(convert_value(t, proto, where) for t in items)
+        except KdbenchError:
+            raise KdbenchError(f"bad value for {where}: '{text}' is not a comma-separated list of "
+                               f"numbers; write e.g. {where}=1,3") from None
     if isinstance(default, str):
         return text
     try:
@@ -177,11 +184,41 @@ def parse_overrides(pairs: Iterable[str], methods: Mapping[str, type[Method]]) -
     return out
 
 
+def check_value(name: str, value: Any, default: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` fits the kind of ``default``.
+
+    What every method gets without writing it: a number where the default is one (an int where
+    it is an int), finite, and a ``ce_weight`` that is not negative (a negative weight would
+    maximise the cross-entropy). Each method checks its own ranges (its weights, temperature).
+    """
+    def is_number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    number = is_number(default)
+    numbers = isinstance(default, tuple) and all(is_number(d) for d in default)  # e.g. teacher_weights
+    if number and not (is_number(value) and (isinstance(value, int) or not isinstance(default, int))):
+        kind = "an integer" if isinstance(default, int) else "a number"
+        raise ValueError(f"{name} must be {kind} like {default!r}, got {value!r} ({type(value).__name__})")
+    if number and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if numbers and not (isinstance(value, tuple) and all(is_number(v) and math.isfinite(v) for v in value)):
+        raise ValueError(f"{name} must be a list of finite numbers like 1,3, got {value!r}")
+    if name == "ce_weight" and value < 0:
+        raise ValueError(f"ce_weight must be >= 0 (a negative weight maximises the cross-entropy), got {value}")
+
+
 def build_method(cls: type[Method], overrides: Mapping[str, Any] | None = None) -> Method:
-    """Instantiate a method; a constructor that rejects a value becomes a clear user error."""
+    """Instantiate a method; a value it cannot take becomes a clear user error."""
     overrides = dict(overrides or {})
+    defaults = cls.hyperparameters()
     try:
+        for k, v in overrides.items():
+            if k in defaults:  # an unknown name is the constructor's TypeError below
+                check_value(k, v, defaults[k])
         return cls(**overrides)
     except (ValueError, TypeError) as exc:
         given = ", ".join(f"{cls.name}.{k}={v!r}" for k, v in overrides.items())
-        raise KdbenchError(f"bad hyperparameter value for method '{cls.name}' ({given}): {exc}") from None
+        hp = next((k for k in overrides if k in str(exc)), "NAME")
+        raise KdbenchError(f"bad hyperparameter value for method '{cls.name}' ({given}): {exc}. Change it where it "
+                           f"is set (--set {cls.name}.{hp}=VALUE, or the suite file's [hparams.{cls.name}]); "
+                           "`kdbench list methods` shows the defaults") from None

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from kdbench.errors import KdbenchError, unknown
-from kdbench.store import atomic_write
+from kdbench.store import atomic_write, read_row_file, warn
 
 TEACHER = "teacher"
 BASELINE = "ce"
@@ -54,23 +54,37 @@ _DUP_MARK = "‡"
 
 
 # -- loading ------------------------------------------------------------------------------------
-def load_rows(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
+def load_rows(results_dir: str | os.PathLike[str], *, finished_only: bool = True) -> pd.DataFrame:
     """Read every ``runs/*.json`` under ``results_dir`` (sorted by file name) into one frame.
 
-    Raises KdbenchError when the store is missing or empty, or a run file is unreadable.
+    A file damaged by a crash is reported by name (a warning) and skipped. With ``finished_only``,
+    rows whose run did not finish cleanly (status "diverged") are left out: they have no accuracy
+    to average. Raises KdbenchError when the store is missing or holds no readable row.
     """
     runs = Path(results_dir) / "runs"
     files = sorted(runs.glob("*.json")) if runs.is_dir() else []
     files = [p for p in files if not p.name.startswith(".")]  # a writer's temp file
-    if not files:
+    records = [r for r in map(_read_row, files) if r is not None]
+    if not records:
         raise KdbenchError(f"no finished runs were found in {runs}; run `kdbench run` first")
-    records = [_read_row(path) for path in files]
     rows = pd.DataFrame.from_records(records)
+    rows["status"] = rows["status"].fillna("ok").astype(str) if "status" in rows else "ok"
+    if finished_only:
+        rows = finished(rows, runs)
     for col in _TEXT_COLUMNS:
         rows[col] = rows[col].fillna("").astype(str) if col in rows else ""
     if "shortened" not in rows:  # derive it for rows written before the column existed
         rows["shortened"] = _numeric(rows, "epochs") < _numeric(rows, "recipe_epochs")
     rows["shortened"] = rows["shortened"].fillna(False).astype(bool)
+    return rows
+
+
+def finished(rows: pd.DataFrame, where: Path) -> pd.DataFrame:
+    """The rows of runs that finished with a result (not diverged)."""
+    rows = rows[rows["status"] == "ok"].reset_index(drop=True)
+    if rows.empty:
+        raise KdbenchError(f"no run in {where} finished with a result (every one diverged); see `status` and "
+                           "`error` in its files")
     return rows
 
 
@@ -81,18 +95,15 @@ def _numeric(rows: pd.DataFrame, col: str) -> pd.Series:
     return pd.to_numeric(rows[col], errors="coerce").astype(float)
 
 
-def _read_row(path: Path) -> dict:
-    """One run file as a dict; a clear error for a corrupt or incomplete file."""
-    fix = "delete it or re-run that run"
-    try:
-        row = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise KdbenchError(f"could not read run file {path}: {exc}; {fix}") from exc
-    if not isinstance(row, dict):
-        raise KdbenchError(f"run file {path} does not hold a JSON object; {fix}")
+def _read_row(path: Path) -> dict | None:
+    """One run file as a dict, or None (with a warning naming it) for a damaged or incomplete file."""
+    row = read_row_file(path)
+    if row is None:
+        return None
     missing = [c for c in REQUIRED if c not in row]
     if missing:
-        raise KdbenchError(f"run file {path} lacks {', '.join(missing)}; {fix}")
+        warn(f"skipping run file {path}: it lacks {', '.join(missing)}; delete it or re-run that run")
+        return None
     return row
 
 
@@ -856,7 +867,8 @@ def build_report(results_dir: str | os.PathLike[str],
     if metric not in METRICS:
         raise unknown("metric", metric, METRICS)
     results = Path(results_dir)
-    rows = load_rows(results)
+    everything = load_rows(results, finished_only=False)
+    rows = finished(everything, results / "runs")
     if metric not in rows:
         raise KdbenchError(f"no run in {results / 'runs'} records the metric '{metric}'")
     out = Path(out_dir) if out_dir is not None else results
@@ -866,7 +878,13 @@ def build_report(results_dir: str | os.PathLike[str],
     colours = method_colours({m for b in benches for m in b.rows["method"]})
     files = {b.slug: build_benchmark(b, metric, colours, out) for b in benches}
     written = [p for b in benches for p in files[b.slug]]
-    return written + [write_text(out / "index.md", index(benches, files, metric, results))]
+    text = index(benches, files, metric, results)
+    diverged = everything[everything["status"] != "ok"]
+    if len(diverged):
+        text += "\n## Runs without a result\n\nLeft out of every table above:\n\n" + "".join(
+            f"- `{r.run_id}` {r.method} {r.get('pair', '')} seed {r.get('seed', '')}: **{r.status}**: "
+            f"{r.get('error', '')}\n" for _, r in diverged.iterrows())
+    return written + [write_text(out / "index.md", text)]
 
 
 __all__ = ["METRICS", "Benchmark", "Entry", "Pair", "Stat", "aggregate", "benchmarks",

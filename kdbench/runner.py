@@ -7,10 +7,12 @@ already in the results store, trains the rest (teachers once, cached), and write
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
+import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +23,25 @@ from tqdm.auto import tqdm
 
 from . import engine, metrics, provenance, zoo
 from .data import DataSplits, load_dataset
-from .errors import KdbenchError, unknown
+from .errors import DiskFull, KdbenchError, unknown
+from .executors.base import (
+    BUSY,
+    DIVERGED,
+    DONE,
+    FAILED,
+    OK,
+    Executor,
+    Outcome,
+    spec_id,
+    spec_label,
+    tasks_for,
+)
 from .features import probe
 from .method import Method, Probe, Taps
 from .recipe import Recipe
 from .registry import build_method, parse_overrides
 from .spec import RunSpec, TeacherSpec
-from .store import ResultsStore, atomic_write
+from .store import Busy, ResultsStore, atomic_write, warn
 from .suites import Pair
 
 
@@ -60,6 +74,16 @@ class Request:
     pad_to: int = 0
     #: Hyperparameters the user set (--set): they win over the suite's, its pairs' and its sweeps'.
     pinned: dict[str, dict[str, Any]] = field(default_factory=dict)
+    plugins: tuple[str, ...] = ()  # --plugin files (absolute): workers of other executors load them again
+    command: str = ""              # the command line, recorded in every row (workers have other argv)
+
+    def portable(self) -> Request:
+        """This request as a task carries it to another process: method classes are re-loaded there
+        (from entry points and ``plugins``), paths are absolute."""
+        return replace(self, methods={}, results_dir=Path(self.results_dir).resolve(),
+                       data_dir=str(Path(self.data_dir).expanduser().resolve()) if self.data_dir else None,
+                       teacher_checkpoints={k: str(Path(v).resolve()) for k, v in self.teacher_checkpoints.items()},
+                       command=self.command or provenance.command_line())
 
     def recipe_for(self, model: str) -> Recipe:
         extra = self.recipe_by_model.get(model)
@@ -88,6 +112,12 @@ def resolve_device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise KdbenchError(f"--device '{name}' is not a torch device; use auto, cpu or cuda") from None
+
+
+def load_data(req: Request, device: torch.device) -> DataSplits:
+    # Held on the training device for the whole sweep: batches and augmentation never leave it.
+    return load_dataset(req.dataset, data_dir=req.data_dir, download=req.download, limit=req.limit or None,
+                        pad_to=req.pad_to).to(device)
 
 
 def dataset_label(name: str, limit: int, pad_to: int = 0) -> str:
@@ -121,9 +151,7 @@ def plan(req: Request) -> Plan:
         for model in (*pair.teachers, pair.student):
             zoo.check_model_name(model)
     device = resolve_device(req.device)
-    # Held on the training device for the whole sweep: batches and augmentation never leave it.
-    data = load_dataset(req.dataset, data_dir=req.data_dir, download=req.download, limit=req.limit or None,
-                        pad_to=req.pad_to).to(device)
+    data = load_data(req, device)
     info = data.info
     all_teachers = {t for p in req.pairs for t in p.teachers}
     checkpoints = dict(req.teacher_checkpoints)
@@ -242,9 +270,27 @@ class Runner:
         self.info = plan_.data.info
         self.shape = (self.info.in_chans, self.info.img_size, self.info.img_size)
         self.provenance = provenance.collect(plan_.device)
+        if req.command:
+            self.provenance["command"] = req.command
         self._teachers: dict[str, nn.Module] = {}
         self._teacher_probs: dict[str, torch.Tensor] = {}  # test-set probabilities, per teacher id
         self._costs: dict[str, dict[str, Any]] = {}        # FLOPs and throughput, per architecture
+
+    @classmethod
+    def for_request(cls, req: Request) -> Runner:
+        """A Runner in a worker process: methods re-loaded, data loaded; shapes probed when needed."""
+        from .registry import load_methods
+
+        if not req.methods:
+            req = replace(req, methods=load_methods(list(req.plugins)))
+        device = resolve_device(req.device)
+        p = Plan([], load_data(req, device), device, [], dict(req.teacher_checkpoints))
+        return cls(req, p, ResultsStore(req.results_dir))
+
+    def _probe(self, name: str, taps: Taps) -> Probe:
+        if (name, taps) not in self.plan.probes:
+            self.plan.probes[(name, taps)] = probe_model(name, taps, self.plan.data)
+        return self.plan.probes[(name, taps)]
 
     # -- bars -----------------------------------------------------------------------------
     def _bar(self, total: int, desc: str, position: int, leave: bool) -> Any:
@@ -257,28 +303,48 @@ class Runner:
                           img_size=self.info.img_size, **dict(kwargs)).to(self.plan.device)
 
     def teacher(self, ts: TeacherSpec) -> nn.Module:
-        """A teacher's weights: from its checkpoint, from the cache, or trained now and cached."""
+        """A teacher's weights: from its checkpoint, from the cache, or trained now and cached.
+
+        Training holds the teacher's lock, so workers that need the same teacher wait for it
+        instead of training it twice; an interrupted teacher resumes from its epoch checkpoint.
+        """
         if ts.teacher_id in self._teachers:
             return self._teachers[ts.teacher_id]
         torch.manual_seed(ts.seed)
         model = self._create(ts.model, ts.model_kwargs)
-        path = self.store.teacher_path(ts.teacher_id)
         if ts.checkpoint_sha256:
             zoo.load_checkpoint(model, self.plan.checkpoints[ts.model], ts.model)
             if not self.store.has(ts.teacher_id):
                 self._write_teacher_row(ts, model, engine.TrainResult.untrained(model, self.plan.data), trained=False)
-        elif path.is_file() and self.store.has(ts.teacher_id):
-            model.load_state_dict(torch.load(path, map_location=self.plan.device, weights_only=True))
         else:
-            bar = self._bar(ts.recipe.epochs, f"teacher {ts.model} seed {ts.seed}", 1, False)
-            with metrics.PeakMemory(self.plan.device) as mem:
-                result = engine.train(model, self.plan.data, ts.recipe, seed=ts.seed, model_name=ts.model,
-                                      progress=bar)
-            bar.close()
-            atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
-            self._write_teacher_row(ts, model, result, trained=True, peak=mem)
+            with self.store.lock(ts.teacher_id, wait=True):
+                if not self._load_cached_teacher(ts, model):
+                    self._train_teacher(ts, model)
         self._teachers[ts.teacher_id] = model
         return model
+
+    def _load_cached_teacher(self, ts: TeacherSpec, model: nn.Module) -> bool:
+        path = self.store.teacher_path(ts.teacher_id)
+        if not (path.is_file() and self.store.has(ts.teacher_id)):
+            return False
+        try:
+            state = torch.load(path, map_location=self.plan.device, weights_only=True)
+        except Exception as exc:  # a truncated file left by a crash: train the teacher again
+            warn(f"cached teacher weights {path} are damaged ({type(exc).__name__}); training {ts.model} again")
+            return False
+        zoo.load_fitting(model, state, f"cached teacher weights '{path}'", ts.model)
+        return True
+
+    def _train_teacher(self, ts: TeacherSpec, model: nn.Module) -> None:
+        bar = self._bar(ts.recipe.epochs, f"teacher {ts.model} seed {ts.seed}", 1, False)
+        with metrics.PeakMemory(self.plan.device) as mem:
+            result = engine.train(model, self.plan.data, ts.recipe, seed=ts.seed, model_name=ts.model,
+                                  progress=bar, state_path=self.store.checkpoint_path(ts.teacher_id),
+                                  state_key=ts.teacher_id)
+        bar.close()
+        atomic_write(self.store.teacher_path(ts.teacher_id), lambda tmp: torch.save(model.state_dict(), tmp))
+        self._write_teacher_row(ts, model, result, trained=True, peak=mem)
+        self.store.finish(ts.teacher_id)
 
     def teacher_probs(self, ts: TeacherSpec) -> torch.Tensor:
         """A teacher's test-set class probabilities, computed once per sweep."""
@@ -304,19 +370,65 @@ class Runner:
         return self._costs[name]
 
     # -- runs -----------------------------------------------------------------------------
+    def execute_one(self, spec: RunSpec | TeacherSpec) -> Outcome:
+        """Run one spec (a student run, or a teacher to train) unless its row exists; write its row.
+
+        Raises when the run fails, after writing ``state/<run_id>/error.txt``; a run whose loss
+        diverged is a finished row with status "diverged" instead.
+        """
+        run_id, label = spec_id(spec), spec_label(spec)
+        try:
+            if isinstance(spec, TeacherSpec):
+                had = self.store.has(run_id)
+                self.teacher(spec)  # takes the teacher's lock itself, waiting for another trainer
+                row = None if had else self.store.read(run_id)
+            else:
+                with self.store.lock(run_id, wait=False):
+                    if self.store.has(run_id):
+                        return Outcome(run_id, DONE, label)
+                    row = self.run(spec)
+                    self.store.finish(run_id)
+        except Busy:
+            return Outcome(run_id, BUSY, label, error="another process is running it")
+        except (KeyboardInterrupt, DiskFull):
+            raise
+        except BaseException as exc:
+            text = "".join(traceback.format_exception(exc))
+            try:
+                self.store.record_error(run_id, f"{label}\n{self.req.command}\n\n{text}")
+            except OSError:
+                pass
+            self._free_memory()
+            raise
+        if row is None:
+            return Outcome(run_id, DONE, label)
+        return Outcome(run_id, row.get("status", OK), label, summary=summary_line(row, label))
+
+    def _free_memory(self) -> None:
+        # After an out-of-memory error the other runs of this worker still need the device.
+        self._teachers.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def run(self, spec: RunSpec) -> dict[str, Any]:
         teachers = [self.teacher(ts) for ts in spec.teachers]
         torch.manual_seed(spec.seed)
         student = self._create(spec.student, spec.student_kwargs)
         method = build_method(self.req.methods[spec.method], dict(spec.hparams)).to(self.plan.device)
         taps = method.taps()
-        method.setup(self.plan.probes[(spec.student, taps)], [self.plan.probes[(n, taps)] for n in spec.teacher_names])
+        method.setup(self._probe(spec.student, taps), [self._probe(n, taps) for n in spec.teacher_names])
         method.to(self.plan.device)
         bar = self._bar(spec.recipe.epochs, f"{spec.method} {spec.pair} seed {spec.seed}", 1, False)
+        error = ""
         with metrics.PeakMemory(self.plan.device) as mem:
-            result = engine.train(student, self.plan.data, spec.recipe, seed=spec.seed, method=method,
-                                  teachers=teachers, teacher_names=spec.teacher_names, model_name=spec.student,
-                                  progress=bar)
+            try:
+                result = engine.train(student, self.plan.data, spec.recipe, seed=spec.seed, method=method,
+                                      teachers=teachers, teacher_names=spec.teacher_names, model_name=spec.student,
+                                      progress=bar, state_path=self.store.checkpoint_path(spec.run_id),
+                                      state_key=spec.run_id)
+            except engine.Diverged as exc:
+                result, error = exc.result, str(exc)
         bar.close()
         row = self._row(spec.run_id, "student", spec.method, spec.student, spec.pair, spec.recipe, spec.seed,
                         student, result, mem)
@@ -330,14 +442,19 @@ class Runner:
             "teacher_seeds": "+".join(str(t.seed) for t in spec.teachers),
             "model_kwargs": json.dumps(dict(spec.student_kwargs), sort_keys=True),
         })
-        if teachers:
+        if teachers and not error:
             probs = torch.stack([self.teacher_probs(ts) for ts in spec.teachers]).mean(0)
             row["agreement"] = metrics.agreement(result.test_logits.argmax(1), probs.argmax(1))
-        if len(teachers) > 1:
+        if len(teachers) > 1 and not error:
             # The ensemble itself (mean of the teachers' probabilities), next to its student.
             row["teacher_ensemble_top1"] = metrics.topk_accuracy(probs, self.plan.data.test_labels, 1)
-        for k, v in result.last.losses.items():
-            row[f"loss.{k}"] = v
+        if error:
+            nan = float("nan")
+            row.update({"status": DIVERGED, "error": error, "diverged_at_epoch": len(result.history),
+                        "top1_last": nan, "top5_last": nan, "top1_best": nan, "top5_best": nan})
+        elif result.history:
+            for k, v in result.last.losses.items():
+                row[f"loss.{k}"] = v
         self.store.write(row)
         return row
 
@@ -353,8 +470,11 @@ class Runner:
     def _row(self, run_id: str, kind: str, method: str, model_name: str, pair: str, recipe: Recipe, seed: int,
              model: nn.Module, result: engine.TrainResult, mem: metrics.PeakMemory | None) -> dict[str, Any]:
         data = self.plan.data
-        logits = result.test_logits
-        prf = metrics.per_class_prf(logits.argmax(1), data.test_labels, self.info.num_classes)
+        # A diverged run (no usable weights) reports no accuracy: tables must not average it in.
+        ok = result.test_logits is not None and result.history and result.best_top1 >= 0
+        nan = float("nan")
+        prf = metrics.per_class_prf(result.test_logits.argmax(1), data.test_labels, self.info.num_classes) if ok \
+            else {}
         row: dict[str, Any] = {
             "run_id": run_id, "kind": kind, "method": method, "student": model_name, "pair": pair,
             "dataset": dataset_label(self.info.name, self.req.limit, self.req.pad_to),
@@ -363,12 +483,16 @@ class Runner:
             "recipe": recipe.name, "epochs": recipe.epochs, "recipe_epochs": recipe.full_epochs,
             "shortened": recipe.shortened, "schedule": recipe.label, "recipe_config": json.dumps(recipe.to_dict()),
             "seed": seed,
-            "top1_last": result.last.top1, "top5_last": result.last.top5,
-            "top1_best": result.best_top1, "top5_best": result.best_top5, "best_epoch": result.best_epoch,
+            "status": OK,
+            "top1_last": result.last.top1 if ok else nan, "top5_last": result.last.top5 if ok else nan,
+            "top1_best": result.best_top1 if ok else nan, "top5_best": result.best_top5 if ok else nan,
+            "best_epoch": result.best_epoch,
             "agreement": float("nan"),
             "params": metrics.count_params(model), "extra_params": 0,
             **self.costs(model_name, model),
             "train_time_s": result.train_time_s, "eval_time_s": result.eval_time_s,
+            "checkpoint_time_s": result.checkpoint_time_s, "resumed_from_epoch": result.resumed_from,
+            "world_size": 1,
             "peak_mem_mb": mem.mb if mem else float("nan"), "peak_mem_kind": mem.kind if mem else "",
             "flush_denormal": self.plan.device.type == "cpu",
             "history_top1": json.dumps([round(h.top1, 4) for h in result.history]),
@@ -379,20 +503,62 @@ class Runner:
         }
         return row
 
-    def execute(self) -> tuple[int, int]:
-        """Run every spec not yet in the store; return (finished now, skipped as already done)."""
+    def execute(self, executor: Executor | None = None) -> SweepResult:
+        """Run every spec not yet in the store (teachers first), with ``executor`` (default: here,
+        one after another); a failed run is reported and the sweep goes on."""
+        from .executors.local import InlineExecutor
+
         todo = [s for s in self.plan.specs if not self.store.has(s.run_id)]
         done = len(self.plan.specs) - len(todo)
         if done:
             self.log(f"{done} of {len(self.plan.specs)} runs already in {self.store.root}; skipping them")
-        sweep = self._bar(len(todo), "sweep", 0, True)
-        for spec in todo:
-            sweep.set_description(f"{spec.method} {spec.pair} s{spec.seed}")
-            row = self.run(spec)
+        executor = executor or InlineExecutor(self)
+        teacher_tasks, tasks = tasks_for(self.req, self.plan)
+        sweep = self._bar(len(teacher_tasks) + len(todo), "sweep", 0, True)
+
+        def report(o: Outcome) -> None:
             sweep.update(1)
-            # One line per finished run, printed above the bars (kept with --quiet: it is output).
-            tqdm.write(f"  {spec.method:<12} {spec.pair:<40} seed {spec.seed}: top-1 {row['top1_last']:.2f} "
-                       f"(best {row['top1_best']:.2f} at epoch {row['best_epoch']}), {row['train_time_s']:.1f} s",
-                       file=sys.stdout)
+            # One line per run, printed above the bars (kept with --quiet: it is output).
+            line = o.summary or f"{o.label}: {o.status}" + (f": {o.error.strip().splitlines()[-1]}" if o.error else "")
+            tqdm.write(f"  {line}", file=sys.stdout)
+
+        outcomes = executor.run(teacher_tasks, report)
+        lost = {o.run_id: o for o in outcomes if not o.finished}
+        ready = []
+        for task in tasks:
+            bad = [lost[t.teacher_id] for t in task.spec.teachers if t.teacher_id in lost]
+            if bad:
+                o = Outcome(task.run_id, FAILED, task.label, error=f"its teacher did not finish ({bad[0].label}: "
+                            f"{bad[0].status})")
+                report(o)
+                outcomes.append(o)
+            else:
+                ready.append(task)
+        outcomes += executor.run(ready, report)
         sweep.close()
-        return len(todo), done
+        return SweepResult(outcomes, done, {t.run_id for t in teacher_tasks})
+
+
+def summary_line(row: dict[str, Any], label: str) -> str:
+    """The line printed when a run finishes."""
+    if row.get("status") == DIVERGED:
+        return f"{label}: DIVERGED: {row.get('error', '')}"
+    return (f"{label}: top-1 {row['top1_last']:.2f} (best {row['top1_best']:.2f} at epoch {row['best_epoch']}), "
+            f"{row['train_time_s']:.1f} s" + (f", resumed at epoch {row['resumed_from_epoch']}"
+                                               if row.get("resumed_from_epoch") else ""))
+
+
+@dataclass
+class SweepResult:
+    outcomes: list[Outcome]
+    skipped: int  # student runs already in the store before this invocation
+    teacher_ids: set[str] = field(default_factory=set)  # teachers this invocation had to train
+
+    @property
+    def unfinished(self) -> list[Outcome]:
+        return [o for o in self.outcomes if not o.finished]
+
+    @property
+    def ran(self) -> int:
+        """Student runs finished by this invocation (diverged ones included: they have their row)."""
+        return sum(o.status in (OK, DIVERGED) and o.run_id not in self.teacher_ids for o in self.outcomes)

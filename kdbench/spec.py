@@ -10,13 +10,13 @@ from typing import Any
 from .recipe import Recipe
 
 
-# Fields added after the first release: left out of the hash while empty, so existing run ids
-# (and the results stored under them) stay valid.
-_LATER_FIELDS = ("model_kwargs", "student_kwargs")
+# Fields added after the first release, with their defaults: left out of the hash at the default,
+# so existing run ids (and the results stored under them) stay valid.
+_LATER_FIELDS: dict[str, Any] = {"model_kwargs": (), "student_kwargs": (), "world_size": 1}
 
 
 def _digest(obj: Any) -> str:
-    obj = {k: v for k, v in obj.items() if not (k in _LATER_FIELDS and not v)}
+    obj = {k: v for k, v in obj.items() if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -33,6 +33,7 @@ class TeacherSpec:
     checkpoint_sha256: str = ""   # set when weights come from a file: then nothing is trained
     data_limit: int = 0
     model_kwargs: tuple[tuple[str, Any], ...] = ()  # extra timm.create_model arguments (dropout, ...)
+    world_size: int = 1  # processes of one DDP run (torchrun); the recipe's batch is split among them
 
     @property
     def teacher_id(self) -> str:
@@ -53,6 +54,7 @@ class RunSpec:
     device: str
     data_limit: int = 0
     student_kwargs: tuple[tuple[str, Any], ...] = ()  # extra timm.create_model arguments
+    world_size: int = 1  # processes of one DDP run (torchrun); the recipe's batch is split among them
     pair: str = ""  # the pair label this run was planned for (not part of the id: ce serves all)
 
     @property

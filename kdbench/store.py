@@ -2,43 +2,77 @@
 
 Layout of a results folder::
 
-    runs/<run_id>.json       one finished run (student or teacher), a flat row
+    runs/<run_id>.json       one finished run (student or teacher), a flat row: it marks the run done
     teachers/<id>.pt         cached teacher weights, shared by every run of a sweep
+    state/<run_id>/          a run in progress: checkpoint.pt (its last finished epoch), lock, error.txt
     report/...               tables and plots derived by `kdbench report`
 
 A row file appears only when its run has finished (written to a temporary file, then renamed),
-so an interrupted sweep leaves no half-written result and the next identical command resumes.
+so an interrupted sweep leaves no half-written result and the next identical command resumes:
+finished runs are skipped and an interrupted one continues from its last epoch checkpoint. Every
+writer holds the run's lock (an ``fcntl`` lock, released by the kernel when a process dies), so
+two sweeps or many workers sharing one folder never train or write the same run twice at once.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import math
 import os
+import shutil
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from .errors import DiskFull, KdbenchError
+
+#: errno values that mean "no room to write": the sweep stops instead of failing run after run.
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+class Busy(Exception):
+    """Another live process holds this run's lock (it is training it now)."""
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, sync it, then rename it into place.
 
     Readers see the old file or the whole new one, never a half-written one; an exception (or
-    Ctrl-C) removes the temporary file.
+    Ctrl-C) removes the temporary file. A full disk becomes :class:`DiskFull`, naming the file.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise _disk_error(exc, path) from exc
     os.close(fd)
     try:
         write(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _disk_error(exc, path) from exc
+        if isinstance(exc.__cause__, OSError) and exc.__cause__.errno in _NO_SPACE:
+            raise _disk_error(exc.__cause__, path) from exc  # torch.save wraps the OSError
         raise
     return path
+
+
+def _disk_error(exc: OSError, path: Path) -> BaseException:
+    if exc.errno in _NO_SPACE:
+        return DiskFull(f"disk full while writing {path} ({os.strerror(exc.errno)}); free space and re-run the same "
+                        "command: finished runs are kept and an interrupted run resumes from its last epoch checkpoint")
+    if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return KdbenchError(f"cannot write {path}: {os.strerror(exc.errno)}; choose a writable --results-dir")
+    return exc
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
@@ -52,17 +86,38 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def read_row_file(path: Path) -> dict[str, Any] | None:
+    """A row file's contents, or None (with a warning naming it) when a crash left it damaged."""
+    try:
+        row = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        warn(f"skipping damaged run file {path} ({type(exc).__name__}: {exc}); delete it, or re-run the sweep "
+             "to redo that run")
+        return None
+    if not isinstance(row, dict) or "run_id" not in row:
+        warn(f"skipping damaged run file {path} (not a run row); delete it, or re-run the sweep to redo that run")
+        return None
+    return row
+
+
+def warn(message: str) -> None:
+    print(f"kdbench: warning: {message}", file=sys.stderr)
+
+
 class ResultsStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.runs = self.root / "runs"
         self.teachers = self.root / "teachers"
+        self.state = self.root / "state"
 
     def row_path(self, run_id: str) -> Path:
         return self.runs / f"{run_id}.json"
 
     def has(self, run_id: str) -> bool:
-        return self.row_path(run_id).is_file()
+        """True when the run's row exists and is readable; a damaged row counts as not done."""
+        path = self.row_path(run_id)
+        return path.is_file() and read_row_file(path) is not None
 
     def read(self, run_id: str) -> dict[str, Any]:
         return json.loads(self.row_path(run_id).read_text())
@@ -74,7 +129,58 @@ class ResultsStore:
         return path
 
     def rows(self) -> list[dict[str, Any]]:
-        return [json.loads(p.read_text()) for p in sorted(self.runs.glob("*.json"))]
+        """Every readable row; damaged files are reported by name and skipped."""
+        files = sorted(p for p in self.runs.glob("*.json") if not p.name.startswith("."))
+        return [row for row in map(read_row_file, files) if row is not None]
 
     def teacher_path(self, teacher_id: str) -> Path:
         return self.teachers / f"{teacher_id}.pt"
+
+    # -- runs in progress -----------------------------------------------------------------
+    def state_dir(self, run_id: str) -> Path:
+        return self.state / run_id
+
+    def checkpoint_path(self, run_id: str) -> Path:
+        return self.state_dir(run_id) / "checkpoint.pt"
+
+    def error_path(self, run_id: str) -> Path:
+        return self.state_dir(run_id) / "error.txt"
+
+    @contextmanager
+    def lock(self, run_id: str, *, wait: bool) -> Iterator[None]:
+        """Hold the run's lock; raise :class:`Busy` when another process holds it and ``wait`` is False."""
+        path = self.state_dir(run_id) / "lock"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise _disk_error(exc, path) from exc
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise Busy(run_id) from None
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def finish(self, run_id: str) -> None:
+        """Drop a finished run's working state (its checkpoint): its row now stands for it."""
+        shutil.rmtree(self.state_dir(run_id), ignore_errors=True)
+
+    def record_error(self, run_id: str, text: str) -> Path:
+        path = self.error_path(run_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return path
+
+    def check_writable(self) -> None:
+        """Fail before any training when the results folder cannot be written."""
+        probe = self.root / ".kdbench-write-test"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise KdbenchError(f"results folder {self.root} is not writable ({exc.strerror or exc}); choose a "
+                               "writable --results-dir (or set KDBENCH_RESULTS)") from None

@@ -136,6 +136,8 @@ _TOP_KEYS = {"name", "description", "dataset", "seeds", "methods", "pairs", "pad
              "sweep", "models", "reproduce"}
 _REPRO_KEYS = {"published", "tables", "method_names", "tolerance", "notes"}
 _TOL_KEYS = {"points", "sigmas", "relative", "ordering"}
+#: ``create_model`` arguments kdbench passes itself; a suite's [models.X] may not set them.
+_KDBENCH_KWARGS = {"num_classes", "in_chans", "img_size", "pretrained"}
 
 
 def builtin_dir() -> Path:
@@ -230,6 +232,11 @@ def parse_suite(data: Mapping[str, Any], path: Path) -> Suite:
     models = _expect(data.get("models", {}), dict, "models", where)
     for model, kwargs in models.items():
         _expect(kwargs, dict, f"models.{model}", where)
+        if taken := sorted(_KDBENCH_KWARGS & set(kwargs)):
+            raise KdbenchError(f"{where}: [models.{model}] sets {', '.join(taken)}, which kdbench sets itself "
+                               "(num_classes, in_chans and img_size from the dataset, so teachers and students "
+                               "predict the same classes; pretrained=False, since weights come from training or "
+                               "--teacher-checkpoint); remove it")
     reproduce = None
     if "reproduce" in data:
         rep = _expect(data["reproduce"], dict, "reproduce", where)

@@ -57,12 +57,23 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     ``module.`` prefix is removed.
     """
     path = Path(path)
+    if path.is_dir():
+        raise KdbenchError(f"checkpoint '{path}' is a folder; pass the path of a .pt/.pth file")
     if not path.is_file():
         raise KdbenchError(f"checkpoint '{path}' not found; pass the path of a .pt/.pth file")
     try:
+        with open(path, "rb") as f:
+            empty = not f.read(1)
+    except OSError as exc:
+        raise KdbenchError(f"cannot read checkpoint '{path}': {exc.strerror or exc}; check that the file is "
+                           "readable by you (its permissions), or copy it somewhere it is") from None
+    if empty:
+        raise KdbenchError(f"checkpoint '{path}' is empty (0 bytes), e.g. an interrupted copy or download; "
+                           "copy or download it again")
+    try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input problem
-        raise KdbenchError(f"checkpoint '{path}' could not be read by torch.load: {exc}") from None
+        raise KdbenchError(_unreadable(path, exc)) from None
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -73,9 +84,31 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def _unreadable(path: Path, exc: Exception) -> str:
+    """Why torch.load refused a file, in a line that says what to do (torch's own text is long and
+    suggests ``weights_only=False``, which would run any code a pickle holds)."""
+    text = str(exc)
+    # The weights-only unpickler hides its reason after this marker, behind paragraphs of advice.
+    reason = text.split("WeightsUnpickler error:", 1)[-1].strip().split("\n")[0].strip()
+    if "Unsupported global" in reason:
+        what = reason.removeprefix("Unsupported global: ").split(" was not")[0]
+        return (f"checkpoint '{path}' holds Python objects besides tensors ({what}), which kdbench does not "
+                "unpickle: it loads weights only, so a checkpoint cannot run code. If you trust the file, re-save "
+                "only its weights and pass that file, e.g. torch.save(torch.load(FILE, weights_only=False)"
+                "['model'], 'weights.pt'), or the .state_dict() of a saved model object")
+    reason = reason.split(". ")[0][:160]
+    return (f"checkpoint '{path}' is not a readable PyTorch checkpoint ({path.stat().st_size:,} bytes; "
+            f"torch.load: {type(exc).__name__}: {reason}): it is truncated or corrupted, or not a file written by "
+            "torch.save. Copy or download it again, or re-save it with torch.save(model.state_dict(), FILE)")
+
+
 def load_checkpoint(model: nn.Module, path: str | Path, model_name: str) -> None:
     """Load weights strictly; a mismatch names the keys and says whether it is the class count."""
-    state = read_state_dict(path)
+    load_fitting(model, read_state_dict(path), f"checkpoint '{path}'", model_name)
+
+
+def load_fitting(model: nn.Module, state: dict, source: str, model_name: str) -> None:
+    """``load_state_dict`` strictly; a mismatch names the keys and says whether it is the class count."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -88,7 +121,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, model_name: str) -> None
     if reshaped and set(reshaped) <= head_keys and not (missing or unexpected):
         w = state[sorted(head_keys & set(reshaped))[0]]
         raise KdbenchError(
-            f"checkpoint '{path}' was trained for {w.shape[0]} classes but model '{model_name}' is built for "
+            f"{source} was trained for {w.shape[0]} classes but model '{model_name}' is built for "
             f"{own[sorted(head_keys & set(reshaped))[0]].shape[0]} (the dataset's class count); use a "
             "checkpoint trained on this dataset")
 
@@ -103,5 +136,5 @@ def load_checkpoint(model: nn.Module, path: str | Path, model_name: str) -> None
     if reshaped:
         parts.append(f"{len(reshaped)} with other shapes (e.g. "
                      f"{few(reshaped, lambda k: f'{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}')})")
-    raise KdbenchError(f"checkpoint '{path}' does not fit model '{model_name}': {'; '.join(parts)}. "
+    raise KdbenchError(f"{source} does not fit model '{model_name}': {'; '.join(parts)}. "
                        "Is it a checkpoint of this architecture?")

@@ -35,8 +35,10 @@ class EnsembleKD(Method):
         super().__init__(ce_weight=ce_weight)
         if combine not in COMBINE:
             raise ValueError(f"combine must be one of {', '.join(COMBINE)}, got '{combine}'")
-        if temperature <= 0:
+        if not temperature > 0:  # written so that NaN fails too
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not kd_weight >= 0:
+            raise ValueError(f"kd_weight must be >= 0 (0 turns its term off), got {kd_weight}")
         if any(w < 0 for w in teacher_weights) or (teacher_weights and sum(teacher_weights) <= 0):
             raise ValueError(f"teacher_weights must be non-negative with a positive sum, got {teacher_weights}")
         self.kd_weight = kd_weight

@@ -48,6 +48,10 @@ class RKD(Method):
     def __init__(self, *, ce_weight: float = 1.0, distance_weight: float = 25.0,
                  angle_weight: float = 50.0) -> None:
         super().__init__(ce_weight=ce_weight)
+        if not distance_weight >= 0:
+            raise ValueError(f"distance_weight must be >= 0 (0 turns its term off), got {distance_weight}")
+        if not angle_weight >= 0:
+            raise ValueError(f"angle_weight must be >= 0 (0 turns its term off), got {angle_weight}")
         self.distance_weight = distance_weight
         self.angle_weight = angle_weight
 

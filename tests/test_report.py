@@ -224,11 +224,20 @@ def test_empty_store(tmp_path, make):
     assert str(tmp_path) in str(err.value) and "kdbench run" in str(err.value)
 
 
-def test_corrupt_file_named(tmp_path):
+def test_damaged_file_named_and_skipped(tmp_path, capsys):
+    # A crash can leave a damaged file (truncated JSON, or one lacking columns): it is reported by
+    # name and skipped, and the rest of the store stays readable.
     write_store(tmp_path, SHORT_RUNS)
+    intact = load_rows(tmp_path)
     (tmp_path / "runs" / "zz.json").write_text('{"run_id": ')
-    with pytest.raises(KdbenchError, match="zz.json"):
-        load_rows(tmp_path)
+    (tmp_path / "runs" / "zy.json").write_text('{"run_id": "zy"}')
+    (tmp_path / "runs" / "zx.json").write_bytes(b"\x00\xff" * 10)
+    rows = load_rows(tmp_path)
+    err = capsys.readouterr().err
+    for name in ("zz.json", "zy.json", "zx.json"):
+        assert name in err and "skipping" in err
+    assert rows["run_id"].tolist() == intact["run_id"].tolist()
+    build_report(tmp_path)  # the report is still written from the intact rows
 
 
 def test_extra_columns_ignored_and_rows_sorted(tmp_path):

@@ -1,0 +1,126 @@
+"""The local executors: runs one after another in this process, or one worker process per GPU."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import traceback
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..errors import DiskFull
+from .base import FAILED, Executor, Outcome, Task
+
+if TYPE_CHECKING:
+    from ..runner import Runner
+
+
+def _failed(task: Task, exc: BaseException, attempts: int = 1) -> Outcome:
+    last = "".join(traceback.format_exception_only(exc)).strip()
+    hint = ""
+    if "out of memory" in last.lower():
+        hint = " (lower the batch size, or run fewer runs per GPU)"
+    return Outcome(task.run_id, FAILED, task.label, error=last + hint, attempts=attempts)
+
+
+class InlineExecutor(Executor):
+    """Every run in this process, one after another, sharing the driver's data and teachers."""
+
+    name = "local"
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    def run(self, tasks: Sequence[Task], on_outcome: Callable[[Outcome], None]) -> list[Outcome]:
+        outcomes = []
+        for task in tasks:
+            try:
+                o = self.runner.execute_one(task.spec)
+            except (KeyboardInterrupt, DiskFull):
+                raise
+            except Exception as exc:  # one broken run (OOM, a bug in a plugin) does not end the sweep
+                o = _failed(task, exc)
+            on_outcome(o)
+            outcomes.append(o)
+        return outcomes
+
+
+def _worker(slot: str, gpu: str | None, inbox: Any, outbox: Any) -> None:
+    """A worker process: pins itself to one GPU, then runs tasks until it gets None."""
+    if gpu is not None:
+        # Before torch touches CUDA in this process: it then sees only its own GPU, as cuda:0.
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    from ..worker import run_task
+
+    while True:
+        item = inbox.get()
+        if item is None:
+            return
+        index, task = item
+        try:
+            outbox.put((index, run_task(task), None))
+        except KeyboardInterrupt:
+            return
+        except BaseException as exc:  # reported by the driver; the worker takes the next task
+            outbox.put((index, None, (type(exc).__name__, "".join(traceback.format_exception_only(exc)).strip(),
+                                      isinstance(exc, DiskFull))))
+
+
+class LocalExecutor(Executor):
+    """One worker process per GPU (``--gpus 0,1``) or ``workers`` CPU processes, fed from one queue.
+
+    Each process loads the data once and keeps its teachers; a failed run is reported and its
+    worker goes on with the next. A full disk stops the sweep.
+    """
+
+    name = "local"
+
+    def __init__(self, *, workers: int = 0, gpus: Sequence[str] = ()) -> None:
+        self.slots: list[str | None] = list(gpus) if gpus else [None] * max(1, workers)
+
+    def run(self, tasks: Sequence[Task], on_outcome: Callable[[Outcome], None]) -> list[Outcome]:
+        if not tasks:
+            return []
+        ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
+        inbox, outbox = ctx.Queue(), ctx.Queue()
+        for i, task in enumerate(tasks):
+            inbox.put((i, task))
+        procs = [ctx.Process(target=_worker, args=(str(n), gpu, inbox, outbox), daemon=True)
+                 for n, gpu in enumerate(self.slots[: len(tasks)])]
+        for proc in procs:
+            inbox.put(None)
+            proc.start()
+        outcomes: list[Outcome] = []
+        pending = set(range(len(tasks)))
+        try:
+            while pending:
+                try:
+                    index, o, err = outbox.get(timeout=2)
+                except queue.Empty:
+                    if not any(p.is_alive() for p in procs):
+                        # A worker killed from outside (the OOM killer, a crash in native code)
+                        # takes its task with it: report it, a re-run retries it.
+                        for index in sorted(pending):
+                            o = Outcome(tasks[index].run_id, FAILED, tasks[index].label,
+                                        error="its worker process died (killed, or crashed in native code)")
+                            on_outcome(o)
+                            outcomes.append(o)
+                        break
+                    continue
+                pending.discard(index)
+                task = tasks[index]
+                if err is not None:
+                    name, text, disk_full = err
+                    if disk_full:
+                        raise DiskFull(text.split(": ", 1)[-1])
+                    o = Outcome(task.run_id, FAILED, task.label, error=text)
+                on_outcome(o)
+                outcomes.append(o)
+        finally:
+            for proc in procs:
+                proc.join(timeout=0.5 if pending else 5)
+                if proc.is_alive():
+                    proc.terminate()
+                    proc.join(timeout=5)
+        return outcomes
