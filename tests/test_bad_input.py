@@ -115,12 +115,12 @@ def test_negative_weight(method, hp, finished, capsys):
 
 
 @pytest.mark.parametrize(("setting", "expected"), [
-    ("kd.kd_weight=abc", r"bad value for kd\.kd_weight: 'abc' is not a number; give one like the default, "
-                         r"kd\.kd_weight=0\.9"),
+    ("kd.kd_weight=abc", (r"bad value for kd\.kd_weight: 'abc' is not a number; "
+                          r"give one like the default, kd\.kd_weight=0\.9")),
     ("kd.ce_weight=", r"bad value for kd\.ce_weight: '' is not a number"),
     ("dkd.warmup=2.5", r"bad value for dkd\.warmup: '2\.5' is not an integer; .* dkd\.warmup=20"),
-    ("ensemble_kd.teacher_weights=1,x", r"'1,x' is not a comma-separated list of numbers; write e\.g\. "
-                                        r"ensemble_kd\.teacher_weights=1,3"),
+    ("ensemble_kd.teacher_weights=1,x", (r"'1,x' is not a comma-separated list of numbers; "
+                                         r"write e\.g\. ensemble_kd\.teacher_weights=1,3")),
     ("kd.temperature", r"is not of the form METHOD\.HYPERPARAMETER=VALUE"),
 ], ids=["word-for-number", "empty", "float-for-int", "bad-list", "no-value"])
 def test_value_of_the_wrong_type(setting, expected, finished, capsys):
