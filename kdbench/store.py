@@ -60,10 +60,20 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise _disk_error(exc, path) from exc
-        if isinstance(exc.__cause__, OSError) and exc.__cause__.errno in _NO_SPACE:
-            raise _disk_error(exc.__cause__, path) from exc  # torch.save wraps the OSError
         raise
     return path
+
+
+def atomic_torch_save(path: Path, obj: object) -> Path:
+    """``torch.save`` through :func:`atomic_write`. Serialised in memory first: torch's zip writer
+    turns a failed write into a RuntimeError without the errno, the file write keeps it."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getbuffer())
 
 
 def _disk_error(exc: OSError, path: Path) -> BaseException:

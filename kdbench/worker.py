@@ -40,4 +40,4 @@ def register(request: Request, runner: Runner) -> None:
 def run_task(task: Task) -> Outcome:
     """Run ``task`` here and write its row; idempotent. Raises when the run fails (after writing
     ``state/<run_id>/error.txt``), so the executor can retry it."""
-    return runner_for(task.request).execute_one(task.spec)
+    return runner_for(task.request).execute_one(task.spec, wait=task.wait)

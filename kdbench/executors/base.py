@@ -38,6 +38,7 @@ class Task:
 
     request: Request
     spec: RunSpec | TeacherSpec
+    wait: bool = False  # when another process holds the run: wait for it instead of answering "busy"
 
     @property
     def run_id(self) -> str:
@@ -77,6 +78,16 @@ class Executor(ABC):
 
     def close(self) -> None:
         """Release what the executor started (worker processes, a local cluster)."""
+
+    def run_waiting(self, tasks: Sequence[Task], on_outcome: Callable[[Outcome], None]) -> list[Outcome]:
+        """:meth:`run`, then once more, waiting, for the runs another sweep was training ("busy"):
+        two sweeps sharing a results folder both end with every row, each run trained once."""
+        outcomes = self.run(tasks, lambda o: None if o.status == BUSY else on_outcome(o))
+        busy = {o.run_id for o in outcomes if o.status == BUSY}
+        if not busy:
+            return outcomes
+        again = self.run([replace(t, wait=True) for t in tasks if t.run_id in busy], on_outcome)
+        return [o for o in outcomes if o.status != BUSY] + again
 
 
 def teachers_to_train(specs: Sequence[RunSpec], store: ResultsStore) -> list[TeacherSpec]:

@@ -9,6 +9,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..distributed import RankFailed
 from ..errors import DiskFull
 from .base import FAILED, Executor, Outcome, Task
 
@@ -36,8 +37,8 @@ class InlineExecutor(Executor):
         outcomes = []
         for task in tasks:
             try:
-                o = self.runner.execute_one(task.spec)
-            except (KeyboardInterrupt, DiskFull):
+                o = self.runner.execute_one(task.spec, wait=task.wait)
+            except (KeyboardInterrupt, DiskFull, RankFailed):  # RankFailed: DDP's ranks cannot go on apart
                 raise
             except Exception as exc:  # one broken run (OOM, a bug in a plugin) does not end the sweep
                 o = _failed(task, exc)
