@@ -147,12 +147,18 @@ base = "digits"
      [r"\[models\.cifar_resnet8\] sets num_classes, which kdbench sets itself", r"remove it"]),
     (SUITE + "[hparams.kd]\nkd_weight = 'heavy'\n", [r"bad value for kd\.kd_weight: 'heavy' is not a number"]),
     (SUITE + "[hparams.kd]\ntemperature = -2\n", [r"temperature must be > 0", r"\[hparams\.kd\]"]),
-], ids=["not-toml", "unknown-key", "no-pairs", "sets-class-count", "word-for-weight", "negative-temperature"])
+    # A misspelt method in [hparams.X] or [sweep.X] would otherwise be ignored silently.
+    (SUITE + "[hparams.kdd]\nkd_weight = 1\n", [r"unknown method 'kdd'; did you mean 'kd'\?", r"\[hparams\.X\]"]),
+    (SUITE + "[sweep.cee]\nce_weight = [1, 2]\n", [r"unknown method 'cee'", r"\[sweep\.X\]"]),
+    (SUITE + "[hparams.kd]\ntemprature = 2\n", [r"\[hparams\]: unknown hyperparameter 'temprature'",
+                                                 r"did you mean 'temperature'"]),
+], ids=["not-toml", "unknown-key", "no-pairs", "sets-class-count", "word-for-weight", "negative-temperature",
+        "misspelt-hparams-method", "misspelt-sweep-method", "misspelt-hparam"])
 def test_malformed_suite_file(text, expected, finished, tmp_path, capsys):
     path = tmp_path / "mine.toml"
     path.write_text(text)
     err = refused(run("--methods", "kd", "--suite", str(path)), finished, capsys, *expected)
-    if "hparams" not in text:
+    if "hparams.kd]" not in text:
         assert str(path) in err  # the message names the file to fix
 
 
