@@ -391,12 +391,17 @@ def _env_vars(items: Sequence[str]) -> dict[str, str]:
 
 def _plan_and_execute(req: Any, args: argparse.Namespace) -> tuple[Any, int]:
     """Plan (printing it), then run what is not in the store yet; (plan, exit code), plan None for --dry-run."""
-    from .runner import Runner
+    from . import distributed
+    from .runner import Runner, resolve_device
     from .store import ResultsStore
 
     store = ResultsStore(req.results_dir)
     if args.executor not in EXECUTORS:
         raise unknown("executor", args.executor, EXECUTORS, fix="See `kdbench run --help`, section 'where runs happen'.")
+    # Under torchrun: join the process group first, so the plan's runs carry the world size.
+    distributed.check_options(executor=args.executor, gpus=args.gpus, workers=args.workers)
+    if distributed.launched():
+        distributed.init(resolve_device(req.device))
     p = _plan_and_print(req, args)
     if args.dry_run:
         return None, 0
@@ -430,9 +435,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     p, rc = _plan_and_execute(req, args)
     if p is None:
         return rc
-    if not args.no_report:
+    if not args.no_report and _is_main():
         return report(req.results_dir, None, "top1_last") or rc
     return rc
+
+
+def _is_main() -> bool:
+    """Not one of torchrun's other ranks: rank 0 alone writes the report."""
+    from . import distributed
+
+    return distributed.is_main()
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
@@ -462,7 +474,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     dataset = f"synthetic:{suite.dataset}" if args.synthetic else suite.dataset
     req = build_request(args, suite, dataset=dataset, recipe=recipe, pairs=pairs)
     p, rc = _plan_and_execute(req, args)
-    if p is None:
+    if p is None or not _is_main():
         return rc
     return write_comparison(suite, req, p, args.out or req.results_dir / "reproduce" / suite.name) or rc
 
@@ -580,6 +592,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from . import distributed
+
+    distributed.silence_other_ranks()  # under torchrun, rank 0 prints the plan and the runs
     try:
         if args.command == "run":
             return cmd_run(args)
@@ -594,6 +609,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kdbench: interrupted; finished runs are kept, re-run the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import distributed
 from .data import DataSplits, Loader
 from .errors import KdbenchError
 from .features import FeatureCapture
@@ -71,9 +72,18 @@ def predict(model: nn.Module, images: Tensor, data: DataSplits, batch_size: int 
     return out
 
 
-def evaluate(model: nn.Module, data: DataSplits) -> tuple[Tensor, float, float]:
-    """Test-set logits, top-1 and top-5 (percent)."""
-    logits = predict(model, data.test_images, data)
+def evaluate(model: nn.Module, data: DataSplits, *, shard: bool = False) -> tuple[Tensor, float, float]:
+    """Test-set logits, top-1 and top-5 (percent).
+
+    With ``shard`` (DDP: call it on every rank) each rank predicts its part of the test set and
+    they exchange the logits: the ranks hold identical weights, so the parts make the whole.
+    """
+    images = data.test_images
+    if shard and distributed.world_size() > 1:
+        part = distributed.shard(len(images))
+        logits = distributed.gather_shards(predict(model, images[part], data), len(images))
+    else:
+        logits = predict(model, images, data)
     return logits, topk_accuracy(logits, data.test_labels, 1), topk_accuracy(logits, data.test_labels, 5)
 
 
@@ -164,6 +174,28 @@ def check_terms(terms: dict[str, Tensor], who: str) -> None:
                                "each term must be one already-weighted number per batch")
 
 
+class _Losses(nn.Module):
+    """The student and the method as one module whose forward returns the loss terms.
+
+    DDP wraps one module and averages the gradients of every parameter in it, so the method's own
+    parameters (FitNets' regressor) train across ranks exactly as the student's do.
+    """
+
+    def __init__(self, student: FeatureCapture, method: Method | None) -> None:
+        super().__init__()
+        self.model, self.method = student.model, method  # registered: their parameters are DDP's
+        self.capture = student
+
+    def forward(self, images: Tensor, labels: Tensor, t_out: list[Any], batch: Batch,
+                ce_weight: float) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(the engine's terms, the method's terms)."""
+        out = self.capture(images)
+        # Skipped when its weight is 0, so layers no term reaches get no gradient at all
+        # (FitNets' hint stage trains only the student's lower layers).
+        own = {"ce": ce_weight * F.cross_entropy(out.logits, labels)} if ce_weight else {}
+        return own, (self.method(out, t_out, batch) if self.method is not None else {})
+
+
 def train(
     model: nn.Module,
     data: DataSplits,
@@ -184,6 +216,15 @@ def train(
     ``progress`` is a tqdm bar advanced once per epoch, or None. With ``state_path``, every epoch
     ends with a checkpoint there, and an existing checkpoint (for ``state_key``, the run id) is
     resumed: the result equals an uninterrupted run's, bit for bit on the CPU.
+
+    Under torchrun (DDP, :mod:`kdbench.distributed`) every rank calls this with the same arguments.
+    Each draws the same global batch (same generator: same order, same augmentation) and trains on
+    its contiguous slice; the gradients, averaged by DDP and weighted by slice size, equal the
+    single-process gradient of the batch's mean loss (for terms that are means over samples, as
+    CE and KD are; a term relating samples to each other, like RKD's, sees one slice's samples
+    per rank). What else differs is BatchNorm: each rank
+    normalises its slice with the slice's statistics, and running statistics are rank 0's (plain
+    DDP, no SyncBatchNorm). Rank 0 alone writes the checkpoint; a resumed run loads it on every rank.
     """
     device = data.train_images.device
     if device.type == "cpu":
@@ -200,6 +241,15 @@ def train(
         # Every parameter a method owns trains with the student: nothing can be forgotten.
         params += [p for p in method.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, recipe)
+    world = distributed.world_size()
+    if recipe.batch_size % world:
+        raise KdbenchError(f"recipe '{recipe.name}' has batch {recipe.batch_size}, which does not split evenly among "
+                           f"{world} DDP processes; use a --nproc_per_node that divides it (the recipe's batch is the "
+                           "global batch, as in a single-process run)")
+    if 0 < len(data.train_labels) % recipe.batch_size < world:
+        raise KdbenchError(f"the last batch of {len(data.train_labels)} training images would leave DDP processes "
+                           f"without any; choose a --limit with a remainder of 0 or at least {world} modulo the "
+                           f"batch {recipe.batch_size}")
     gen = torch.Generator(device=device).manual_seed(seed)
     loader = Loader(data.train_images, data.train_labels, data.info, batch_size=recipe.batch_size, shuffle=True,
                     generator=gen, crop_padding=recipe.crop_padding, flip=recipe.flip)
@@ -214,6 +264,13 @@ def train(
             result.resumed_from = first
             if progress is not None:
                 progress.update(first)
+    losses_of = _Losses(student, method)
+    net: nn.Module = losses_of
+    if world > 1:
+        # Built after a resumed checkpoint is loaded (DDP starts from rank 0's weights). Unused
+        # parameters must be allowed: FitNets' hint stage leaves the student's head out of the loss.
+        net = nn.parallel.DistributedDataParallel(
+            losses_of, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     start = time.perf_counter() - result.train_time_s - result.eval_time_s - result.checkpoint_time_s
     for epoch in range(first, recipe.epochs):
         model.train()
@@ -223,16 +280,15 @@ def train(
         sums: dict[str, Tensor] = {}
         steps = 0
         for images, labels in loader:
-            out = student(images)
-            terms: dict[str, Tensor] = {}
-            if ce_weight:
-                # Skipped when its weight is 0, so layers no term reaches get no gradient at all
-                # (FitNets' hint stage trains only the student's lower layers).
-                terms["ce"] = ce_weight * F.cross_entropy(out.logits, labels)
+            n = len(images)
+            if world > 1:  # this rank's slice of the global batch
+                images = images.tensor_split(world)[distributed.rank()]
+                labels = labels.tensor_split(world)[distributed.rank()]
+            share = len(images) / n  # 1 without DDP
+            with torch.no_grad():
+                t_out = [cap(images) for cap in teacher_caps]
+            terms, extra = net(images, labels, t_out, Batch(images, labels, epoch, recipe.epochs), ce_weight)
             if method is not None:
-                with torch.no_grad():
-                    t_out = [cap(images) for cap in teacher_caps]
-                extra = method(out, t_out, Batch(images, labels, epoch, recipe.epochs))
                 if steps == 0:
                     check_terms(extra, who)
                 clash = set(extra) & set(terms)
@@ -243,13 +299,22 @@ def train(
                 raise KdbenchError(f"{who} produced no loss terms at epoch {epoch}; nothing would train")
             loss = sum(terms.values())
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # DDP averages the ranks' gradients; weighting each by its slice's share of the batch
+            # makes that the gradient of the whole batch's mean loss, also for an uneven last batch.
+            (loss * (share * world)).backward()
             opt.step()
             if recipe.max_norm:
                 apply_max_norm(model, recipe.max_norm)
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.detach()
+                sums[k] = sums.get(k, 0.0) + v.detach() * share
             steps += 1
+        if world > 1:  # one exchange per epoch: the epoch's sums over every rank's slices
+            keys = sorted(sums)
+            total = distributed.all_reduce_sum(torch.stack([sums[k] for k in keys]))
+            sums = dict(zip(keys, total))
+            # DDP copies rank 0's buffers to the others before each forward; after the last step
+            # they differ again, and every rank must evaluate (and rank 0 save) the same model.
+            distributed.sync_buffers(losses_of)
         losses = {k: float(v) / steps for k, v in sums.items()}
         bad = [k for k, v in losses.items() if not math.isfinite(v)]
         if bad:
@@ -259,13 +324,13 @@ def train(
         lr = opt.param_groups[0]["lr"]
         sched.step()
         t_eval = time.perf_counter()
-        logits, top1, top5 = evaluate(model, data)
+        logits, top1, top5 = evaluate(model, data, shard=True)
         result.history.append(EpochLog(epoch, lr, losses, top1, top5))
         if top1 > result.best_top1:
             result.best_epoch, result.best_top1, result.best_top5 = epoch, top1, top5
         result.test_logits = logits
         result.eval_time_s += time.perf_counter() - t_eval
-        if state_path is not None:
+        if state_path is not None and distributed.is_main():
             result.train_time_s = time.perf_counter() - start - result.eval_time_s - result.checkpoint_time_s
             t_save = time.perf_counter()
             save_state(state_path, key=state_key, epoch=epoch, model=model, method=method, opt=opt, sched=sched,
@@ -274,5 +339,6 @@ def train(
         if progress is not None:
             progress.set_postfix(loss=f"{sum(losses.values()):.3f}", top1=f"{top1:.2f}", refresh=False)
             progress.update(1)
+    distributed.check_in_sync(losses_of, "weights")
     result.train_time_s = time.perf_counter() - start - result.eval_time_s - result.checkpoint_time_s
     return result

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import engine, metrics, provenance, zoo
+from . import distributed, engine, metrics, provenance, zoo
 from .data import DataSplits, load_dataset
 from .errors import DiskFull, KdbenchError, unknown
 from .executors.base import (
@@ -105,11 +105,11 @@ class Plan:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise KdbenchError(f"--device {name} asked for, but torch sees no CUDA GPU; use --device cpu")
     try:
-        return torch.device(name)
+        return distributed.local_device(torch.device(name))
     except RuntimeError:
         raise KdbenchError(f"--device '{name}' is not a torch device; use auto, cpu or cuda") from None
 
@@ -163,6 +163,7 @@ def plan(req: Request) -> Plan:
         zoo.load_checkpoint(m, path, model)
     sha = {m: zoo.file_sha256(p) for m, p in checkpoints.items()}
     dev = device.type
+    world = distributed.world_size()  # a DDP run (torchrun) is another run than a single-process one
     label = dataset_label(info.name, req.limit, req.pad_to)
     for model in req.recipe_by_model:
         zoo.check_model_name(model)
@@ -175,7 +176,7 @@ def plan(req: Request) -> Plan:
 
     def teacher_spec(model: str, seed: int) -> TeacherSpec:
         return TeacherSpec(model, label, req.recipe_for(model), seed, dev, sha.get(model, ""), req.limit,
-                           req.kwargs_for(model))
+                           req.kwargs_for(model), world_size=world)
 
     specs: dict[str, RunSpec] = {}
     skipped: list[str] = []
@@ -213,7 +214,7 @@ def plan(req: Request) -> Plan:
                         teachers=tuple(teacher_spec(t, seed if s is None else s) for t, s in zip(teachers, t_seeds)),
                         student=pair.student, dataset=label, recipe=req.recipe_for(pair.student), seed=seed,
                         device=dev, data_limit=req.limit, student_kwargs=req.kwargs_for(pair.student),
-                        pair=f"{'+'.join(labels)}→{pair.student}",
+                        world_size=world, pair=f"{'+'.join(labels)}→{pair.student}",
                     )
                     specs.setdefault(spec.run_id, spec)
     return Plan(list(specs.values()), data, device, sorted(set(skipped)), checkpoints, probes)
@@ -294,7 +295,8 @@ class Runner:
 
     # -- bars -----------------------------------------------------------------------------
     def _bar(self, total: int, desc: str, position: int, leave: bool) -> Any:
-        return tqdm(total=total, desc=desc, position=position, leave=leave, disable=self.req.quiet,
+        return tqdm(total=total, desc=desc, position=position, leave=leave,
+                    disable=self.req.quiet or not distributed.is_main(),
                     unit="epoch" if position else "run", dynamic_ncols=True, file=sys.stderr)
 
     # -- models ---------------------------------------------------------------------------
@@ -314,10 +316,10 @@ class Runner:
         model = self._create(ts.model, ts.model_kwargs)
         if ts.checkpoint_sha256:
             zoo.load_checkpoint(model, self.plan.checkpoints[ts.model], ts.model)
-            if not self.store.has(ts.teacher_id):
+            if distributed.is_main() and not self.store.has(ts.teacher_id):
                 self._write_teacher_row(ts, model, engine.TrainResult.untrained(model, self.plan.data), trained=False)
         else:
-            with self.store.lock(ts.teacher_id, wait=True):
+            with distributed.main_lock(self.store, ts.teacher_id, wait=True):
                 if not self._load_cached_teacher(ts, model):
                     self._train_teacher(ts, model)
         self._teachers[ts.teacher_id] = model
@@ -325,7 +327,7 @@ class Runner:
 
     def _load_cached_teacher(self, ts: TeacherSpec, model: nn.Module) -> bool:
         path = self.store.teacher_path(ts.teacher_id)
-        if not (path.is_file() and self.store.has(ts.teacher_id)):
+        if not distributed.on_main(lambda: path.is_file() and self.store.has(ts.teacher_id)):
             return False
         try:
             state = torch.load(path, map_location=self.plan.device, weights_only=True)
@@ -342,9 +344,10 @@ class Runner:
                                   progress=bar, state_path=self.store.checkpoint_path(ts.teacher_id),
                                   state_key=ts.teacher_id)
         bar.close()
-        atomic_write(self.store.teacher_path(ts.teacher_id), lambda tmp: torch.save(model.state_dict(), tmp))
-        self._write_teacher_row(ts, model, result, trained=True, peak=mem)
-        self.store.finish(ts.teacher_id)
+        if distributed.is_main():  # under DDP every rank holds these same weights; rank 0 writes them
+            atomic_write(self.store.teacher_path(ts.teacher_id), lambda tmp: torch.save(model.state_dict(), tmp))
+            self._write_teacher_row(ts, model, result, trained=True, peak=mem)
+            self.store.finish(ts.teacher_id)
 
     def teacher_probs(self, ts: TeacherSpec) -> torch.Tensor:
         """A teacher's test-set class probabilities, computed once per sweep."""
@@ -374,20 +377,27 @@ class Runner:
         """Run one spec (a student run, or a teacher to train) unless its row exists; write its row.
 
         Raises when the run fails, after writing ``state/<run_id>/error.txt``; a run whose loss
-        diverged is a finished row with status "diverged" instead.
+        diverged is a finished row with status "diverged" instead. Under DDP (torchrun) every rank
+        calls this for the same spec; rank 0 decides and writes, and every rank returns its outcome.
         """
+        # The broadcast also keeps the ranks together: none starts the next run before rank 0 wrote this one's row.
+        return distributed.broadcast_object(self._execute_one(spec))
+
+    def _execute_one(self, spec: RunSpec | TeacherSpec) -> Outcome:
         run_id, label = spec_id(spec), spec_label(spec)
+        main = distributed.is_main()
         try:
             if isinstance(spec, TeacherSpec):
-                had = self.store.has(run_id)
+                had = distributed.on_main(lambda: self.store.has(run_id))
                 self.teacher(spec)  # takes the teacher's lock itself, waiting for another trainer
-                row = None if had else self.store.read(run_id)
+                row = None if had or not main else self.store.read(run_id)
             else:
-                with self.store.lock(run_id, wait=False):
-                    if self.store.has(run_id):
+                with distributed.main_lock(self.store, run_id, wait=False):
+                    if distributed.on_main(lambda: self.store.has(run_id)):
                         return Outcome(run_id, DONE, label)
                     row = self.run(spec)
-                    self.store.finish(run_id)
+                    if main:
+                        self.store.finish(run_id)
         except Busy:
             return Outcome(run_id, BUSY, label, error="another process is running it")
         except (KeyboardInterrupt, DiskFull):
@@ -399,7 +409,16 @@ class Runner:
             except OSError:
                 pass
             self._free_memory()
+            if distributed.world_size() > 1:
+                # The other ranks wait in this run's collectives: the sweep cannot go on without this rank.
+                last = "".join(traceback.format_exception_only(exc)).strip().splitlines()[-1]
+                raise distributed.RankFailed(
+                    f"{label} failed on DDP rank {distributed.rank()}: {last}. The ranks cannot go on without it, so "
+                    f"the sweep stops; the traceback is in {self.store.error_path(run_id)}. Re-run the same command "
+                    "to resume (finished runs are kept)") from exc
             raise
+        if not main:
+            return Outcome(run_id, DONE, label)  # replaced by rank 0's outcome in execute_one
         if row is None:
             return Outcome(run_id, DONE, label)
         return Outcome(run_id, row.get("status", OK), label, summary=summary_line(row, label))
@@ -430,6 +449,8 @@ class Runner:
             except engine.Diverged as exc:
                 result, error = exc.result, str(exc)
         bar.close()
+        if not distributed.is_main():
+            return {}  # rank 0 measures the model and writes the row
         row = self._row(spec.run_id, "student", spec.method, spec.student, spec.pair, spec.recipe, spec.seed,
                         student, result, mem)
         row.update({
@@ -492,7 +513,7 @@ class Runner:
             **self.costs(model_name, model),
             "train_time_s": result.train_time_s, "eval_time_s": result.eval_time_s,
             "checkpoint_time_s": result.checkpoint_time_s, "resumed_from_epoch": result.resumed_from,
-            "world_size": 1,
+            "world_size": distributed.world_size(),
             "peak_mem_mb": mem.mb if mem else float("nan"), "peak_mem_kind": mem.kind if mem else "",
             "flush_denormal": self.plan.device.type == "cpu",
             "history_top1": json.dumps([round(h.top1, 4) for h in result.history]),
@@ -508,12 +529,16 @@ class Runner:
         one after another); a failed run is reported and the sweep goes on."""
         from .executors.local import InlineExecutor
 
-        todo = [s for s in self.plan.specs if not self.store.has(s.run_id)]
+        if distributed.world_size() > 1 and executor is not None:
+            raise KdbenchError("under torchrun (DDP) the runs happen in the torchrun processes themselves; "
+                               "drop --executor/--gpus/--workers")
+        # Under DDP rank 0 reads the store once and every rank runs its list, in the same order.
+        todo, teacher_tasks, tasks = distributed.on_main(
+            lambda: ([s for s in self.plan.specs if not self.store.has(s.run_id)], *tasks_for(self.req, self.plan)))
         done = len(self.plan.specs) - len(todo)
         if done:
             self.log(f"{done} of {len(self.plan.specs)} runs already in {self.store.root}; skipping them")
         executor = executor or InlineExecutor(self)
-        teacher_tasks, tasks = tasks_for(self.req, self.plan)
         sweep = self._bar(len(teacher_tasks) + len(todo), "sweep", 0, True)
 
         def report(o: Outcome) -> None:
