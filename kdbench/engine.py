@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -271,6 +272,9 @@ def train(
         # parameters must be allowed: FitNets' hint stage leaves the student's head out of the loss.
         net = nn.parallel.DistributedDataParallel(
             losses_of, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+        # A 1x1 convolution's (FitNets' regressor's) gradient differs from its bucket only in the
+        # strides of size-1 dimensions: DDP's "performance" warning about it says nothing.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     start = time.perf_counter() - result.train_time_s - result.eval_time_s - result.checkpoint_time_s
     for epoch in range(first, recipe.epochs):
         model.train()
