@@ -404,8 +404,15 @@ class Runner:
             raise
         except BaseException as exc:
             text = "".join(traceback.format_exception(exc))
+            where = self.store.error_path(run_id)
+            if distributed.rank():  # DDP: each rank keeps its own traceback (the others' only say a peer died)
+                where = where.with_name(f"error.rank{distributed.rank()}.txt")
             try:
-                self.store.record_error(run_id, f"{label}\n{self.req.command}\n\n{text}")
+                if distributed.rank():
+                    where.parent.mkdir(parents=True, exist_ok=True)
+                    where.write_text(f"rank {distributed.rank()}: {label}\n{self.req.command}\n\n{text}")
+                else:
+                    self.store.record_error(run_id, f"{label}\n{self.req.command}\n\n{text}")
             except OSError:
                 pass
             self._free_memory()
@@ -414,8 +421,8 @@ class Runner:
                 last = "".join(traceback.format_exception_only(exc)).strip().splitlines()[-1]
                 raise distributed.RankFailed(
                     f"{label} failed on DDP rank {distributed.rank()}: {last}. The ranks cannot go on without it, so "
-                    f"the sweep stops; the traceback is in {self.store.error_path(run_id)}. Re-run the same command "
-                    "to resume (finished runs are kept)") from exc
+                    f"the sweep stops; the traceback is in {where}. Re-run the same command to resume (finished "
+                    "runs are kept)") from exc
             raise
         if not main:
             return Outcome(run_id, DONE, label)  # replaced by rank 0's outcome in execute_one

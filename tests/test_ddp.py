@@ -75,11 +75,37 @@ def test_two_processes_follow_the_single_process_run(tmp_path):
     # The student rows name the DDP teacher (its own id too).
     assert ddp[("kd", "hinton_mlp_800")]["teacher_ids"] == ddp[("teacher", "hinton_mlp_1200")]["run_id"]
 
-    # Run again: rank 0 finds every row and both ranks skip them all, without training.
-    again = torchrun([*SWEEP, "--results-dir", str(two)])
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "0 runs finished, 3 already done" in again.stdout
+    # Run again with one more method, which fails on rank 1 only (as an out-of-memory error on one GPU
+    # would): rank 0 finds the finished rows and both ranks skip them; then the failure stops the
+    # sweep instead of leaving rank 0 waiting for a peer, and rank 1's traceback is kept.
+    plugin = tmp_path / "boom.py"
+    plugin.write_text(BOOM)
+    again = torchrun([*SWEEP, "--methods", "ce,kd,fitnets,boom", "--plugin", str(plugin), "--results-dir", str(two)])
+    assert again.returncode == 1, again.stdout + again.stderr
+    assert "3 of 4 runs already in" in again.stdout
+    assert "failed on DDP rank 1: RuntimeError: out of memory (pretend)" in again.stderr
+    assert "out of memory (pretend)" in next((two / "state").glob("*/error.rank1.txt")).read_text()
     assert rows(two) == ddp
+
+
+BOOM = '''
+from kdbench import distributed
+from kdbench.method import Method
+
+
+class Boom(Method):
+    name = "boom"
+    paper = "a test stand-in"
+    min_teachers = max_teachers = 0
+
+    def __init__(self, *, ce_weight: float = 1.0) -> None:
+        super().__init__(ce_weight=ce_weight)
+
+    def forward(self, student, teachers, batch):
+        if distributed.rank() == 1 and batch.epoch == 1:
+            raise RuntimeError("out of memory (pretend)")
+        return {}
+'''
 
 
 @pytest.mark.parametrize("opts", [["--executor", "ray"], ["--workers", "2"], ["--gpus", "0,1"]])
