@@ -273,18 +273,30 @@ def build_request(args: argparse.Namespace, suite: Suite, *, dataset: str, recip
     else:
         selected, strict = _csv(args.methods), True
     chosen = set(methods) if selected is None else set(selected)
+    where = f"suite file {suite.path or suite.name}"
+    for key, _ in (*suite.overrides, *suite.sweeps):
+        if key.split(".")[0] not in methods:
+            raise KdbenchError(f"{where}: " + str(unknown("method", key.split(".")[0], methods,
+                                                         fix="Fix the name in its [hparams.X] or [sweep.X] table")))
     suite_sets = [f"{k}={v}" for k, v in suite.overrides if k.split(".")[0] in chosen]
+    try:
+        suite_overrides = parse_overrides(suite_sets, methods)
+    except KdbenchError as exc:
+        raise KdbenchError(f"{where} [hparams]: {exc}") from None
     variants: dict[str, list[dict[str, Any]]] = {}
     for key, values in suite.sweeps:
         if key.split(".")[0] not in chosen:
             continue
-        parsed = [parse_overrides([f"{key}={v}"], methods) for v in values]
+        try:
+            parsed = [parse_overrides([f"{key}={v}"], methods) for v in values]
+        except KdbenchError as exc:
+            raise KdbenchError(f"{where} [sweep]: {exc}") from None
         m = key.split(".")[0]
         old = variants.get(m) or [{}]
         variants[m] = [{**o, **p[m]} for o in old for p in parsed]  # every combination
     return Request(
         methods=methods, selected=selected, pairs=pairs, dataset=dataset, recipe=recipe,
-        seeds=args.seeds or suite.seeds, overrides=parse_overrides(suite_sets, methods),
+        seeds=args.seeds or suite.seeds, overrides=suite_overrides,
         pinned=parse_overrides(args.sets, methods),
         teacher_checkpoints=parse_checkpoints(args.teacher_ckpts, pairs), results_dir=results_dir(args.results_dir),
         data_dir=args.data_dir, download=args.download, limit=args.limit, device=args.device,
@@ -338,7 +350,8 @@ def build_executor(args: argparse.Namespace, req: Any, device: Any) -> Any:
     if name not in EXECUTORS:
         raise unknown("executor", name, EXECUTORS, fix="See `kdbench run --help`, section 'where runs happen'.")
     env = _env_vars(args.env)
-    gpus_per_run = args.gpus_per_run if args.gpus_per_run is not None else (1.0 if device.type == "cuda" else 0.0)
+    gpus_per_run = args.gpus_per_run if args.gpus_per_run is not None else (
+        1.0 if str(req.device).startswith("cuda") else 0.0)
     if name == "local":
         if args.gpus and args.workers:
             raise KdbenchError("give --gpus or --workers, not both (--gpus starts one worker per GPU)")
@@ -374,6 +387,12 @@ def build_executor(args: argparse.Namespace, req: Any, device: Any) -> Any:
                          mem_gb=args.slurm_mem, account=args.slurm_account, qos=args.slurm_qos, extra=extra, env=env)
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _env_vars(items: Sequence[str]) -> dict[str, str]:
     from .executors.base import worker_env
 
@@ -402,6 +421,15 @@ def _plan_and_execute(req: Any, args: argparse.Namespace) -> tuple[Any, int]:
     distributed.check_options(executor=args.executor, gpus=args.gpus, workers=args.workers)
     if distributed.launched():
         distributed.init(resolve_device(req.device))
+    if args.executor in ("ray", "slurm"):
+        # The runs' device is the workers', not this machine's (a login node may have no GPU).
+        gpus = args.gpus_per_run if args.gpus_per_run is not None else (1.0 if _has_cuda() else 0.0)
+        if req.device == "auto":
+            req.device = "cuda" if gpus > 0 else "cpu"
+        if req.device.startswith("cuda") and gpus == 0:
+            raise KdbenchError(f"--device {req.device} with --gpus-per-run 0: the runs would get no GPU; "
+                               "give --gpus-per-run (e.g. 1, or 0.25 to pack runs) or --device cpu")
+        req.remote = True
     p = _plan_and_print(req, args)
     if args.dry_run:
         return None, 0

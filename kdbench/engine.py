@@ -25,7 +25,7 @@ from .features import FeatureCapture
 from .method import Batch, Method, Taps
 from .metrics import topk_accuracy
 from .recipe import Recipe
-from .store import atomic_write, warn
+from .store import atomic_torch_save, warn
 from .zoo import load_fitting
 
 
@@ -137,7 +137,7 @@ def save_state(path: Path, *, key: str, epoch: int, model: nn.Module, method: Me
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "result": {**asdict(result), "history": [asdict(h) for h in result.history]},
     }
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_torch_save(path, state)
 
 
 def load_state(path: Path, *, key: str, model: nn.Module, method: Method | None, opt: torch.optim.Optimizer,

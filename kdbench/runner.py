@@ -41,7 +41,7 @@ from .method import Method, Probe, Taps
 from .recipe import Recipe
 from .registry import build_method, parse_overrides
 from .spec import RunSpec, TeacherSpec
-from .store import Busy, ResultsStore, atomic_write, warn
+from .store import Busy, ResultsStore, atomic_torch_save, warn
 from .suites import Pair
 
 
@@ -75,12 +75,15 @@ class Request:
     #: Hyperparameters the user set (--set): they win over the suite's, its pairs' and its sweeps'.
     pinned: dict[str, dict[str, Any]] = field(default_factory=dict)
     plugins: tuple[str, ...] = ()  # --plugin files (absolute): workers of other executors load them again
+    #: Runs happen on other machines (Ray, Slurm): ``device`` names theirs (e.g. cuda on a GPU
+    #: partition), while this process, maybe a login node without a GPU, plans on its CPU.
+    remote: bool = False
     command: str = ""              # the command line, recorded in every row (workers have other argv)
 
     def portable(self) -> Request:
         """This request as a task carries it to another process: method classes are re-loaded there
         (from entry points and ``plugins``), paths are absolute."""
-        return replace(self, methods={}, results_dir=Path(self.results_dir).resolve(),
+        return replace(self, methods={}, remote=False, results_dir=Path(self.results_dir).resolve(),
                        data_dir=str(Path(self.data_dir).expanduser().resolve()) if self.data_dir else None,
                        teacher_checkpoints={k: str(Path(v).resolve()) for k, v in self.teacher_checkpoints.items()},
                        command=self.command or provenance.command_line())
@@ -150,7 +153,7 @@ def plan(req: Request) -> Plan:
     for pair in req.pairs:
         for model in (*pair.teachers, pair.student):
             zoo.check_model_name(model)
-    device = resolve_device(req.device)
+    device = torch.device("cpu") if req.remote else resolve_device(req.device)
     data = load_data(req, device)
     info = data.info
     all_teachers = {t for p in req.pairs for t in p.teachers}
@@ -162,7 +165,7 @@ def plan(req: Request) -> Plan:
         m = zoo.create(model, num_classes=info.num_classes, in_chans=info.in_chans, img_size=info.img_size)
         zoo.load_checkpoint(m, path, model)
     sha = {m: zoo.file_sha256(p) for m, p in checkpoints.items()}
-    dev = device.type
+    dev = req.device.split(":")[0] if req.remote else device.type
     world = distributed.world_size()  # a DDP run (torchrun) is another run than a single-process one
     label = dataset_label(info.name, req.limit, req.pad_to)
     for model in req.recipe_by_model:
@@ -276,6 +279,7 @@ class Runner:
         self._teachers: dict[str, nn.Module] = {}
         self._teacher_probs: dict[str, torch.Tensor] = {}  # test-set probabilities, per teacher id
         self._costs: dict[str, dict[str, Any]] = {}        # FLOPs and throughput, per architecture
+        self._trained_here: set[str] = set()               # teachers this process trained
 
     @classmethod
     def for_request(cls, req: Request) -> Runner:
@@ -338,6 +342,7 @@ class Runner:
         return True
 
     def _train_teacher(self, ts: TeacherSpec, model: nn.Module) -> None:
+        self._trained_here.add(ts.teacher_id)
         bar = self._bar(ts.recipe.epochs, f"teacher {ts.model} seed {ts.seed}", 1, False)
         with metrics.PeakMemory(self.plan.device) as mem:
             result = engine.train(model, self.plan.data, ts.recipe, seed=ts.seed, model_name=ts.model,
@@ -345,7 +350,7 @@ class Runner:
                                   state_key=ts.teacher_id)
         bar.close()
         if distributed.is_main():  # under DDP every rank holds these same weights; rank 0 writes them
-            atomic_write(self.store.teacher_path(ts.teacher_id), lambda tmp: torch.save(model.state_dict(), tmp))
+            atomic_torch_save(self.store.teacher_path(ts.teacher_id), model.state_dict())
             self._write_teacher_row(ts, model, result, trained=True, peak=mem)
             self.store.finish(ts.teacher_id)
 
@@ -373,26 +378,28 @@ class Runner:
         return self._costs[name]
 
     # -- runs -----------------------------------------------------------------------------
-    def execute_one(self, spec: RunSpec | TeacherSpec) -> Outcome:
+    def execute_one(self, spec: RunSpec | TeacherSpec, *, wait: bool = False) -> Outcome:
         """Run one spec (a student run, or a teacher to train) unless its row exists; write its row.
 
         Raises when the run fails, after writing ``state/<run_id>/error.txt``; a run whose loss
-        diverged is a finished row with status "diverged" instead. Under DDP (torchrun) every rank
+        diverged is a finished row with status "diverged" instead. A run another process holds is
+        "busy", or with ``wait``, waited for (then it is done, or run here if that process died).
+        Under DDP (torchrun) every rank
         calls this for the same spec; rank 0 decides and writes, and every rank returns its outcome.
         """
         # The broadcast also keeps the ranks together: none starts the next run before rank 0 wrote this one's row.
-        return distributed.broadcast_object(self._execute_one(spec))
+        return distributed.broadcast_object(self._execute_one(spec, wait))
 
-    def _execute_one(self, spec: RunSpec | TeacherSpec) -> Outcome:
+    def _execute_one(self, spec: RunSpec | TeacherSpec, wait: bool) -> Outcome:
         run_id, label = spec_id(spec), spec_label(spec)
         main = distributed.is_main()
         try:
             if isinstance(spec, TeacherSpec):
-                had = distributed.on_main(lambda: self.store.has(run_id))
                 self.teacher(spec)  # takes the teacher's lock itself, waiting for another trainer
-                row = None if had or not main else self.store.read(run_id)
+                # Reported as trained only by the process that trained it (not one that waited).
+                row = self.store.read(run_id) if main and run_id in self._trained_here else None
             else:
-                with distributed.main_lock(self.store, run_id, wait=False):
+                with distributed.main_lock(self.store, run_id, wait=wait):
                     if distributed.on_main(lambda: self.store.has(run_id)):
                         return Outcome(run_id, DONE, label)
                     row = self.run(spec)
@@ -400,7 +407,7 @@ class Runner:
                         self.store.finish(run_id)
         except Busy:
             return Outcome(run_id, BUSY, label, error="another process is running it")
-        except (KeyboardInterrupt, DiskFull):
+        except (KeyboardInterrupt, SystemExit, DiskFull):
             raise
         except BaseException as exc:
             text = "".join(traceback.format_exception(exc))
@@ -554,7 +561,7 @@ class Runner:
             line = o.summary or f"{o.label}: {o.status}" + (f": {o.error.strip().splitlines()[-1]}" if o.error else "")
             tqdm.write(f"  {line}", file=sys.stdout)
 
-        outcomes = executor.run(teacher_tasks, report)
+        outcomes = executor.run_waiting(teacher_tasks, report)
         lost = {o.run_id: o for o in outcomes if not o.finished}
         ready = []
         for task in tasks:
@@ -566,7 +573,7 @@ class Runner:
                 outcomes.append(o)
             else:
                 ready.append(task)
-        outcomes += executor.run(ready, report)
+        outcomes += executor.run_waiting(ready, report)
         sweep.close()
         return SweepResult(outcomes, done, {t.run_id for t in teacher_tasks})
 
