@@ -25,6 +25,10 @@ examples:
   kdbench run --dataset cifar100 --download --pairs cifar_resnet32x4:cifar_resnet8x4 --recipe crd
   kdbench run --methods ensemble_kd --pairs cifar_resnet56+cifar_wrn_40_2:cifar_resnet20
   kdbench run --methods my_kd --plugin my_kd.py   # a method in one file, no install
+  kdbench run --suite crd-table1 --gpus 0,1,2,3   # one worker process per GPU
+  kdbench run --suite crd-table1 --executor ray --ray-address auto --gpus-per-run 0.25   # 4 runs per GPU
+  kdbench run --suite crd-table1 --executor slurm --slurm-partition gpu --gpus-per-run 1 --slurm-max-concurrent 16
+  torchrun --nproc_per_node=8 -m kdbench run --dataset /data/imagenet --pairs resnet50:resnet18   # one run, 8 GPUs
   kdbench report --metric top1_best
   kdbench list methods
 """
@@ -54,14 +58,25 @@ def _seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+def _number(cast: type, *, low: float, high: float = float("inf"), low_open: bool = False,
+            what: str) -> Any:
+    """An argparse type: ``cast(text)`` within [low, high] (or (low, high]), else a message saying what it takes."""
+    def parse(text: str) -> Any:
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got '{text}'") from None
+        if not ((v > low if low_open else v >= low) and v <= high):  # NaN fails too
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return v
+    return parse
+
+
+_positive = _number(int, low=1, what="a positive integer")
+_nonnegative_int = _number(int, low=0, what="a whole number >= 0")
+_nonnegative_float = _number(float, low=0, what="a number >= 0 like 0.25")
+_fraction = _number(float, low=0, low_open=True, high=1, what="a number in (0, 1] like 0.1 (--epochs-scale must be "
+                    "in (0, 1])")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,36 +216,6 @@ def _run_options(parser: argparse.ArgumentParser, *, reproduce: bool) -> None:
     out.add_argument("--dry-run", action="store_true", help="check everything and list the runs with an estimate "
                      "of their time on this device (from a few timed training steps); train nothing")
     out.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-
-
-def _nonnegative_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number like 0.25, got '{text}'") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return v
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {v}")
-    return v
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number like 0.1, got '{text}'") from None
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"--epochs-scale must be in (0, 1], got {v}")
-    return v
 
 
 def results_dir(arg: Path | None) -> Path:
