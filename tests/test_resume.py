@@ -114,7 +114,8 @@ def test_damaged_checkpoint_starts_over(tmp_path, damage, capsys):
         ck["key"] = "another-run"
         torch.save(ck, state)
     _, _, res = _train(data, "kd", state)
-    assert "ignoring" in capsys.readouterr().err and str(state) in capsys.readouterr().err + str(state)
+    err = capsys.readouterr().err
+    assert "ignoring" in err and str(state) in err and "starting the run over" in err
     assert res.resumed_from == 0
     assert [h.losses for h in res.history] == [h.losses for h in ref.history]
 
@@ -135,6 +136,13 @@ SWEEP = ["run", "--methods", "ce,kd", "--pairs", "cifar_resnet8:cifar_resnet8", 
 
 def _cli(args: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "kdbench", *args], capture_output=True, text=True, timeout=600, **kw)
+
+
+def rerun_completes(d: Path, reference: dict) -> None:
+    """Re-running the sweep's command finishes it with exactly the uninterrupted sweep's rows."""
+    again = _cli([*SWEEP, "--results-dir", str(d)])
+    assert again.returncode == 0, again.stderr
+    assert store_rows(d) == reference
 
 
 @pytest.fixture(scope="module")
@@ -164,10 +172,7 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_rows(tmp_path, refer
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert not (d / "runs" / f"{victim}.json").exists()
-    assert not list((d / "runs").glob(".*.tmp")) or True  # a temp file may be left by the kill; never read
-    again = _cli([*SWEEP, "--results-dir", str(d)])
-    assert again.returncode == 0, again.stderr
-    assert store_rows(d) == reference
+    rerun_completes(d, reference)
     row = json.loads((d / "runs" / f"{victim}.json").read_text())
     assert row["resumed_from_epoch"] >= 1, "the killed run did not resume from its checkpoint"
     assert not any((d / "state").glob("*/checkpoint.pt")), "finished runs keep no checkpoint"
@@ -194,9 +199,7 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, reference):
     for name, data in finished_before.items():
         assert (d / "runs" / name).read_bytes() == data
     assert not list((d / "runs").glob(".*"))  # no half-written row
-    again = _cli([*SWEEP, "--results-dir", str(d)])
-    assert again.returncode == 0, again.stderr
-    assert store_rows(d) == reference
+    rerun_completes(d, reference)
 
 
 @pytest.mark.slow
@@ -308,9 +311,7 @@ def test_disk_full_while_writing_loses_nothing(tmp_path, reference):
     assert not list(d.rglob(".*.tmp")), "a half-written file was left behind"
     for p in (d / "runs").glob("*.json") if (d / "runs").is_dir() else []:
         json.loads(p.read_text())  # whatever was written is whole
-    again = _cli([*SWEEP, "--results-dir", str(d)])
-    assert again.returncode == 0, again.stderr
-    assert store_rows(d) == reference
+    rerun_completes(d, reference)
 
 
 @pytest.mark.slow
