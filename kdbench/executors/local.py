@@ -54,18 +54,18 @@ def _worker(slot: str, gpu: str | None, inbox: Any, outbox: Any) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     from ..worker import run_task
 
-    while True:
-        item = inbox.get()
-        if item is None:
-            return
-        index, task = item
-        try:
-            outbox.put((index, run_task(task), None))
-        except KeyboardInterrupt:
-            return
-        except BaseException as exc:  # reported by the driver; the worker takes the next task
-            outbox.put((index, None, (type(exc).__name__, "".join(traceback.format_exception_only(exc)).strip(),
-                                      isinstance(exc, DiskFull))))
+    try:
+        while (item := inbox.get()) is not None:
+            index, task = item
+            try:
+                outbox.put((index, run_task(task), None))
+            except Exception as exc:  # reported by the driver; the worker takes the next task
+                outbox.put((index, None, (type(exc).__name__, "".join(traceback.format_exception_only(exc)).strip(),
+                                          isinstance(exc, DiskFull))))
+    except KeyboardInterrupt:
+        # Ctrl-C reaches every process of the terminal: the driver reports it, the worker just stops
+        # (the run it was training keeps its last epoch checkpoint).
+        return
 
 
 class LocalExecutor(Executor):
