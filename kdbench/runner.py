@@ -384,8 +384,8 @@ class Runner:
         Raises when the run fails, after writing ``state/<run_id>/error.txt``; a run whose loss
         diverged is a finished row with status "diverged" instead. A run another process holds is
         "busy", or with ``wait``, waited for (then it is done, or run here if that process died).
-        Under DDP (torchrun) every rank
-        calls this for the same spec; rank 0 decides and writes, and every rank returns its outcome.
+        Under DDP (torchrun) every rank calls this for the same spec; rank 0 decides and writes, and
+        every rank returns its outcome.
         """
         # The broadcast also keeps the ranks together: none starts the next run before rank 0 wrote this one's row.
         return distributed.broadcast_object(self._execute_one(spec, wait))
@@ -505,7 +505,7 @@ class Runner:
     def _row(self, run_id: str, kind: str, method: str, model_name: str, pair: str, recipe: Recipe, seed: int,
              model: nn.Module, result: engine.TrainResult, mem: metrics.PeakMemory | None) -> dict[str, Any]:
         data = self.plan.data
-        # A diverged run (no usable weights) reports no accuracy: tables must not average it in.
+        # No accuracy without an evaluated epoch (a run that diverged in its first epoch).
         ok = result.test_logits is not None and result.history and result.best_top1 >= 0
         nan = float("nan")
         prf = metrics.per_class_prf(result.test_logits.argmax(1), data.test_labels, self.info.num_classes) if ok \
