@@ -329,14 +329,10 @@ def _duration(seconds: float) -> str:
 EXECUTORS = ("local", "ray", "slurm")
 
 
-def build_executor(args: argparse.Namespace, req: Any, device: Any) -> Any:
-    """The executor the options ask for; None means here, in this process (the default)."""
+def build_executor(args: argparse.Namespace, req: Any) -> Any:
+    """The executor the options ask for (a name already checked); None means here, in this process."""
     name = args.executor
-    if name not in EXECUTORS:
-        raise unknown("executor", name, EXECUTORS, fix="See `kdbench run --help`, section 'where runs happen'.")
     env = _env_vars(args.env)
-    gpus_per_run = args.gpus_per_run if args.gpus_per_run is not None else (
-        1.0 if str(req.device).startswith("cuda") else 0.0)
     if name == "local":
         if args.gpus and args.workers:
             raise KdbenchError("give --gpus or --workers, not both (--gpus starts one worker per GPU)")
@@ -356,7 +352,7 @@ def build_executor(args: argparse.Namespace, req: Any, device: Any) -> Any:
     if name == "ray":
         from .executors.ray_executor import RayExecutor
 
-        return RayExecutor(address=args.ray_address, gpus_per_run=gpus_per_run, cpus_per_run=args.cpus_per_run,
+        return RayExecutor(address=args.ray_address, gpus_per_run=args.gpus_per_run, cpus_per_run=args.cpus_per_run,
                            max_retries=args.max_retries, env=env)
     from .executors.slurm_executor import SlurmExecutor
 
@@ -368,7 +364,7 @@ def build_executor(args: argparse.Namespace, req: Any, device: Any) -> Any:
         extra[key] = value
     return SlurmExecutor(folder=args.slurm_folder or Path(req.results_dir).resolve() / "slurm", cluster="slurm",
                          partition=args.slurm_partition, max_concurrent=args.slurm_max_concurrent,
-                         time_min=args.slurm_time, gpus_per_run=gpus_per_run, cpus_per_run=args.cpus_per_run,
+                         time_min=args.slurm_time, gpus_per_run=args.gpus_per_run, cpus_per_run=args.cpus_per_run,
                          mem_gb=args.slurm_mem, account=args.slurm_account, qos=args.slurm_qos, extra=extra, env=env)
 
 
@@ -408,7 +404,10 @@ def _plan_and_execute(req: Any, args: argparse.Namespace) -> tuple[Any, int]:
         distributed.init(resolve_device(req.device))
     if args.executor in ("ray", "slurm"):
         # The runs' device is the workers', not this machine's (a login node may have no GPU).
-        gpus = args.gpus_per_run if args.gpus_per_run is not None else (1.0 if _has_cuda() else 0.0)
+        # --gpus-per-run defaults to 1 for CUDA runs: --device cuda, or auto on a machine with a GPU.
+        if args.gpus_per_run is None:
+            args.gpus_per_run = 1.0 if req.device.startswith("cuda") or (req.device == "auto" and _has_cuda()) else 0.0
+        gpus = args.gpus_per_run
         if req.device == "auto":
             req.device = "cuda" if gpus > 0 else "cpu"
         if req.device.startswith("cuda") and gpus == 0:
@@ -419,7 +418,7 @@ def _plan_and_execute(req: Any, args: argparse.Namespace) -> tuple[Any, int]:
     if args.dry_run:
         return None, 0
     store.check_writable()  # after the checks of the plan, before anything trains
-    executor = build_executor(args, req, p.device)
+    executor = build_executor(args, req)
     try:
         sweep = Runner(req, p, store).execute(executor)
     finally:

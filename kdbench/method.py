@@ -91,6 +91,7 @@ class Method(nn.Module):
 
     def __init__(self, *, ce_weight: float = 1.0) -> None:
         super().__init__()
+        check_weights(ce_weight=ce_weight)
         self.ce_weight = ce_weight
 
     # -- what the engine asks -------------------------------------------------------------
@@ -144,4 +145,22 @@ class Method(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
-__all__ = ["Batch", "Method", "Outputs", "Probe", "Taps"]
+def check_weights(**weights: float) -> None:
+    """Loss weights must be >= 0: 0 turns a term off, a negative one would maximise its loss.
+
+    Written as ``not w >= 0`` so that NaN fails too. Raises ``ValueError`` (a clear user error
+    once ``build_method`` wraps it).
+    """
+    for name, w in weights.items():
+        if not w >= 0:
+            raise ValueError(f"{name} must be >= 0 (0 turns its term off; a negative weight maximises its loss), "
+                             f"got {w}")
+
+
+def check_temperature(temperature: float) -> None:
+    """A softmax temperature must be > 0 (NaN fails too)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+__all__ = ["Batch", "Method", "Outputs", "Probe", "Taps", "check_temperature", "check_weights"]

@@ -188,8 +188,8 @@ def check_value(name: str, value: Any, default: Any) -> None:
     """Raise ``ValueError`` unless ``value`` fits the kind of ``default``.
 
     What every method gets without writing it: a number where the default is one (an int where
-    it is an int), finite, and a ``ce_weight`` that is not negative (a negative weight would
-    maximise the cross-entropy). Each method checks its own ranges (its weights, temperature).
+    it is an int), and finite. Ranges are the method's own (``check_weights``, ``check_temperature``
+    in ``kdbench.method``; the base class checks ``ce_weight``).
     """
     def is_number(v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -203,8 +203,6 @@ def check_value(name: str, value: Any, default: Any) -> None:
         raise ValueError(f"{name} must be finite, got {value}")
     if numbers and not (isinstance(value, tuple) and all(is_number(v) and math.isfinite(v) for v in value)):
         raise ValueError(f"{name} must be a list of finite numbers like 1,3, got {value!r}")
-    if name == "ce_weight" and value < 0:
-        raise ValueError(f"ce_weight must be >= 0 (a negative weight maximises the cross-entropy), got {value}")
 
 
 def build_method(cls: type[Method], overrides: Mapping[str, Any] | None = None) -> Method:

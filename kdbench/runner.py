@@ -547,13 +547,12 @@ class Runner:
             raise KdbenchError("under torchrun (DDP) the runs happen in the torchrun processes themselves; "
                                "drop --executor/--gpus/--workers")
         # Under DDP rank 0 reads the store once and every rank runs its list, in the same order.
-        todo, teacher_tasks, tasks = distributed.on_main(
-            lambda: ([s for s in self.plan.specs if not self.store.has(s.run_id)], *tasks_for(self.req, self.plan)))
-        done = len(self.plan.specs) - len(todo)
+        teacher_tasks, tasks = distributed.on_main(lambda: tasks_for(self.req, self.plan))
+        done = len(self.plan.specs) - len(tasks)
         if done:
             self.log(f"{done} of {len(self.plan.specs)} runs already in {self.store.root}; skipping them")
         executor = executor or InlineExecutor(self)
-        sweep = self._bar(len(teacher_tasks) + len(todo), "sweep", 0, True)
+        sweep = self._bar(len(teacher_tasks) + len(tasks), "sweep", 0, True)
 
         def report(o: Outcome) -> None:
             sweep.update(1)

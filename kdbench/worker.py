@@ -32,11 +32,6 @@ def runner_for(request: Request) -> Runner:
     return _RUNNERS[key]
 
 
-def register(request: Request, runner: Runner) -> None:
-    """Let in-process tasks of ``request`` use an existing Runner (the driver's own)."""
-    _RUNNERS[_key(request)] = runner
-
-
 def run_task(task: Task) -> Outcome:
     """Run ``task`` here and write its row; idempotent. Raises when the run fails (after writing
     ``state/<run_id>/error.txt``), so the executor can retry it."""

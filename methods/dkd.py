@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdbench.method import Batch, Method, Outputs
+from kdbench.method import Batch, Method, Outputs, check_temperature, check_weights
 
 
 def _binary_kl(p: Tensor, q: Tensor) -> Tensor:
@@ -35,12 +35,8 @@ class DKD(Method):
     def __init__(self, *, ce_weight: float = 1.0, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
                  warmup: int = 20) -> None:
         super().__init__(ce_weight=ce_weight)
-        if not temperature > 0:  # written so that NaN fails too
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not alpha >= 0:
-            raise ValueError(f"alpha must be >= 0 (0 turns its term off), got {alpha}")
-        if not beta >= 0:
-            raise ValueError(f"beta must be >= 0 (0 turns its term off), got {beta}")
+        check_temperature(temperature)
+        check_weights(alpha=alpha, beta=beta)
         if warmup < 0:
             raise ValueError(f"warmup must be >= 0 epochs, got {warmup}")
         self.alpha, self.beta, self.temperature, self.warmup = alpha, beta, temperature, warmup

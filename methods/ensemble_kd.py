@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdbench.losses import kd_loss, soft_kl
-from kdbench.method import Batch, Method, Outputs, Probe
+from kdbench.method import Batch, Method, Outputs, Probe, check_temperature, check_weights
 
 COMBINE = ("mean_probs", "mean_kl", "mean_logits")
 
@@ -35,10 +35,8 @@ class EnsembleKD(Method):
         super().__init__(ce_weight=ce_weight)
         if combine not in COMBINE:
             raise ValueError(f"combine must be one of {', '.join(COMBINE)}, got '{combine}'")
-        if not temperature > 0:  # written so that NaN fails too
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not kd_weight >= 0:
-            raise ValueError(f"kd_weight must be >= 0 (0 turns its term off), got {kd_weight}")
+        check_temperature(temperature)
+        check_weights(kd_weight=kd_weight)
         if any(w < 0 for w in teacher_weights) or (teacher_weights and sum(teacher_weights) <= 0):
             raise ValueError(f"teacher_weights must be non-negative with a positive sum, got {teacher_weights}")
         self.kd_weight = kd_weight

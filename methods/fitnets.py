@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdbench.losses import kd_loss
-from kdbench.method import Batch, Method, Outputs, Probe, Taps
+from kdbench.method import Batch, Method, Outputs, Probe, Taps, check_temperature, check_weights
 
 SCHEDULES = ("joint", "two_stage")
 
@@ -59,12 +59,8 @@ class FitNets(Method):
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got '{schedule}'")
         if not 0.0 <= hint_fraction <= 1.0:
             raise ValueError(f"hint_fraction must be in [0, 1], got {hint_fraction}")
-        if not temperature > 0:  # written so that NaN fails too
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not hint_weight >= 0:
-            raise ValueError(f"hint_weight must be >= 0 (0 turns its term off), got {hint_weight}")
-        if not kd_weight >= 0:
-            raise ValueError(f"kd_weight must be >= 0 (0 turns its term off), got {kd_weight}")
+        check_temperature(temperature)
+        check_weights(hint_weight=hint_weight, kd_weight=kd_weight)
         self.hint_weight = hint_weight
         self.stage = stage
         self.schedule = schedule

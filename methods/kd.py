@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from kdbench.losses import kd_loss
-from kdbench.method import Batch, Method, Outputs
+from kdbench.method import Batch, Method, Outputs, check_temperature, check_weights
 
 
 class KD(Method):
@@ -21,10 +21,8 @@ class KD(Method):
 
     def __init__(self, *, ce_weight: float = 0.1, kd_weight: float = 0.9, temperature: float = 4.0) -> None:
         super().__init__(ce_weight=ce_weight)
-        if not temperature > 0:  # written so that NaN fails too
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not kd_weight >= 0:
-            raise ValueError(f"kd_weight must be >= 0 (0 turns its term off), got {kd_weight}")
+        check_temperature(temperature)
+        check_weights(kd_weight=kd_weight)
         self.kd_weight = kd_weight
         self.temperature = temperature
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdbench.method import Batch, Method, Outputs, Taps
+from kdbench.method import Batch, Method, Outputs, Taps, check_weights
 
 
 def pairwise_distances(x: Tensor, eps: float = 1e-12) -> Tensor:
@@ -48,10 +48,7 @@ class RKD(Method):
     def __init__(self, *, ce_weight: float = 1.0, distance_weight: float = 25.0,
                  angle_weight: float = 50.0) -> None:
         super().__init__(ce_weight=ce_weight)
-        if not distance_weight >= 0:
-            raise ValueError(f"distance_weight must be >= 0 (0 turns its term off), got {distance_weight}")
-        if not angle_weight >= 0:
-            raise ValueError(f"angle_weight must be >= 0 (0 turns its term off), got {angle_weight}")
+        check_weights(distance_weight=distance_weight, angle_weight=angle_weight)
         self.distance_weight = distance_weight
         self.angle_weight = angle_weight
 
