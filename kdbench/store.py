@@ -186,11 +186,12 @@ class ResultsStore:
 
     def check_writable(self) -> None:
         """Fail before any training when the results folder cannot be written."""
-        probe = self.root / ".kdbench-write-test"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe.write_bytes(b"")
-            probe.unlink()
+            # A file of this process's own: two sweeps starting at once must not delete each other's.
+            fd, probe = tempfile.mkstemp(dir=self.root, prefix=".kdbench-write-test.")
+            os.close(fd)
+            os.unlink(probe)
         except OSError as exc:
             raise KdbenchError(f"results folder {self.root} is not writable ({exc.strerror or exc}); choose a "
                                "writable --results-dir (or set KDBENCH_RESULTS)") from None

@@ -319,3 +319,31 @@ def test_worker_processes_give_the_same_rows(tmp_path, reference):
     d = tmp_path / "res"
     assert main([*SWEEP, "--results-dir", str(d), "--workers", "2"]) == 0
     assert store_rows(d) == reference
+
+
+def test_sweeps_starting_at_once_all_pass_the_writable_check(tmp_path):
+    """Each check writes and removes a file of its own: concurrent sweeps must not remove each
+    other's (a fixed probe name made one of two sweeps started together fail)."""
+    import threading
+
+    from kdbench.store import ResultsStore
+
+    errors: list[BaseException] = []
+    for round_ in range(40):
+        store = ResultsStore(tmp_path / f"r{round_}")
+        start = threading.Barrier(8)
+
+        def check(store: ResultsStore = store, start: threading.Barrier = start) -> None:
+            start.wait()
+            try:
+                store.check_writable()
+            except BaseException as exc:  # collected: an exception in a thread would be lost
+                errors.append(exc)
+
+        threads = [threading.Thread(target=check) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert list(store.root.iterdir()) == []  # nothing left behind
+    assert not errors, errors[:3]
