@@ -171,6 +171,17 @@ def _run_options(parser: argparse.ArgumentParser, *, reproduce: bool) -> None:
         train.add_argument("--epochs-scale", type=_fraction, metavar="F", help="train for F × the recipe's epochs "
                            "(e.g. 0.1: 24 of CRD's 240), at least 1; labelled 'shortened' everywhere")
     train.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu or cuda[:N]")
+    train.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                       help="auto: bf16 on a GPU, fp32 on the CPU. bf16 runs the forward passes under autocast; "
+                            "weights, optimizer, BatchNorm statistics and losses stay fp32. Part of each run's id")
+    train.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                       help="torch.compile the training step (CUDA graphs on a GPU); auto: on on a GPU")
+    train.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
+                       help="NHWC memory format for models and batches; auto: on on a GPU")
+    train.add_argument("--teacher-cache", default="auto", choices=["auto", "on", "off"],
+                       help="compute each teacher's outputs once for every augmented view (162 per CIFAR image) "
+                            "and reuse them in every run of that teacher; only for methods that need no feature "
+                            "maps. auto: on a GPU, when it saves teacher compute. Kept in RESULTS_DIR/cache")
     ex = parser.add_argument_group(
         "where runs happen", "Every executor writes into the same results folder (shared by all machines), skips "
         "finished runs and resumes interrupted ones from their last epoch checkpoint.")
@@ -290,6 +301,8 @@ def build_request(args: argparse.Namespace, suite: Suite, *, dataset: str, recip
         model_kwargs={k: dict(v) for k, v in suite.model_kwargs.items()},
         pad_to=suite.pad_to if args.pad_to is None else args.pad_to,
         plugins=tuple(str(Path(f).resolve()) for f in args.plugins), command=command_line(),
+        precision=args.precision, compile=args.compile, channels_last=args.channels_last,
+        teacher_cache=args.teacher_cache,
     )
 
 

@@ -539,6 +539,74 @@ def _normalize_with(images_uint8: Tensor, scale: Tensor, shift: Tensor) -> Tenso
     return torch.addcmul(shift, images_uint8.float(), scale)
 
 
+class Views(NamedTuple):
+    """The augmentation drawn for each image of a batch: crop offsets (rows, cols) and mirror flags."""
+
+    offsets: Tensor | None  # 2×N int64 in [0, 2·padding], or None without cropping
+    mirror: Tensor | None   # N bool, or None without flipping
+
+
+def draw_views(n: int, *, crop_padding: int, flip: bool, generator: torch.Generator,
+               device: torch.device | str) -> Views:
+    """Draw ``n`` images' crop offsets, then their flips, from ``generator`` (in that fixed order)."""
+    if crop_padding < 0:
+        raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
+    offsets = mirror = None
+    if crop_padding > 0 and n > 0:
+        offsets = torch.randint(0, 2 * crop_padding + 1, (2, n), generator=generator,
+                                device=generator.device).to(device)
+    if flip and n > 0:
+        mirror = (torch.rand(n, generator=generator, device=generator.device) < 0.5).to(device)
+    return Views(offsets, mirror)
+
+
+def apply_views(images: Tensor, views: Views, crop_padding: int) -> Tensor:
+    """Crop each zero-padded image at its offsets, then mirror the flagged ones (any dtype)."""
+    n, _, h, w = images.shape
+    dev = images.device
+    out = images
+    if views.offsets is not None:
+        p, offsets = crop_padding, views.offsets
+        padded = F.pad(images, (p, p, p, p))  # zeros, like RandomCrop's fill=0
+        rows = (offsets[0, :, None] + torch.arange(h, device=dev)).view(n, h, 1)
+        cols = (offsets[1, :, None] + torch.arange(w, device=dev)).view(n, 1, w)
+        batch = torch.arange(n, device=dev).view(n, 1, 1)
+        # advanced indices split by a slice put the indexed dims first: N×H×W×C
+        out = padded[batch, :, rows, cols].permute(0, 3, 1, 2).contiguous()
+    if views.mirror is not None:
+        out = torch.where(views.mirror.view(n, 1, 1, 1), out.flip(-1), out)
+    return out
+
+
+def view_count(crop_padding: int, flip: bool) -> int:
+    """How many distinct augmented views one image has: (2p+1)² crops × 2 flips (162 for CIFAR's)."""
+    return (2 * crop_padding + 1) ** 2 * (2 if flip else 1)
+
+
+def view_index(views: Views, crop_padding: int, n: int, device: torch.device | str) -> Tensor:
+    """Each image's view as one number in [0, view_count): (row offset, col offset, mirror)."""
+    side = 2 * crop_padding + 1
+    index = torch.zeros(n, dtype=torch.int64, device=device)
+    if views.offsets is not None:
+        index = views.offsets[0] * side + views.offsets[1]
+    if views.mirror is not None:
+        index = index * 2 + views.mirror.long()
+    return index
+
+
+def fixed_views(index: int, n: int, crop_padding: int, flip: bool, device: torch.device | str) -> Views:
+    """``n`` copies of view number ``index`` (the inverse of :func:`view_index`)."""
+    side = 2 * crop_padding + 1
+    mirror = None
+    if flip:
+        index, bit = divmod(index, 2)
+        mirror = torch.full((n,), bool(bit), device=device)
+    offsets = None
+    if crop_padding > 0:
+        offsets = torch.tensor(divmod(index, side), device=device).view(2, 1).expand(2, n)
+    return Views(offsets, mirror)
+
+
 def augment(images_uint8: Tensor, *, crop_padding: int, flip: bool, generator: torch.Generator) -> Tensor:
     """Random crop with zero padding and random horizontal flip, batched on the images' device.
 
@@ -549,24 +617,19 @@ def augment(images_uint8: Tensor, *, crop_padding: int, flip: bool, generator: t
     the generator state. With ``crop_padding=0`` and ``flip=False`` the input is returned as is.
     Works for any dtype; shape and dtype are kept.
     """
-    if crop_padding < 0:
-        raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
-    n, _, h, w = images_uint8.shape
-    dev = images_uint8.device
-    out = images_uint8
-    if crop_padding > 0 and n > 0:
-        p = crop_padding
-        offsets = torch.randint(0, 2 * p + 1, (2, n), generator=generator, device=generator.device).to(dev)
-        padded = F.pad(images_uint8, (p, p, p, p))  # zeros, like RandomCrop's fill=0
-        rows = (offsets[0, :, None] + torch.arange(h, device=dev)).view(n, h, 1)
-        cols = (offsets[1, :, None] + torch.arange(w, device=dev)).view(n, 1, w)
-        batch = torch.arange(n, device=dev).view(n, 1, 1)
-        # advanced indices split by a slice put the indexed dims first: N×H×W×C
-        out = padded[batch, :, rows, cols].permute(0, 3, 1, 2).contiguous()
-    if flip and n > 0:
-        mirror = (torch.rand(n, generator=generator, device=generator.device) < 0.5).to(dev)
-        out = torch.where(mirror.view(n, 1, 1, 1), out.flip(-1), out)
-    return out
+    views = draw_views(len(images_uint8), crop_padding=crop_padding, flip=flip, generator=generator,
+                       device=images_uint8.device)
+    return apply_views(images_uint8, views, crop_padding)
+
+
+class TrainBatch(NamedTuple):
+    """One training batch: normalised float32 images, labels, and (for the teacher cache) which
+    training images and which of their augmented views these are."""
+
+    images: Tensor
+    labels: Tensor
+    index: Tensor     # positions in the training set
+    view: Tensor      # see view_index
 
 
 class Loader:
@@ -610,17 +673,23 @@ class Loader:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        n, bs = len(self.images), self.batch_size
-        order = None
+        for b in self.batches():
+            yield b.images, b.labels
+
+    def batches(self) -> Iterator[TrainBatch]:
+        """One epoch of batches, with each image's index and view (what the teacher cache looks up)."""
+        n, bs, dev = len(self.images), self.batch_size, self.images.device
         if self.shuffle:
             gen = self.generator
-            order = torch.randperm(n, generator=gen, device=gen.device).to(self.images.device)
+            order = torch.randperm(n, generator=gen, device=gen.device).to(dev)
+        else:
+            order = torch.arange(n, device=dev)
         for b in range(len(self)):
-            if order is None:
-                x, y = self.images[b * bs : (b + 1) * bs], self.labels[b * bs : (b + 1) * bs]
-            else:
-                idx = order[b * bs : (b + 1) * bs]
-                x, y = self.images[idx], self.labels[idx]
-            if self.crop_padding or self.flip:
-                x = augment(x, crop_padding=self.crop_padding, flip=self.flip, generator=self.generator)
-            yield _normalize_with(x, self._scale, self._shift), y
+            idx = order[b * bs : (b + 1) * bs]
+            x, y = (self.images[idx], self.labels[idx]) if self.shuffle else \
+                (self.images[b * bs : (b + 1) * bs], self.labels[b * bs : (b + 1) * bs])
+            views = draw_views(len(idx), crop_padding=self.crop_padding, flip=self.flip, generator=self.generator,
+                               device=dev)
+            x = apply_views(x, views, self.crop_padding)
+            yield TrainBatch(_normalize_with(x, self._scale, self._shift), y, idx,
+                        view_index(views, self.crop_padding, len(idx), dev))

@@ -6,13 +6,14 @@ method only turns outputs into named loss terms. It never looks at which method 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -22,11 +23,14 @@ from . import distributed
 from .data import DataSplits, Loader
 from .errors import KdbenchError
 from .features import FeatureCapture
-from .method import Batch, Method, Taps
+from .method import Batch, Method, Outputs, Taps
 from .metrics import topk_accuracy
 from .recipe import Recipe
 from .store import atomic_torch_save, warn
 from .zoo import load_fitting
+
+if TYPE_CHECKING:
+    from .viewcache import ViewCache
 
 
 @dataclass
@@ -61,19 +65,80 @@ class TrainResult:
         return cls([EpochLog(-1, 0.0, {}, top1, top5)], logits, -1, top1, top5)
 
 
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine computes, never what: batch, augmentation, optimizer and schedule are the recipe's.
+
+    Attributes:
+        precision: "fp32", or "bf16": the forward passes under bf16 autocast, while the weights,
+            their gradients and optimizer state, BatchNorm statistics and every loss (CE, softmax,
+            KL: the method sees fp32 outputs) stay fp32.
+        channels_last: models and batches in NHWC memory order (faster convolutions on GPUs).
+        compile: ``torch.compile`` the step's forward (teachers, student, losses); on CUDA with
+            CUDA-graph replay ("reduce-overhead"), one graph per batch shape (the short last batch
+            gets its own).
+    """
+
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise KdbenchError(f"precision '{self.precision}' is not one of {', '.join(PRECISIONS)}; "
+                               "use fp32 (exact) or bf16 (autocast, fp32 weights and losses)")
+
+    @classmethod
+    def fast_for(cls, device: torch.device | str) -> EngineOptions:
+        """The defaults for ``device``: on CUDA all three speed-ups; on the CPU plain fp32 eager,
+        which is what kdbench's CPU results were produced with (bf16 is slow on most CPUs)."""
+        if torch.device(device).type == "cuda":
+            return cls("bf16", channels_last=True, compile=True)
+        return cls()
+
+    @property
+    def label(self) -> str:
+        return ", ".join([self.precision] + ["channels_last"] * self.channels_last + ["compiled"] * self.compile)
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.precision == "bf16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def layout(self, x: Tensor) -> Tensor:
+        """A batch in the memory order the models use."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+
+def as_fp32(out: Outputs) -> Outputs:
+    """A model's outputs in fp32 (no copy when they already are): losses never run in bf16."""
+    return Outputs(out.logits.float(), {k: v.float() for k, v in out.stages.items()},
+                   out.pooled.float() if out.pooled is not None else None)
+
+
 @torch.inference_mode()
-def predict(model: nn.Module, images: Tensor, data: DataSplits, batch_size: int = 500) -> Tensor:
+def predict(model: nn.Module, images: Tensor, data: DataSplits, batch_size: int = 500,
+            options: EngineOptions = EngineOptions()) -> Tensor:
     """Logits for ``images`` (uint8 N×C×H×W) in eval mode, without augmentation."""
     was_training = model.training
     model.eval()
     loader = Loader(images, torch.zeros(len(images), dtype=torch.long, device=images.device), data.info,
                     batch_size=batch_size, shuffle=False)
-    out = torch.cat([model(x).float() for x, _ in loader])
+    with options.autocast(images.device):
+        out = torch.cat([model(options.layout(x)).float() for x, _ in loader])
     model.train(was_training)
     return out
 
 
-def evaluate(model: nn.Module, data: DataSplits, *, shard: bool = False) -> tuple[Tensor, float, float]:
+def evaluate(model: nn.Module, data: DataSplits, *, shard: bool = False,
+             options: EngineOptions = EngineOptions()) -> tuple[Tensor, float, float]:
     """Test-set logits, top-1 and top-5 (percent).
 
     With ``shard`` (DDP: call it on every rank) each rank predicts its part of the test set and
@@ -82,9 +147,9 @@ def evaluate(model: nn.Module, data: DataSplits, *, shard: bool = False) -> tupl
     images = data.test_images
     if shard and distributed.world_size() > 1:
         part = distributed.shard(len(images))
-        logits = distributed.gather_shards(predict(model, images[part], data), len(images))
+        logits = distributed.gather_shards(predict(model, images[part], data, options=options), len(images))
     else:
-        logits = predict(model, images, data)
+        logits = predict(model, images, data, options=options)
     return logits, topk_accuracy(logits, data.test_labels, 1), topk_accuracy(logits, data.test_labels, 5)
 
 
@@ -176,25 +241,52 @@ def check_terms(terms: dict[str, Tensor], who: str) -> None:
 
 
 class _Losses(nn.Module):
-    """The student and the method as one module whose forward returns the loss terms.
+    """One training step's forward: the teachers (or their cached outputs), the student, the terms.
 
-    DDP wraps one module and averages the gradients of every parameter in it, so the method's own
-    parameters (FitNets' regressor) train across ranks exactly as the student's do.
+    The student and the method are submodules, so DDP averages the gradients of every parameter
+    in them: the method's own parameters (FitNets' regressor) train across ranks as the student's
+    do. The teachers are not (frozen, nothing to average). It is also the unit ``torch.compile``
+    compiles, so one graph holds the whole forward.
     """
 
-    def __init__(self, student: FeatureCapture, method: Method | None) -> None:
+    def __init__(self, student: FeatureCapture, method: Method | None, teachers: Sequence[FeatureCapture],
+                 options: EngineOptions) -> None:
         super().__init__()
         self.model, self.method = student.model, method  # registered: their parameters are DDP's
-        self.capture = student
+        self.capture, self.teachers, self.options = student, list(teachers), options
 
-    def forward(self, images: Tensor, labels: Tensor, t_out: list[Any], batch: Batch,
+    def forward(self, images: Tensor, labels: Tensor, cached: list[Outputs] | None, batch: Batch,
                 ce_weight: float) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """(the engine's terms, the method's terms)."""
-        out = self.capture(images)
+        with self.options.autocast(images.device):
+            if cached is None:
+                with torch.no_grad():
+                    cached = [cap(images) for cap in self.teachers]
+            out = self.capture(images)
+        # Losses in fp32 whatever the precision: a bf16 softmax at temperature 4 loses the tails.
+        out, t_out = as_fp32(out), [as_fp32(t) for t in cached]
         # Skipped when its weight is 0, so layers no term reaches get no gradient at all
         # (FitNets' hint stage trains only the student's lower layers).
         own = {"ce": ce_weight * F.cross_entropy(out.logits, labels)} if ce_weight else {}
         return own, (self.method(out, t_out, batch) if self.method is not None else {})
+
+
+def _compiled(net: nn.Module, device: torch.device) -> nn.Module:
+    """``net`` under torch.compile; on CUDA its forward and backward replay as CUDA graphs."""
+    import torch._dynamo
+
+    # One code object serves every run of a sweep (each model and method gives it new graphs): the
+    # default limit of 8 would silently fall back to eager after a few runs.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    return torch.compile(net, mode="reduce-overhead" if device.type == "cuda" else None)
+
+
+def _static_batch(*tensors: Tensor | None) -> None:
+    # One graph per batch size (the short last batch gets its own) rather than a dynamic-shape
+    # graph for both: dynamic shapes would slow every full batch for the sake of one.
+    for t in tensors:
+        if t is not None:
+            torch._dynamo.mark_static(t, 0)
 
 
 def train(
@@ -210,6 +302,8 @@ def train(
     progress: object | None = None,
     state_path: Path | None = None,
     state_key: str = "",
+    options: EngineOptions = EngineOptions(),
+    teacher_caches: Sequence[ViewCache] = (),
 ) -> TrainResult:
     """Train ``model`` on ``data`` with ``recipe``; distil from ``teachers`` through ``method``.
 
@@ -217,6 +311,12 @@ def train(
     ``progress`` is a tqdm bar advanced once per epoch, or None. With ``state_path``, every epoch
     ends with a checkpoint there, and an existing checkpoint (for ``state_key``, the run id) is
     resumed: the result equals an uninterrupted run's, bit for bit on the CPU.
+
+    ``options`` choose precision, memory format and compilation (:class:`EngineOptions`).
+    ``teacher_caches`` (one per teacher, from :func:`kdbench.viewcache.build_view_cache`) replace
+    the teachers' forward passes by a lookup of each image's augmented view: same numbers, no
+    teacher compute. Nothing inside an epoch waits for the device: loss sums stay on it and are
+    read once, at the epoch's end.
 
     Under torchrun (DDP, :mod:`kdbench.distributed`) every rank calls this with the same arguments.
     Each draws the same global batch (same generator: same order, same augmentation) and trains on
@@ -228,6 +328,13 @@ def train(
     DDP, no SyncBatchNorm). Rank 0 alone writes the checkpoint; a resumed run loads it on every rank.
     """
     device = data.train_images.device
+    if teacher_caches and len(teacher_caches) != len(teachers):
+        raise KdbenchError(f"{len(teacher_caches)} teacher caches for {len(teachers)} teachers; give one per teacher")
+    for cache in teacher_caches:
+        cache.check(recipe, data)
+    options.prepare(model)
+    for t in teachers:
+        options.prepare(t)
     if device.type == "cpu":
         # Denormal floats appear as weights and gradients shrink and make x86 kernels 10-50x
         # slower (measured: 0.9 s vs 39 s per digits epoch of cifar_resnet56); flushing them to
@@ -265,7 +372,7 @@ def train(
             result.resumed_from = first
             if progress is not None:
                 progress.update(first)
-    losses_of = _Losses(student, method)
+    losses_of = _Losses(student, method, teacher_caps, options)
     net: nn.Module = losses_of
     if world > 1:
         # Built after a resumed checkpoint is loaded (DDP starts from rank 0's weights). Unused
@@ -275,6 +382,8 @@ def train(
         # A 1x1 convolution's (FitNets' regressor's) gradient differs from its bucket only in the
         # strides of size-1 dimensions: DDP's "performance" warning about it says nothing.
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    if options.compile:
+        net = _compiled(net, device)
     start = time.perf_counter() - result.train_time_s - result.eval_time_s - result.checkpoint_time_s
     for epoch in range(first, recipe.epochs):
         model.train()
@@ -283,15 +392,17 @@ def train(
         ce_weight = method.ce_weight_at(epoch, recipe.epochs) if method is not None else 1.0
         sums: dict[str, Tensor] = {}
         steps = 0
-        for images, labels in loader:
+        for b in loader.batches():
+            images, labels, index, view = options.layout(b.images), b.labels, b.index, b.view
             n = len(images)
             if world > 1:  # this rank's slice of the global batch
-                images = images.tensor_split(world)[distributed.rank()]
-                labels = labels.tensor_split(world)[distributed.rank()]
+                images, labels, index, view = (t.tensor_split(world)[distributed.rank()]
+                                               for t in (images, labels, index, view))
             share = len(images) / n  # 1 without DDP
-            with torch.no_grad():
-                t_out = [cap(images) for cap in teacher_caps]
-            terms, extra = net(images, labels, t_out, Batch(images, labels, epoch, recipe.epochs), ce_weight)
+            cached = [c.lookup(index, view) for c in teacher_caches] if teacher_caches else None
+            if options.compile:
+                _static_batch(images, labels, *(t.logits for t in cached or ()), *(t.pooled for t in cached or ()))
+            terms, extra = net(images, labels, cached, Batch(images, labels, epoch, recipe.epochs), ce_weight)
             if method is not None:
                 if steps == 0:
                     check_terms(extra, who)
@@ -328,7 +439,7 @@ def train(
         lr = opt.param_groups[0]["lr"]
         sched.step()
         t_eval = time.perf_counter()
-        logits, top1, top5 = evaluate(model, data, shard=True)
+        logits, top1, top5 = evaluate(model, data, shard=True, options=options)
         result.history.append(EpochLog(epoch, lr, losses, top1, top5))
         if top1 > result.best_top1:
             result.best_epoch, result.best_top1, result.best_top5 = epoch, top1, top5

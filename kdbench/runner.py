@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed, engine, metrics, provenance, zoo
-from .data import DataSplits, load_dataset
+from .data import DataSplits, load_dataset, view_count
 from .errors import DiskFull, KdbenchError, unknown
 from .executors.base import (
     BUSY,
@@ -42,6 +42,7 @@ from .recipe import Recipe
 from .registry import build_method, parse_overrides
 from .spec import RunSpec, TeacherSpec
 from .store import Busy, ResultsStore, atomic_torch_save, warn
+from .viewcache import ViewCache, build_view_cache, cacheable
 from .suites import Pair
 
 
@@ -79,6 +80,19 @@ class Request:
     #: partition), while this process, maybe a login node without a GPU, plans on its CPU.
     remote: bool = False
     command: str = ""              # the command line, recorded in every row (workers have other argv)
+    # How the engine computes (EngineOptions): "auto" picks by device (fast on CUDA, plain fp32 on
+    # the CPU). Only the precision is part of a run's id; the others change float rounding only.
+    precision: str = "auto"        # auto, fp32 or bf16
+    compile: str = "auto"          # auto, on or off
+    channels_last: str = "auto"    # auto, on or off
+    teacher_cache: str = "auto"    # auto (when it saves teacher compute, on CUDA), on or off
+
+    def engine_options(self, device_type: str) -> engine.EngineOptions:
+        fast = engine.EngineOptions.fast_for(device_type)
+        return engine.EngineOptions(
+            precision=fast.precision if self.precision == "auto" else self.precision,
+            channels_last=fast.channels_last if self.channels_last == "auto" else self.channels_last == "on",
+            compile=fast.compile if self.compile == "auto" else self.compile == "on")
 
     def portable(self) -> Request:
         """This request as a task carries it to another process: method classes are re-loaded there
@@ -177,9 +191,11 @@ def plan(req: Request) -> Plan:
         except TypeError as exc:
             raise KdbenchError(f"model '{model}' does not take the arguments {kwargs} given for it: {exc}") from None
 
+    precision = req.engine_options(dev).precision
+
     def teacher_spec(model: str, seed: int) -> TeacherSpec:
         return TeacherSpec(model, label, req.recipe_for(model), seed, dev, sha.get(model, ""), req.limit,
-                           req.kwargs_for(model), world_size=world)
+                           req.kwargs_for(model), world_size=world, precision=precision)
 
     specs: dict[str, RunSpec] = {}
     skipped: list[str] = []
@@ -217,7 +233,7 @@ def plan(req: Request) -> Plan:
                         teachers=tuple(teacher_spec(t, seed if s is None else s) for t, s in zip(teachers, t_seeds)),
                         student=pair.student, dataset=label, recipe=req.recipe_for(pair.student), seed=seed,
                         device=dev, data_limit=req.limit, student_kwargs=req.kwargs_for(pair.student),
-                        world_size=world, pair=f"{'+'.join(labels)}→{pair.student}",
+                        world_size=world, precision=precision, pair=f"{'+'.join(labels)}→{pair.student}",
                     )
                     specs.setdefault(spec.run_id, spec)
     return Plan(list(specs.values()), data, device, sorted(set(skipped)), checkpoints, probes)
@@ -280,6 +296,8 @@ class Runner:
         self._teacher_probs: dict[str, torch.Tensor] = {}  # test-set probabilities, per teacher id
         self._costs: dict[str, dict[str, Any]] = {}        # FLOPs and throughput, per architecture
         self._trained_here: set[str] = set()               # teachers this process trained
+        self.options = req.engine_options(plan_.device.type)
+        self._caches: dict[tuple, ViewCache] = {}          # the last teachers' view caches (large: one set kept)
 
     @classmethod
     def for_request(cls, req: Request) -> Runner:
@@ -347,7 +365,7 @@ class Runner:
         with metrics.PeakMemory(self.plan.device) as mem:
             result = engine.train(model, self.plan.data, ts.recipe, seed=ts.seed, model_name=ts.model,
                                   progress=bar, state_path=self.store.checkpoint_path(ts.teacher_id),
-                                  state_key=ts.teacher_id)
+                                  state_key=ts.teacher_id, options=self.options)
         bar.close()
         if distributed.is_main():  # under DDP every rank holds these same weights; rank 0 writes them
             atomic_torch_save(self.store.teacher_path(ts.teacher_id), model.state_dict())
@@ -376,6 +394,61 @@ class Runner:
                 "throughput_repeats": tp.repeats, "throughput_iters": tp.iters_per_repeat,
             }
         return self._costs[name]
+
+    # -- the teacher-output cache ---------------------------------------------------------
+    def wants_cache(self, spec: RunSpec, taps: Taps) -> bool:
+        """Whether ``spec`` distils from cached teacher outputs (``--teacher-cache``).
+
+        auto: on CUDA, when the method's taps allow it and building the cache costs fewer teacher
+        forward passes (one per view per image) than running the teachers online (one per epoch
+        per image, for every planned run sharing them).
+        """
+        mode = self.req.teacher_cache
+        if mode == "off" or not spec.teachers or not cacheable(taps):
+            return False
+        if mode == "on":
+            return True
+        if self.plan.device.type != "cuda":
+            return False
+        sharing = sum(1 for s in self.plan.specs if s.teachers == spec.teachers) or 1
+        return spec.recipe.epochs * sharing >= view_count(spec.recipe.crop_padding, spec.recipe.flip)
+
+    def view_caches(self, spec: RunSpec, taps: Taps) -> list[ViewCache]:
+        """One view cache per teacher of ``spec``, or [] to run the teachers online.
+
+        Built once and kept in the results folder (``cache/``), so every run of these teachers,
+        in this process or any worker, reuses it; in memory only the last set is kept.
+        """
+        if not self.wants_cache(spec, taps):
+            return []
+        keys = [(ts.teacher_id, spec.recipe.crop_padding, spec.recipe.flip, taps.pooled, self.options)
+                for ts in spec.teachers]
+        if any(k not in self._caches for k in keys):
+            self._caches = {k: self._view_cache(ts, k) for ts, k in zip(spec.teachers, keys)}
+        return [self._caches[k] for k in keys]
+
+    def _view_cache(self, ts: TeacherSpec, key: tuple) -> ViewCache:
+        _, pad, flip, pooled, opts = key
+        name = f"{ts.teacher_id}-p{pad}{'f' if flip else ''}-{opts.precision}{'-cl' if opts.channels_last else ''}" \
+               f"{'-pooled' if pooled else ''}"
+        path = self.store.cache_path(name)
+        teacher = self.teacher(ts)
+        with distributed.main_lock(self.store, f"cache-{name}", wait=True):
+            if path.is_file():
+                try:
+                    return ViewCache.from_state_dict(torch.load(path, map_location="cpu", weights_only=True),
+                                                     self.plan.device)
+                except Exception as exc:  # damaged: build it again
+                    warn(f"teacher cache {path} is damaged ({type(exc).__name__}); building it again")
+            views = view_count(pad, flip)
+            bar = self._bar(views, f"teacher cache {ts.model} ({views} views)", 1, False)
+            recipe = replace(ts.recipe, crop_padding=pad, flip=flip)
+            cache = build_view_cache(teacher, self.plan.data, recipe, pooled=pooled, options=opts, progress=bar)
+            bar.close()
+            if distributed.is_main():
+                atomic_torch_save(path, cache.state_dict())
+        self.store.finish(f"cache-{name}")  # its lock folder
+        return cache
 
     # -- runs -----------------------------------------------------------------------------
     def execute_one(self, spec: RunSpec | TeacherSpec, *, wait: bool = False) -> Outcome:
@@ -440,6 +513,7 @@ class Runner:
     def _free_memory(self) -> None:
         # After an out-of-memory error the other runs of this worker still need the device.
         self._teachers.clear()
+        self._caches.clear()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -452,6 +526,7 @@ class Runner:
         taps = method.taps()
         method.setup(self._probe(spec.student, taps), [self._probe(n, taps) for n in spec.teacher_names])
         method.to(self.plan.device)
+        caches = self.view_caches(spec, taps)
         bar = self._bar(spec.recipe.epochs, f"{spec.method} {spec.pair} seed {spec.seed}", 1, False)
         error = ""
         with metrics.PeakMemory(self.plan.device) as mem:
@@ -459,7 +534,7 @@ class Runner:
                 result = engine.train(student, self.plan.data, spec.recipe, seed=spec.seed, method=method,
                                       teachers=teachers, teacher_names=spec.teacher_names, model_name=spec.student,
                                       progress=bar, state_path=self.store.checkpoint_path(spec.run_id),
-                                      state_key=spec.run_id)
+                                      state_key=spec.run_id, options=self.options, teacher_caches=caches)
             except engine.Diverged as exc:
                 result, error = exc.result, str(exc)
         bar.close()
@@ -476,6 +551,8 @@ class Runner:
             "teacher_ids": "+".join(t.teacher_id for t in spec.teachers),
             "teacher_seeds": "+".join(str(t.seed) for t in spec.teachers),
             "model_kwargs": json.dumps(dict(spec.student_kwargs), sort_keys=True),
+            "teacher_cache": bool(caches),
+            "teacher_cache_build_s": sum(c.build_time_s for c in caches),
         })
         if teachers and not error:
             probs = torch.stack([self.teacher_probs(ts) for ts in spec.teachers]).mean(0)
@@ -530,6 +607,8 @@ class Runner:
             "world_size": distributed.world_size(),
             "peak_mem_mb": mem.mb if mem else float("nan"), "peak_mem_kind": mem.kind if mem else "",
             "flush_denormal": self.plan.device.type == "cpu",
+            "precision": self.options.precision, "channels_last": self.options.channels_last,
+            "compiled": self.options.compile,
             "history_top1": json.dumps([round(h.top1, 4) for h in result.history]),
             "history_loss": json.dumps([{k: round(v, 6) for k, v in h.losses.items()} for h in result.history]),
             **{f"class_{k}.{i}": v for k, vals in prf.items() for i, v in enumerate(vals)},

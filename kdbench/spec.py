@@ -12,7 +12,7 @@ from .recipe import Recipe
 
 # Fields added after the first release, with their defaults: left out of the hash at the default,
 # so existing run ids (and the results stored under them) stay valid.
-_LATER_FIELDS: dict[str, Any] = {"model_kwargs": (), "student_kwargs": (), "world_size": 1}
+_LATER_FIELDS: dict[str, Any] = {"model_kwargs": (), "student_kwargs": (), "world_size": 1, "precision": "fp32"}
 
 
 def _digest(obj: Any) -> str:
@@ -34,6 +34,7 @@ class TeacherSpec:
     data_limit: int = 0
     model_kwargs: tuple[tuple[str, Any], ...] = ()  # extra timm.create_model arguments (dropout, ...)
     world_size: int = 1  # processes of one DDP run (torchrun); the recipe's batch is split among them
+    precision: str = "fp32"  # the engine's: fp32 or bf16 (autocast)
 
     @property
     def teacher_id(self) -> str:
@@ -55,6 +56,7 @@ class RunSpec:
     data_limit: int = 0
     student_kwargs: tuple[tuple[str, Any], ...] = ()  # extra timm.create_model arguments
     world_size: int = 1  # processes of one DDP run (torchrun); the recipe's batch is split among them
+    precision: str = "fp32"  # the engine's: fp32 or bf16 (autocast)
     pair: str = ""  # the pair label this run was planned for (not part of the id: ce serves all)
 
     @property

@@ -146,6 +146,10 @@ class ResultsStore:
     def teacher_path(self, teacher_id: str) -> Path:
         return self.teachers / f"{teacher_id}.pt"
 
+    def cache_path(self, name: str) -> Path:
+        """A teacher-output cache (:mod:`kdbench.viewcache`): derived data, safe to delete."""
+        return self.root / "cache" / f"{name}.pt"
+
     # -- runs in progress -----------------------------------------------------------------
     def state_dir(self, run_id: str) -> Path:
         return self.state / run_id

@@ -1,0 +1,111 @@
+"""The teacher-output cache: a frozen teacher's outputs for every augmented view of every image.
+
+A teacher in eval mode is a fixed function of its input, and the protocol's augmentation has a
+finite set of outcomes per image: (2p+1)² crop offsets × 2 flips, 162 for CIFAR's
+``RandomCrop(32, padding=4)`` + flip. So its outputs for every view can be computed once and
+looked up by (image, view) in every epoch of every student, method and seed that distils from it,
+instead of running the teacher again. The engine draws the same random views either way, so a
+cached run sees the same numbers as an online one.
+
+Only methods whose taps ask for no stage maps can use it (logits and the pooled vector are small;
+stage maps of 162 views are not): :func:`cacheable`. For CIFAR-100 the logits take
+50,000 × 162 × 100 × 2 bytes = 1.6 GB in bf16.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .data import DataSplits, apply_views, fixed_views, normalize, view_count
+from .engine import EngineOptions, freeze
+from .errors import KdbenchError
+from .features import FeatureCapture
+from .method import Outputs, Taps
+from .recipe import Recipe
+
+
+def cacheable(taps: Taps) -> bool:
+    """Whether a method with these taps can distil from cached teacher outputs (no stage maps)."""
+    return not taps.stages
+
+
+@dataclass
+class ViewCache:
+    """One teacher's outputs for every (training image, augmented view)."""
+
+    logits: Tensor         # N × views × classes, in the teacher's output dtype (bf16 under bf16)
+    pooled: Tensor | None  # N × views × features, when a method asks for the pooled vector
+    crop_padding: int
+    flip: bool
+    build_time_s: float = 0.0
+
+    @property
+    def views(self) -> int:
+        return self.logits.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.logits, self.pooled) if t is not None)
+
+    def check(self, recipe: Recipe, data: DataSplits) -> None:
+        """The cache must describe this training set under this recipe's augmentation."""
+        if (self.crop_padding, self.flip) != (recipe.crop_padding, recipe.flip):
+            raise KdbenchError(f"teacher cache built for crop padding {self.crop_padding}, flip {self.flip}, but recipe "
+                               f"'{recipe.name}' has {recipe.crop_padding}, {recipe.flip}; build the cache for it")
+        if len(self.logits) != len(data.train_labels):
+            raise KdbenchError(f"teacher cache holds {len(self.logits)} images, the training set "
+                               f"{len(data.train_labels)}; build the cache for this dataset and --limit")
+
+    def lookup(self, index: Tensor, view: Tensor) -> Outputs:
+        """The teacher's outputs for training images ``index`` seen through views ``view``."""
+        pooled = self.pooled[index, view] if self.pooled is not None else None
+        return Outputs(self.logits[index, view], pooled=pooled)
+
+    def state_dict(self) -> dict:
+        return {"logits": self.logits, "pooled": self.pooled, "crop_padding": self.crop_padding,
+                "flip": self.flip, "build_time_s": self.build_time_s}
+
+    @classmethod
+    def from_state_dict(cls, state: dict, device: torch.device) -> ViewCache:
+        pooled = state["pooled"].to(device) if state["pooled"] is not None else None
+        return cls(state["logits"].to(device), pooled, state["crop_padding"], state["flip"], state["build_time_s"])
+
+
+@torch.inference_mode()
+def build_view_cache(teacher: nn.Module, data: DataSplits, recipe: Recipe, *, pooled: bool = False,
+                     options: EngineOptions = EngineOptions(), batch_size: int = 1000,
+                     progress: object | None = None) -> ViewCache:
+    """Run ``teacher`` once over every augmented view of every training image.
+
+    Each view goes through exactly the engine's path: the same crop and flip ops on the uint8
+    images, the same normalisation, memory format and autocast. ``progress``: a tqdm bar advanced
+    once per view, or None.
+    """
+    t0 = time.perf_counter()
+    model = options.prepare(freeze(teacher))
+    cap = FeatureCapture(model, Taps(pooled=pooled))
+    images, device = data.train_images, data.train_images.device
+    n, p, flip = len(images), recipe.crop_padding, recipe.flip
+    logits = feats = None
+    for v in range(view_count(p, flip)):
+        for start in range(0, n, batch_size):
+            x = images[start:start + batch_size]
+            x = apply_views(x, fixed_views(v, len(x), p, flip, device), p)
+            with options.autocast(device):
+                out = cap(options.layout(normalize(x, data.info)))
+            if logits is None:  # shapes and dtype come from the first batch
+                logits = out.logits.new_empty(n, view_count(p, flip), out.logits.shape[1])
+                if pooled:
+                    feats = out.pooled.new_empty(n, view_count(p, flip), out.pooled.shape[1])
+            logits[start:start + len(x), v] = out.logits
+            if feats is not None:
+                feats[start:start + len(x), v] = out.pooled
+        if progress is not None:
+            progress.update(1)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the build time is the device's, not the launch queue's
+    return ViewCache(logits, feats, p, flip, time.perf_counter() - t0)
