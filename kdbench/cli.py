@@ -188,6 +188,8 @@ def _run_options(parser: argparse.ArgumentParser, *, reproduce: bool) -> None:
     ex.add_argument("--executor", default="local", metavar="NAME", help="local (default: here, one run after another, "
                     "or one worker per GPU with --gpus), ray (a Ray cluster), slurm (a job array through submitit)")
     ex.add_argument("--gpus", metavar="LIST", help="local: one worker process per GPU, e.g. 0,1,2,3 or 'all'")
+    ex.add_argument("--runs-per-gpu", type=_positive, default=1, metavar="K",
+                    help="local with --gpus: K worker processes per GPU, each training its own run (default 1)")
     ex.add_argument("--workers", type=_positive, default=0, metavar="N",
                     help="local: N worker processes on this machine (CPU runs in parallel)")
     ex.add_argument("--gpus-per-run", type=_nonnegative_float, default=None, metavar="F", help="ray/slurm: GPUs each "
@@ -347,6 +349,8 @@ def build_executor(args: argparse.Namespace, req: Any) -> Any:
     name = args.executor
     env = _env_vars(args.env)
     if name == "local":
+        if args.runs_per_gpu > 1 and not args.gpus:
+            raise KdbenchError("--runs-per-gpu needs --gpus (which GPUs to pack the runs onto), e.g. --gpus all")
         if args.gpus and args.workers:
             raise KdbenchError("give --gpus or --workers, not both (--gpus starts one worker per GPU)")
         if args.gpus:
@@ -357,7 +361,9 @@ def build_executor(args: argparse.Namespace, req: Any) -> Any:
             if not gpus:
                 raise KdbenchError("--gpus all: torch sees no CUDA GPU on this machine; drop --gpus")
             from .executors.local import LocalExecutor
-            return LocalExecutor(gpus=gpus)
+            # Several processes per GPU: small CIFAR models leave an H100 mostly idle at batch 64,
+            # and separate processes keep each run's data order, augmentation and BN statistics.
+            return LocalExecutor(gpus=[g for g in gpus for _ in range(args.runs_per_gpu)])
         if args.workers > 1:
             from .executors.local import LocalExecutor
             return LocalExecutor(workers=args.workers)
