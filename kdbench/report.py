@@ -110,17 +110,20 @@ def _read_row(path: Path) -> dict | None:
 # -- grouping -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Benchmark:
-    """The rows of one (dataset, schedule): one table and one set of plots."""
+    """The rows of one (dataset, schedule, precision): one table and one set of plots."""
 
     dataset: str
     schedule: str
     slug: str
     rows: pd.DataFrame
+    precision: str = "fp32"
 
     @property
     def title(self) -> str:
-        """'dataset · schedule', with a shortened schedule always labelled as such."""
-        return f"{self.dataset} · {schedule_label(self.rows)}"
+        """'dataset · schedule', with a shortened schedule always labelled as such (and a precision
+        other than fp32 named)."""
+        text = f"{self.dataset} · {schedule_label(self.rows)}"
+        return text + (f" · {self.precision}" if self.precision != "fp32" else "")
 
 
 def schedule_label(rows: pd.DataFrame) -> str:
@@ -138,17 +141,22 @@ def slugify(text: str) -> str:
 
 
 def benchmarks(rows: pd.DataFrame) -> list[Benchmark]:
-    """Split rows into benchmarks by (dataset, schedule), sorted, each with a unique slug."""
+    """Split rows into benchmarks by (dataset, schedule, precision), sorted, each with a unique slug.
+
+    bf16 and fp32 runs are separate tables: averaging them as seeds of one cell would hide the very
+    difference a precision comparison looks for. Rows from before precision was recorded are fp32.
+    """
     out: list[Benchmark] = []
     used: set[str] = set()
-    for (dataset, _), group in rows.groupby(["dataset", "schedule"], sort=True):
-        slug = base = f"{slugify(dataset)}_{slugify(schedule_label(group))}"
+    precision = rows["precision"].fillna("fp32") if "precision" in rows else pd.Series("fp32", index=rows.index)
+    for (dataset, _, prec), group in rows.groupby(["dataset", "schedule", precision], sort=True):
+        slug = base = f"{slugify(dataset)}_{slugify(schedule_label(group))}" + (f"_{prec}" if prec != "fp32" else "")
         k = 2
         while slug in used:
             slug, k = f"{base}-{k}", k + 1
         used.add(slug)
         out.append(Benchmark(dataset, str(group["schedule"].iloc[0]), slug,
-                             label_teacher_seeds(label_variants(group))))
+                             label_teacher_seeds(label_variants(group)), str(prec)))
     return out
 
 

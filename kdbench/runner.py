@@ -424,7 +424,9 @@ class Runner:
         keys = [(ts.teacher_id, spec.recipe.crop_padding, spec.recipe.flip, taps.pooled, self.options)
                 for ts in spec.teachers]
         if any(k not in self._caches for k in keys):
-            self._caches = {k: self._view_cache(ts, k) for ts, k in zip(spec.teachers, keys)}
+            self._caches = {k: v for k, v in self._caches.items() if k in keys}  # free the others first
+            self._caches.update({k: self._view_cache(ts, k) for ts, k in zip(spec.teachers, keys)
+                                 if k not in self._caches})
         return [self._caches[k] for k in keys]
 
     def _view_cache(self, ts: TeacherSpec, key: tuple) -> ViewCache:

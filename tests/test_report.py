@@ -309,3 +309,24 @@ def test_hyperparameter_variants_are_separate_rows_not_seeds(tmp_path):
     assert "| kd[temperature=4.0] | 70.50 ± 0.71 (+5.50) |" in text
     assert "| kd[temperature=8.0] | 60.50 ± 0.71 (-4.50) |" in text
     assert "| ce | 65.00" in text  # one seed among cells of two: marked [n=1]
+
+
+def test_precisions_are_separate_tables_not_seeds(tmp_path):
+    """fp32 and bf16 runs of one pair: two tables (bf16 named in title and file), never one mean."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for precision, base in (("fp32", 70.0), ("bf16", 60.0), (None, 80.0)):
+        for seed in (0, 1):
+            r = row("kd", R56, R20, seed, base + seed, dataset="cifar10" if precision is None else "cifar100")
+            if precision is not None:  # rows written before precision was recorded have no such field
+                r["precision"] = precision
+                r["run_id"] += f"-{precision}"
+            (runs / f"{r['run_id']}.json").write_text(json.dumps(r))
+    tables = {p.name: p.read_text() for p in build_report(tmp_path, tmp_path / "out")
+              if p.suffix == ".md" and p.name.startswith("table")}
+    assert set(tables) == {f"table_{FULL_SLUG}.md", f"table_{FULL_SLUG}_bf16.md",
+                           f"table_{FULL_SLUG.replace('cifar100', 'cifar10')}.md"}
+    assert "| kd | 70.50 ± 0.71 |" in tables[f"table_{FULL_SLUG}.md"]
+    bf16 = tables[f"table_{FULL_SLUG}_bf16.md"]
+    assert "| kd | 60.50 ± 0.71 |" in bf16 and bf16.splitlines()[0].split(" — ")[0].endswith("· bf16")
+    assert "| kd | 80.50 ± 0.71 |" in tables[f"table_{FULL_SLUG.replace('cifar100', 'cifar10')}.md"]
