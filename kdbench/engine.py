@@ -402,6 +402,8 @@ def train(
             cached = [c.lookup(index, view) for c in teacher_caches] if teacher_caches else None
             if options.compile:
                 _static_batch(images, labels, *(t.logits for t in cached or ()), *(t.pooled for t in cached or ()))
+                if device.type == "cuda":  # a new step: CUDA graphs may reuse the last step's output memory
+                    torch.compiler.cudagraph_mark_step_begin()
             terms, extra = net(images, labels, cached, Batch(images, labels, epoch, recipe.epochs), ce_weight)
             if method is not None:
                 if steps == 0:

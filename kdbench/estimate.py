@@ -4,7 +4,9 @@
 SGD update) at the recipe's batch size and a no-grad forward. A run's estimate is its steps ×
 (student step + each teacher's forward) plus one evaluation pass per epoch; a teacher that is
 not cached yet adds its own training. Method terms (adapters, losses) are not timed: they are
-small next to the models, so the estimate is a lower bound.
+small next to the models. Steps are timed in the run's precision and memory format
+(``--precision``, ``--channels-last``) but eager: compiling would add its own minutes, and the
+compiled step is faster. Teacher forwards are counted even where the teacher cache would replace them.
 """
 
 from __future__ import annotations
@@ -37,20 +39,23 @@ def _timed(fn: Any, device: torch.device, repeats: int = 2) -> float:
 def step_times(name: str, kwargs: tuple[tuple[str, Any], ...], batch: int, req: Any, plan: Any) -> tuple[float, float]:
     """Seconds of one training step and of one no-grad forward of ``batch`` images."""
     info, device = plan.data.info, plan.device
-    model = zoo.create(name, num_classes=info.num_classes, in_chans=info.in_chans, img_size=info.img_size,
-                       **dict(kwargs)).to(device)
-    x = torch.randn(batch, info.in_chans, info.img_size, info.img_size, device=device)
+    options = req.engine_options(device.type)
+    model = options.prepare(zoo.create(name, num_classes=info.num_classes, in_chans=info.in_chans,
+                                       img_size=info.img_size, **dict(kwargs)).to(device))
+    x = options.layout(torch.randn(batch, info.in_chans, info.img_size, info.img_size, device=device))
     y = torch.randint(0, info.num_classes, (batch,), device=device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     def train_step() -> None:
-        loss = F.cross_entropy(model(x), y)
+        with options.autocast(device):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     def forward() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), options.autocast(device):
             model(x)
 
     model.train()
