@@ -49,7 +49,9 @@ class DKD(Method):
         T = self.temperature
         s, t = student.logits.float() / T, teachers[0].logits.float() / T
         target = F.one_hot(batch.labels, s.shape[1]).bool()
-        p_s, p_t = F.softmax(s, 1)[target], F.softmax(t, 1)[target]
+        # gather, not boolean indexing: same values, but no data-dependent shape (no host sync on a GPU)
+        label = batch.labels.unsqueeze(1)
+        p_s, p_t = F.softmax(s, 1).gather(1, label).squeeze(1), F.softmax(t, 1).gather(1, label).squeeze(1)
         tckd = _binary_kl(p_t, p_s).mean() * T**2
         # Softmax over the non-target classes: the target's logit is masked out, not just zeroed.
         s_nt = s.masked_fill(target, float("-inf"))

@@ -219,16 +219,21 @@ def test_reads_from_the_device_do_not_grow_with_steps(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: device syncs exist only there")
 @pytest.mark.parametrize("options", [EngineOptions(), EngineOptions.fast_for("cuda")], ids=lambda o: o.label)
-def test_gpu_syncs_do_not_grow_with_steps(options):
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_gpu_syncs_do_not_grow_with_steps(options, name):
     """CUDA's sync debug mode warns at every host synchronisation: 2 and 8 steps per epoch must
-    warn equally often (the epoch-end reads and evaluation only)."""
+    warn equally often (the epoch-end reads and evaluation only), for every method (a boolean
+    mask in a loss, e.g. ``x[x > 0]``, would sync every step)."""
     import warnings
 
     def syncs(limit: int) -> int:
         data = load_dataset("digits", limit=limit).to("cuda")
         student, (teacher,) = _models(1)
         recipe = Recipe(name="t", epochs=2, batch_size=16, lr=0.05, milestones=(), crop_padding=1, flip=True)
-        method = build_method(METHODS["kd"])
+        method = build_method(METHODS[name])
+        taps = method.taps()
+        method.setup(probe(student, taps, TINY_SHAPE), [probe(teacher, taps, TINY_SHAPE)])
+        method.cuda()
         engine.train(student.cuda(), data, recipe, seed=0, method=method, teachers=[teacher.cuda()], options=options)
         torch.cuda.set_sync_debug_mode("warn")
         try:
@@ -312,3 +317,29 @@ def test_runs_per_gpu_needs_gpus(tmp_path, capsys):
     code, err = _cli([*SWEEP, "--methods", "ce", "--runs-per-gpu", "4", "--results-dir", str(tmp_path)], capsys)
     assert code == 2 and "--runs-per-gpu needs --gpus" in err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_losses_trace_as_one_graph(name):
+    """Each method's forward traces without a graph break (checked on the CPU with TorchDynamo).
+
+    A break means torch.compile cannot hold the step in one graph, and the usual cause, an op
+    whose output shape depends on the data (``x[x > 0]``, ``nonzero``), makes a GPU wait for the
+    host at every step."""
+    import torch._dynamo
+
+    method = build_method(METHODS[name])
+    student, teachers = _models(min(METHODS[name].max_teachers, 2))
+    taps = method.taps()
+    method.setup(probe(student, taps, TINY_SHAPE), [probe(t, taps, TINY_SHAPE) for t in teachers])
+    x, y = torch.randn(16, *TINY_SHAPE), torch.randint(0, 10, (16,))
+    from kdbench.features import FeatureCapture
+    from kdbench.method import Batch
+
+    out = FeatureCapture(student, taps)(x)
+    with torch.no_grad():
+        t_out = [FeatureCapture(t, taps)(x) for t in teachers]
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(method)(out, t_out, Batch(x, y, 3, 10))
+    # (ce returns no terms: no graph at all, and no break)
+    assert not explained.break_reasons and explained.graph_count <= 1, [str(b.reason) for b in explained.break_reasons]
