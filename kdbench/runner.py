@@ -435,22 +435,24 @@ class Runner:
                f"{'-pooled' if pooled else ''}"
         path = self.store.cache_path(name)
         teacher = self.teacher(ts)
-        with distributed.main_lock(self.store, f"cache-{name}", wait=True):
-            if path.is_file():
-                try:
-                    return ViewCache.from_state_dict(torch.load(path, map_location="cpu", weights_only=True),
-                                                     self.plan.device)
-                except Exception as exc:  # damaged: build it again
-                    warn(f"teacher cache {path} is damaged ({type(exc).__name__}); building it again")
-            views = view_count(pad, flip)
-            bar = self._bar(views, f"teacher cache {ts.model} ({views} views)", 1, False)
-            recipe = replace(ts.recipe, crop_padding=pad, flip=flip)
-            cache = build_view_cache(teacher, self.plan.data, recipe, pooled=pooled, options=opts, progress=bar)
-            bar.close()
-            if distributed.is_main():
-                atomic_torch_save(path, cache.state_dict())
-        self.store.finish(f"cache-{name}")  # its lock folder
-        return cache
+        try:
+            with distributed.main_lock(self.store, f"cache-{name}", wait=True):
+                if path.is_file():
+                    try:
+                        return ViewCache.from_state_dict(torch.load(path, map_location="cpu", weights_only=True),
+                                                         self.plan.device)
+                    except Exception as exc:  # damaged (a crash while writing it elsewhere): build it again
+                        warn(f"teacher cache {path} is damaged ({type(exc).__name__}); building it again")
+                views = view_count(pad, flip)
+                bar = self._bar(views, f"teacher cache {ts.model} ({views} views)", 1, False)
+                recipe = replace(ts.recipe, crop_padding=pad, flip=flip)
+                cache = build_view_cache(teacher, self.plan.data, recipe, pooled=pooled, options=opts, progress=bar)
+                bar.close()
+                if distributed.is_main():
+                    atomic_torch_save(path, cache.state_dict())
+                return cache
+        finally:
+            self.store.finish(f"cache-{name}")  # its lock folder
 
     # -- runs -----------------------------------------------------------------------------
     def execute_one(self, spec: RunSpec | TeacherSpec, *, wait: bool = False) -> Outcome:

@@ -343,3 +343,18 @@ def test_method_losses_trace_as_one_graph(name):
     explained = torch._dynamo.explain(method)(out, t_out, Batch(x, y, 3, 10))
     # (ce returns no terms: no graph at all, and no break)
     assert not explained.break_reasons and explained.graph_count <= 1, [str(b.reason) for b in explained.break_reasons]
+
+
+def test_a_damaged_cache_file_is_rebuilt(tmp_path, capsys):
+    res = tmp_path / "res"
+    args = [*SWEEP, "--methods", "kd", "--teacher-cache", "on", "--results-dir", str(res)]
+    assert _cli(args, capsys)[0] == 0
+    (cache,) = (res / "cache").glob("*.pt")
+    first = _rows(res)["kd"]
+    cache.write_bytes(cache.read_bytes()[:100])  # a truncated file
+    (res / "runs" / f"{first['run_id']}.json").unlink()  # so the run is done again
+    code, err = _cli(args, capsys)
+    assert code == 0 and f"teacher cache {cache} is damaged" in err
+    assert _rows(res)["kd"]["history_loss"] == first["history_loss"]
+    assert cache.stat().st_size > 100
+    assert not list(res.glob("state/cache-*"))  # the cache's lock folder is gone
