@@ -628,8 +628,8 @@ class TrainBatch(NamedTuple):
 
     images: Tensor
     labels: Tensor
-    index: Tensor     # positions in the training set
-    view: Tensor      # see view_index
+    index: Tensor | None  # positions in the training set (None unless asked for)
+    view: Tensor | None   # see view_index (None unless asked for)
 
 
 class Loader:
@@ -676,20 +676,23 @@ class Loader:
         for b in self.batches():
             yield b.images, b.labels
 
-    def batches(self) -> Iterator[TrainBatch]:
-        """One epoch of batches, with each image's index and view (what the teacher cache looks up)."""
+    def batches(self, *, views: bool = False) -> Iterator[TrainBatch]:
+        """One epoch of batches; with ``views``, each image's index and view number too (what the
+        teacher cache looks up), otherwise those are None (no work spent on them per step)."""
         n, bs, dev = len(self.images), self.batch_size, self.images.device
+        order = None
         if self.shuffle:
             gen = self.generator
             order = torch.randperm(n, generator=gen, device=gen.device).to(dev)
-        else:
-            order = torch.arange(n, device=dev)
         for b in range(len(self)):
-            idx = order[b * bs : (b + 1) * bs]
-            x, y = (self.images[idx], self.labels[idx]) if self.shuffle else \
-                (self.images[b * bs : (b + 1) * bs], self.labels[b * bs : (b + 1) * bs])
-            views = draw_views(len(idx), crop_padding=self.crop_padding, flip=self.flip, generator=self.generator,
+            if order is None:
+                idx = torch.arange(b * bs, min(n, (b + 1) * bs), device=dev) if views else None
+                x, y = self.images[b * bs : (b + 1) * bs], self.labels[b * bs : (b + 1) * bs]
+            else:
+                idx = order[b * bs : (b + 1) * bs]
+                x, y = self.images[idx], self.labels[idx]
+            drawn = draw_views(len(x), crop_padding=self.crop_padding, flip=self.flip, generator=self.generator,
                                device=dev)
-            x = apply_views(x, views, self.crop_padding)
-            yield TrainBatch(_normalize_with(x, self._scale, self._shift), y, idx,
-                        view_index(views, self.crop_padding, len(idx), dev))
+            x = _normalize_with(apply_views(x, drawn, self.crop_padding), self._scale, self._shift)
+            yield TrainBatch(x, y, idx if views else None,
+                             view_index(drawn, self.crop_padding, len(x), dev) if views else None)

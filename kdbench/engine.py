@@ -392,11 +392,11 @@ def train(
         ce_weight = method.ce_weight_at(epoch, recipe.epochs) if method is not None else 1.0
         sums: dict[str, Tensor] = {}
         steps = 0
-        for b in loader.batches():
+        for b in loader.batches(views=bool(teacher_caches)):
             images, labels, index, view = options.layout(b.images), b.labels, b.index, b.view
             n = len(images)
             if world > 1:  # this rank's slice of the global batch
-                images, labels, index, view = (t.tensor_split(world)[distributed.rank()]
+                images, labels, index, view = (t.tensor_split(world)[distributed.rank()] if t is not None else None
                                                for t in (images, labels, index, view))
             share = len(images) / n  # 1 without DDP
             cached = [c.lookup(index, view) for c in teacher_caches] if teacher_caches else None

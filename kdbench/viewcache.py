@@ -90,17 +90,18 @@ def build_view_cache(teacher: nn.Module, data: DataSplits, recipe: Recipe, *, po
     cap = FeatureCapture(model, Taps(pooled=pooled))
     images, device = data.train_images, data.train_images.device
     n, p, flip = len(images), recipe.crop_padding, recipe.flip
+    views = view_count(p, flip)
     logits = feats = None
-    for v in range(view_count(p, flip)):
+    for v in range(views):
         for start in range(0, n, batch_size):
             x = images[start:start + batch_size]
             x = apply_views(x, fixed_views(v, len(x), p, flip, device), p)
             with options.autocast(device):
                 out = cap(options.layout(normalize(x, data.info)))
             if logits is None:  # shapes and dtype come from the first batch
-                logits = out.logits.new_empty(n, view_count(p, flip), out.logits.shape[1])
+                logits = out.logits.new_empty(n, views, out.logits.shape[1])
                 if pooled:
-                    feats = out.pooled.new_empty(n, view_count(p, flip), out.pooled.shape[1])
+                    feats = out.pooled.new_empty(n, views, out.pooled.shape[1])
             logits[start:start + len(x), v] = out.logits
             if feats is not None:
                 feats[start:start + len(x), v] = out.pooled

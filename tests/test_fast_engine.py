@@ -84,7 +84,7 @@ def test_loader_batches_draw_the_same_random_numbers_as_before():
                       generator=torch.Generator().manual_seed(5), crop_padding=1, flip=True)
 
     plain = list(loader())
-    rich = list(loader().batches())
+    rich = list(loader().batches(views=True))
     assert len(plain) == len(rich) == 4
     for (x, y), b in zip(plain, rich):
         assert torch.equal(x, b.images) and torch.equal(y, b.labels)
@@ -261,10 +261,14 @@ SWEEP = ["run", "--pairs", "cifar_resnet14:cifar_resnet8", "--limit", "96", "--e
          "--throughput-batch", "16", "--no-report"]
 
 
-def _rows(results) -> dict[str, dict]:
+def _rows_all(results) -> list[dict]:
     from kdbench.store import ResultsStore
 
-    return {r["method"]: r for r in ResultsStore(results).rows()}
+    return ResultsStore(results).rows()
+
+
+def _rows(results) -> dict[str, dict]:
+    return {r["method"]: r for r in _rows_all(results)}
 
 
 def test_teacher_cache_is_built_once_and_reused_across_sweeps(tmp_path, capsys, monkeypatch):
@@ -296,12 +300,6 @@ def test_teacher_cache_is_built_once_and_reused_across_sweeps(tmp_path, capsys, 
     off_row = _rows(off)["kd"]
     assert on_row["run_id"] == off_row["run_id"]
     assert on_row["history_loss"] == off_row["history_loss"] and not off_row["teacher_cache"]
-
-
-def _rows_all(results) -> list[dict]:
-    from kdbench.store import ResultsStore
-
-    return ResultsStore(results).rows()
 
 
 def test_precision_is_part_of_the_run_id(tmp_path, capsys):
