@@ -8,10 +8,10 @@ processes, fp32 eager models in NCHW, the teacher under ``torch.no_grad()``, and
 plus an accuracy ``.item()`` every step (the host syncs of those loops' meters). It is written
 here, in kdbench, and calls kdbench's own KD method, so both arms compute the same loss.
 
-The *engine* arm is :func:`kdbench.engine.train` over the same number of images (one epoch per
-round) with :class:`~kdbench.engine.EngineOptions` (by default the device's fast ones); its
+The *engine* arm is :func:`kdbench.train.train` over the same number of images (one epoch per
+round) with :class:`~kdbench.train.EngineOptions` (by default the device's fast ones); its
 ``train_time_s`` excludes evaluation. The *engine + teacher cache* arm is the same with the
-teacher's outputs looked up in a :class:`~kdbench.viewcache.ViewCache`, whose one-off build is
+teacher's outputs looked up in a :class:`~kdbench.train.ViewCache`, whose one-off build is
 timed separately (it is shared by every run that distils from the same teacher).
 
 Rounds alternate between the arms (the order rotates every round) after one uncounted warm-up
@@ -52,17 +52,16 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
-from kdbench import engine, provenance, zoo  # noqa: E402
+from kdbench import provenance, zoo
 from kdbench.data import DatasetInfo, DataSplits, load_dataset, view_count  # noqa: E402
-from kdbench.engine import EngineOptions  # noqa: E402
 from kdbench.errors import KdbenchError  # noqa: E402
 from kdbench.features import probe  # noqa: E402
 from kdbench.method import Batch, Method, Outputs  # noqa: E402
 from kdbench.metrics import device_name  # noqa: E402
 from kdbench.recipe import Recipe  # noqa: E402
 from kdbench.registry import build_method, load_methods  # noqa: E402
-from kdbench.store import atomic_write  # noqa: E402
-from kdbench.viewcache import ViewCache, build_view_cache, cacheable  # noqa: E402
+from kdbench.files import atomic_write  # noqa: E402
+from kdbench.train import EngineOptions, ViewCache, build_view_cache, cacheable, train  # noqa: E402
 
 BATCH = 64
 METHOD = "kd"
@@ -166,7 +165,7 @@ class Reference:
             with torch.no_grad():
                 t_logits = self.teacher(images)
             logits = self.student(images)
-            # The method is called exactly as kdbench.engine calls it.
+            # The method is called exactly as kdbench.train calls it.
             batch = Batch(images, labels, epoch, epochs)
             terms = self.method(Outputs(logits=logits), [Outputs(logits=t_logits)], batch)
             loss = ce_weight * F.cross_entropy(logits, labels) + sum(terms.values())
@@ -473,9 +472,9 @@ def run(args: argparse.Namespace) -> int:
     def engine_round(caches: list[ViewCache]) -> float:
         nonlocal eng_flags
         eng_flags.apply()
-        result = engine.train(student, data, recipe, seed=args.seed, method=eng_method, teachers=[teacher],
-                              teacher_names=[args.teacher], model_name=args.student, options=options,
-                              teacher_caches=caches)
+        result = train(student, data, recipe, seed=args.seed, method=eng_method, teachers=[teacher],
+                       teacher_names=[args.teacher], model_name=args.student, options=options,
+                       teacher_caches=caches)
         eng_flags = BackendFlags.now()
         return result.train_time_s
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from kdbench import provenance
 import torch
 
-from kdbench.store import atomic_write_bytes
+from kdbench.files import atomic_write_bytes
 
 
 def _kdbench(args: list[str]) -> float:

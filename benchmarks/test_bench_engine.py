@@ -16,20 +16,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdbench import engine, zoo
+from kdbench import zoo
 from kdbench.data import DataSplits, load_dataset
-from kdbench.engine import EngineOptions
 from kdbench.features import FeatureCapture, probe
 from kdbench.method import Batch, Method
 from kdbench.recipe import Recipe
 from kdbench.registry import build_method, load_methods
+from kdbench.train import EngineOptions, TrainResult, as_fp32, train
 
 METHODS = load_methods()
 BATCH = 64
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: it measures the engine's GPU path "
                                                  "(bf16 autocast, channels_last, torch.compile)")
-# One epoch of exactly one batch: engine.train then runs one optimiser step.
+# One epoch of exactly one batch: train() then runs one optimiser step.
 ONE_STEP = Recipe(name="bench-step", epochs=1, batch_size=BATCH, lr=0.05, milestones=())
 
 
@@ -53,7 +53,7 @@ def pair(teacher: str, student: str, data: DataSplits, device: str) -> tuple[nn.
     return t.to(device), s.to(device), method
 
 
-def check_trained(result: engine.TrainResult, student: nn.Module, before: dict[str, torch.Tensor]) -> None:
+def check_trained(result: TrainResult, student: nn.Module, before: dict[str, torch.Tensor]) -> None:
     """What a broken step would get wrong: non-finite losses, missing gradients, unchanged weights."""
     losses = result.last.losses
     assert set(losses) == {"ce", "kd"} and all(math.isfinite(v) for v in losses.values()), losses
@@ -64,14 +64,14 @@ def check_trained(result: engine.TrainResult, student: nn.Module, before: dict[s
 
 
 def test_engine_step_cpu(benchmark):
-    """One engine.train step of KD on the CPU, fp32 eager: digits, cifar_resnet8 -> cifar_resnet8."""
+    """One train() step of KD on the CPU, fp32 eager: digits, cifar_resnet8 -> cifar_resnet8."""
     data = one_batch("digits", "cpu")
     teacher, student, method = pair("cifar_resnet8", "cifar_resnet8", data, "cpu")
     before = {k: v.clone() for k, v in student.named_parameters()}
 
-    def step() -> engine.TrainResult:
-        return engine.train(student, data, ONE_STEP, seed=0, method=method, teachers=[teacher],
-                            teacher_names=["cifar_resnet8"], model_name="cifar_resnet8", options=EngineOptions())
+    def step() -> TrainResult:
+        return train(student, data, ONE_STEP, seed=0, method=method, teachers=[teacher],
+                     teacher_names=["cifar_resnet8"], model_name="cifar_resnet8", options=EngineOptions())
 
     result = benchmark(step)
     assert len(result.history) == 1
@@ -80,7 +80,7 @@ def test_engine_step_cpu(benchmark):
 
 @needs_cuda
 def test_engine_step_cuda_fast(benchmark):
-    """One engine.train step of KD on CUDA with bf16 + channels_last + compile (resnet32x4 -> resnet8x4).
+    """One train() step of KD on CUDA with bf16 + channels_last + compile (resnet32x4 -> resnet8x4).
 
     A first, untimed call compiles (and records the CUDA graphs), so the benchmark times the
     steady state that a 240-epoch run spends nearly all its time in.
@@ -90,9 +90,9 @@ def test_engine_step_cuda_fast(benchmark):
     options = EngineOptions(precision="bf16", channels_last=True, compile=True)
     before = {k: v.clone() for k, v in student.named_parameters()}
 
-    def step() -> engine.TrainResult:
-        result = engine.train(student, data, ONE_STEP, seed=0, method=method, teachers=[teacher],
-                              teacher_names=["cifar_resnet32x4"], model_name="cifar_resnet8x4", options=options)
+    def step() -> TrainResult:
+        result = train(student, data, ONE_STEP, seed=0, method=method, teachers=[teacher],
+                       teacher_names=["cifar_resnet32x4"], model_name="cifar_resnet8x4", options=options)
         torch.cuda.synchronize()
         return result
 
@@ -121,14 +121,14 @@ def test_method_loss_step_cuda_bf16(benchmark, name):
     y = torch.randint(0, 100, (BATCH,), device="cuda")
     s_cap = FeatureCapture(student, taps)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        t_out = [engine.as_fp32(FeatureCapture(t, taps)(x)) for t in teachers]
+        t_out = [as_fp32(FeatureCapture(t, taps)(x)) for t in teachers]
 
     def step() -> torch.Tensor:
         student.zero_grad(set_to_none=True)
         method.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = s_cap(x)
-        out = engine.as_fp32(out)  # losses in fp32, as the engine computes them
+        out = as_fp32(out)  # losses in fp32, as the engine computes them
         terms = method(out, t_out, Batch(x, y, 0, 1))
         loss = F.cross_entropy(out.logits, y) + sum(terms.values(), torch.zeros((), device="cuda"))
         loss.backward()

@@ -15,18 +15,14 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from .errors import KdbenchError
-
-if TYPE_CHECKING:
-    from .store import ResultsStore
 
 T = TypeVar("T")
 
@@ -109,11 +105,6 @@ def silence_other_ranks() -> None:
 
 
 # -- agreeing ---------------------------------------------------------------------------------
-def barrier() -> None:
-    if world_size() > 1:
-        dist.barrier()
-
-
 def broadcast_object(obj: T) -> T:
     """Rank 0's ``obj`` on every rank (any picklable object)."""
     if world_size() == 1:
@@ -128,27 +119,6 @@ def on_main(fn: Callable[[], T]) -> T:
     return broadcast_object(fn() if is_main() else None)
 
 
-@contextmanager
-def main_lock(store: ResultsStore, run_id: str, *, wait: bool) -> Iterator[None]:
-    """Hold the run's lock in the store, taken by rank 0 alone under DDP (the ranks are one trainer).
-
-    Every rank raises :class:`~kdbench.store.Busy` when rank 0 could not take it.
-    """
-    from .store import Busy
-
-    with ExitStack() as stack:
-        got = True
-        if is_main():
-            try:
-                stack.enter_context(store.lock(run_id, wait=wait))
-            except Busy:
-                got = False
-        if not broadcast_object(got):
-            raise Busy(run_id)
-        yield
-
-
-# -- tensors --------------------------------------------------------------------------------
 def all_reduce_sum(t: Tensor) -> Tensor:
     """``t`` summed over the ranks (in place)."""
     if world_size() > 1:

@@ -6,6 +6,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -75,38 +76,49 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def seconds_per_call(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, repeats: int = 2,
+                     min_time_s: float = 0.0) -> tuple[list[float], int]:
+    """kdbench's one timing helper: seconds per call of ``fn``, one figure per repeat, and the
+    number of calls each repeat timed.
+
+    ``warmup`` calls first (allocator, kernel selection); then each repeat times back-to-back
+    calls for at least ``min_time_s`` (the count is fixed after warm-up, so every repeat does the
+    same work), synchronised on GPU so the time is the device's, not the launch queue's.
+    """
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    per_call = max((time.perf_counter() - start) / max(warmup, 1), 1e-6)
+    iters = max(1, int(min_time_s / per_call))
+    out = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        _sync(device)
+        out.append((time.perf_counter() - t0) / iters)
+    return out, iters
+
+
 @torch.inference_mode()
 def measure_throughput(model: nn.Module, input_shape: tuple[int, ...], *, batch_size: int = 256,
                        dtype: torch.dtype = torch.float32, warmup: int = 3, repeats: int = 5,
                        min_time_s: float = 0.2) -> Throughput:
-    """Inference images/s: eval mode, inference mode, fixed batch, warm-up, median of repeats.
-
-    Each repeat runs back-to-back forward passes for at least ``min_time_s`` (the iteration count
-    is fixed after warm-up so every repeat does the same work), synchronised on GPU.
-    """
+    """Inference images/s: eval mode, inference mode, fixed batch, warm-up, median of repeats."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     x = torch.randn(batch_size, *input_shape, device=device, dtype=dtype)
     try:
-        start = time.perf_counter()
-        for _ in range(warmup):
-            model(x)
-        _sync(device)
-        per_iter = max((time.perf_counter() - start) / warmup, 1e-6)
-        iters = max(1, int(min_time_s / per_iter))
-        rates = []
-        for _ in range(repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                model(x)
-            _sync(device)
-            rates.append(iters * batch_size / (time.perf_counter() - t0))
+        seconds, iters = seconds_per_call(lambda: model(x), device, warmup=warmup, repeats=repeats,
+                                          min_time_s=min_time_s)
     finally:
         model.train(was_training)
-    return Throughput(statistics.median(rates), batch_size, device_name(device), str(dtype).replace("torch.", ""),
-                      repeats, iters)
+    return Throughput(batch_size / statistics.median(seconds), batch_size, device_name(device),
+                      str(dtype).replace("torch.", ""), repeats, iters)
 
 
 def device_name(device: torch.device) -> str:

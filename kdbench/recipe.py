@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from .errors import KdbenchError, suggest, unknown
+from .ids import without_later_fields
 
 
 @dataclass(frozen=True)
@@ -89,12 +90,7 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("description")
-        # Fields added after the first release are left out at their default, so that the run
-        # ids (hashes of this dict) of existing results stay the same.
-        for key, default in _LATER_FIELDS.items():
-            if d[key] == default:
-                d.pop(key)
-        return d
+        return without_later_fields(d, _LATER_FIELDS)  # run ids hash this dict
 
 
 _LATER_FIELDS: dict[str, Any] = {"max_norm": 0.0}

@@ -12,7 +12,7 @@ names it and where it came from.
 
 from __future__ import annotations
 
-import ast
+import hashlib
 import importlib.util
 import inspect
 import math
@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .errors import KdbenchError, suggest, unknown
+from .errors import KdbenchError
 from .method import Method
 
 ENTRY_POINT_GROUP = "kdbench.methods"
@@ -99,11 +99,34 @@ def load_plugin_file(path: str | Path) -> list[type[Method]]:
     return classes
 
 
+#: The distribution (name, version) each entry-point method came from, for :func:`method_source`.
+_DISTRIBUTIONS: dict[type, tuple[str, str]] = {}
+
+
+def method_source(cls: type[Method]) -> str:
+    """A fingerprint of the code a method runs: part of every run's id and row (``method_source``).
+
+    ``sha256:<hash> <file>`` of the file that defines the class (a plugin file or a built-in
+    method); for a method installed by another distribution, ``<dist>==<version>`` before it (and
+    the version alone when the source file cannot be read). Editing a method's file changes its
+    fingerprint, so the next sweep runs it again instead of skipping it as done.
+    """
+    dist, version = _DISTRIBUTIONS.get(cls, ("", ""))
+    parts = [f"{dist}=={version}"] if dist and dist != "kdbench" else []
+    try:
+        path = Path(inspect.getsourcefile(cls) or "")
+        parts.append(f"sha256:{hashlib.sha256(path.read_bytes()).hexdigest()[:16]} {path.name}")
+    except (OSError, TypeError):  # a class defined in a file that is gone, or built in memory
+        pass
+    return " ".join(parts) or f"unknown ({cls.__module__}.{cls.__qualname__})"
+
+
 def load_methods(plugin_files: Iterable[str | Path] = ()) -> dict[str, type[Method]]:
     """All methods: entry points of every installed distribution, then the given plugin files."""
     found: dict[str, tuple[type[Method], str]] = {}
     for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         dist = getattr(ep.dist, "name", "?")
+        version = getattr(ep.dist, "version", "?")
         origin = f"'{ep.name}' (entry point {ep.value} of {dist})"
         try:
             cls = ep.load()
@@ -112,6 +135,7 @@ def load_methods(plugin_files: Iterable[str | Path] = ()) -> dict[str, type[Meth
         # The same distribution can be seen twice (e.g. an editable install plus a build dir).
         if ep.name in found and found[ep.name][0] is cls:
             continue
+        _DISTRIBUTIONS[cls] = (dist, version)
         _register(found, validate(cls, origin), origin, ep.name)
     for path in plugin_files:
         for cls in load_plugin_file(path):
@@ -124,66 +148,6 @@ def load_methods(plugin_files: Iterable[str | Path] = ()) -> dict[str, type[Meth
 
 
 # -- hyperparameters ---------------------------------------------------------------------------
-def convert_value(text: str, default: Any, where: str) -> Any:
-    """Parse ``text`` as the type of ``default`` (bool, int, float, str, tuple, or a literal)."""
-    def bad(expected: str) -> KdbenchError:
-        example = str(default).lower() if isinstance(default, bool) else default
-        return KdbenchError(f"bad value for {where}: '{text}' is not {expected}; give one like the default, "
-                            f"{where}={example}")
-
-    if isinstance(default, bool):
-        low = text.strip().lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise bad("a boolean (true/false)")
-    if isinstance(default, int):
-        try:
-            return int(text)
-        except ValueError:
-            raise bad("an integer") from None
-    if isinstance(default, float):
-        try:
-            return float(text)
-        except ValueError:
-            raise bad("a number") from None
-    if isinstance(default, tuple):
-        items = [t for t in text.replace(" ", "").split(",") if t]
-        proto = default[0] if default else 1.0
-        try:
-            return tuple(convert_value(t, proto, where) for t in items)
-        except KdbenchError:
-            raise KdbenchError(f"bad value for {where}: '{text}' is not a comma-separated list of "
-                               f"numbers; write e.g. {where}=1,3") from None
-    if isinstance(default, str):
-        return text
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def parse_overrides(pairs: Iterable[str], methods: Mapping[str, type[Method]]) -> dict[str, dict[str, Any]]:
-    """Parse ``--set method.name=value`` strings into {method: {name: value}}, checked and typed."""
-    out: dict[str, dict[str, Any]] = {}
-    for item in pairs:
-        key, sep, value = item.partition("=")
-        method, dot, hp = key.strip().partition(".")
-        if not sep or not dot or not hp:
-            raise KdbenchError(f"--set '{item}' is not of the form METHOD.HYPERPARAMETER=VALUE "
-                               "(e.g. --set kd.temperature=8)")
-        if method not in methods:
-            raise unknown("method", method, methods, fix=f"(in --set '{item}')")
-        defaults = methods[method].hyperparameters()
-        if hp not in defaults:
-            listed = ", ".join(f"{k}={v!r}" for k, v in defaults.items())
-            raise KdbenchError(f"unknown hyperparameter '{hp}' for method '{method}';"
-                               f"{suggest(hp, defaults)} it takes: {listed}")
-        out.setdefault(method, {})[hp] = convert_value(value, defaults[hp], f"{method}.{hp}")
-    return out
-
-
 def check_value(name: str, value: Any, default: Any) -> None:
     """Raise ``ValueError`` unless ``value`` fits the kind of ``default``.
 

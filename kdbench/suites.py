@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -19,6 +19,14 @@ from typing import Any
 
 from .errors import KdbenchError, suggest, unknown
 from .recipe import Recipe, get_recipe
+
+
+PAIR_ARROW = "→"
+
+
+def pair_label(teachers: Sequence[str], student: str) -> str:
+    """How kdbench writes a teacher→student pair everywhere (rows, tables, messages): ``a+b→s``."""
+    return f"{'+'.join(teachers)}{PAIR_ARROW}{student}"
 
 
 @dataclass(frozen=True)
@@ -34,8 +42,8 @@ class Pair:
     student: str
     teacher_seeds: tuple[int | None, ...] = ()
     methods: tuple[str, ...] = ()  # only these methods run on this pair (a suite's choice; () = all)
-    #: Hyperparameters for this pair only, as ``(method.name, value)`` (e.g. DKD's β per pair).
-    hparams: tuple[tuple[str, str], ...] = ()
+    #: Hyperparameters for this pair only, as typed ``(method.name, value)`` (e.g. DKD's β per pair).
+    hparams: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.teacher_seeds:
@@ -47,7 +55,7 @@ class Pair:
 
     @property
     def label(self) -> str:
-        return f"{'+'.join(self.teacher_labels)}→{self.student}"
+        return pair_label(self.teacher_labels, self.student)
 
     @classmethod
     def parse(cls, text: str) -> Pair:
@@ -70,7 +78,7 @@ class Pair:
 
 @dataclass(frozen=True)
 class Tolerance:
-    """When a kdbench number counts as reproducing a published one (see kdbench.compare)."""
+    """When a kdbench number counts as reproducing a published one (see kdbench.report.reproduce)."""
 
     points: float = 0.5             # accuracy cells: |Δ| <= max(sigmas·σ, points)
     sigmas: float = 2.0
@@ -110,10 +118,10 @@ class Suite:
     recipe: Recipe
     pairs: tuple[Pair, ...]
     seeds: tuple[int, ...] = (0,)
-    #: Method hyperparameters this suite needs, as ``method.name=value``; --set wins.
-    overrides: tuple[tuple[str, str], ...] = ()
-    #: Hyperparameters run at several values (``method.name``, values): one run per value.
-    sweeps: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: Method hyperparameters this suite sets, as typed ``("method.name", value)``.
+    hparams: tuple[tuple[str, Any], ...] = ()
+    #: Hyperparameters run at several values (``"method.name"``, typed values): one run per value.
+    sweeps: tuple[tuple[str, tuple[Any, ...]], ...] = ()
     methods: tuple[str, ...] = ()   # the methods it runs by default ('' = all)
     #: Recipe fields that differ for one model (e.g. lr 0.01 for ShuffleNet students).
     recipe_by_model: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -122,12 +130,6 @@ class Suite:
     pad_to: int = 0                 # zero-pad images to this square size (e.g. 28 -> 32)
     reproduce: Reproduction | None = None
     path: Path | None = None        # the file it was read from
-
-    def recipe_for(self, model: str, base: Recipe | None = None) -> Recipe:
-        """The recipe a model trains with in this suite (``base``: the run's, after --epochs)."""
-        base = base or self.recipe
-        extra = self.recipe_by_model.get(model)
-        return base.with_overrides(dict(extra), f"suite {self.name}, recipe.by_model.{model}") if extra else base
 
 
 # -- reading suite files ----------------------------------------------------------------------------
@@ -174,7 +176,7 @@ def _pair_item(item: Any, where: str) -> Pair:
     except KdbenchError as exc:
         raise KdbenchError(f"{where}: {exc}" if where not in str(exc) else str(exc)) from None
     methods = tuple(_expect(m, str, "methods item", where) for m in _expect(item.get("methods", []), list, "methods", where))
-    hparams = tuple((f"{m}.{k}", _override_text(v)) for m, hp in _expect(item.get("hparams", {}), dict, "hparams", where).items()
+    hparams = tuple((f"{m}.{k}", _frozen(v)) for m, hp in _expect(item.get("hparams", {}), dict, "hparams", where).items()
                     for k, v in _expect(hp, dict, f"hparams.{m}", where).items())
     return Pair(pair.teachers, pair.student, pair.teacher_seeds, methods, hparams)
 
@@ -191,10 +193,9 @@ def _published_file(name: str, suite_path: Path, where: str) -> Path:
                        f"among the built-in ones ({builtin_dir()}); give a path relative to the suite file")
 
 
-def _override_text(value: Any) -> str:
-    if isinstance(value, list):
-        return ",".join(map(str, value))
-    return str(value)
+def _frozen(value: Any) -> Any:
+    """A TOML value kept typed, lists as tuples (suites and pairs are frozen and hashable)."""
+    return tuple(map(_frozen, value)) if isinstance(value, list) else value
 
 
 def parse_suite(data: Mapping[str, Any], path: Path) -> Suite:
@@ -220,7 +221,7 @@ def parse_suite(data: Mapping[str, Any], path: Path) -> Suite:
         raise KdbenchError(f"{where}: 'pairs' is empty; list at least one \"TEACHER:STUDENT\"")
     seeds = tuple(_expect(s, int, "seeds item", where) for s in _expect(data.get("seeds", [0]), list, "seeds", where))
     hparams = _expect(data.get("hparams", {}), dict, "hparams", where)
-    overrides = tuple((f"{m}.{k}", _override_text(v)) for m, hp in hparams.items()
+    overrides = tuple((f"{m}.{k}", _frozen(v)) for m, hp in hparams.items()
                       for k, v in _expect(hp, dict, f"hparams.{m}", where).items())
     sweeps = []
     for m, hp in _expect(data.get("sweep", {}), dict, "sweep", where).items():
@@ -228,7 +229,7 @@ def parse_suite(data: Mapping[str, Any], path: Path) -> Suite:
             values = _expect(values, list, f"sweep.{m}.{k}", where)
             if not values:
                 raise KdbenchError(f"{where}: sweep.{m}.{k} is an empty list; give the values to run")
-            sweeps.append((f"{m}.{k}", tuple(_override_text(v) for v in values)))
+            sweeps.append((f"{m}.{k}", tuple(_frozen(v) for v in values)))
     models = _expect(data.get("models", {}), dict, "models", where)
     for model, kwargs in models.items():
         _expect(kwargs, dict, f"models.{model}", where)
@@ -260,7 +261,7 @@ def parse_suite(data: Mapping[str, Any], path: Path) -> Suite:
     return Suite(
         name=name, description=str(data.get("description", "")).strip(),
         dataset=_expect(data["dataset"], str, "dataset", where), recipe=recipe, pairs=pairs, seeds=seeds,
-        overrides=overrides, sweeps=tuple(sweeps), methods=tuple(_expect(data.get("methods", []), list, "methods", where)),
+        hparams=overrides, sweeps=tuple(sweeps), methods=tuple(_expect(data.get("methods", []), list, "methods", where)),
         recipe_by_model={m: dict(v) for m, v in by_model.items()},
         model_kwargs={m: dict(v) for m, v in models.items()}, pad_to=pad_to, reproduce=reproduce, path=path,
     )
@@ -298,7 +299,7 @@ def all_suites() -> list[Suite]:
 # -- published numbers ------------------------------------------------------------------------------
 
 def read_published(suite: Suite, model_name: Any) -> list[dict[str, Any]]:
-    """The published cells of a suite's pairs, as dicts for ``kdbench.compare.Cell``.
+    """The published cells of a suite's pairs, as dicts for ``kdbench.report.reproduce.Cell``.
 
     ``model_name`` maps a paper's model name to a timm name (``kdbench.models.timm_name``).
     A CSV has columns table, teacher, student, method, a value column (``top1`` or

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kdbench import distributed, engine, zoo
+from kdbench import distributed, zoo
 from kdbench.cli import main
 from kdbench.data import load_dataset
 from kdbench.errors import KdbenchError
@@ -91,6 +91,7 @@ def test_two_processes_follow_the_single_process_run(tmp_path):
 BOOM = '''
 from kdbench import distributed
 from kdbench.method import Method
+from kdbench.train import train
 
 
 class Boom(Method):
@@ -121,4 +122,4 @@ def test_a_batch_that_does_not_split_is_refused(monkeypatch):
     model = zoo.create("hinton_mlp_800", num_classes=10, in_chans=1, img_size=8)
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
     with pytest.raises(KdbenchError, match="batch 64, which does not split evenly among 3"):
-        engine.train(model, data, get_recipe("digits").with_epochs(1), seed=0)
+        train(model, data, get_recipe("digits").with_epochs(1), seed=0)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdbench import engine, zoo
+from kdbench import zoo
 from kdbench.data import load_dataset
 from kdbench.errors import KdbenchError
 from kdbench.method import Method
 from kdbench.recipe import get_recipe
 from kdbench.registry import build_method, load_methods
+from kdbench.train import train
 
 METHODS = load_methods()
 KW = dict(num_classes=10, in_chans=1, img_size=8)
@@ -34,8 +35,8 @@ def test_teachers_stay_frozen_and_adapters_train(data):
     shape = (1, 8, 8)
     method.setup(probe(student, method.taps(), shape), [probe(teacher, method.taps(), shape)])
     t_before, s_before, m_before = snapshot(teacher), snapshot(student), snapshot(method)
-    result = engine.train(student, data, get_recipe("digits").with_epochs(1), seed=0, method=method,
-                          teachers=[teacher])
+    result = train(student, data, get_recipe("digits").with_epochs(1), seed=0, method=method,
+                   teachers=[teacher])
     for k, v in teacher.state_dict().items():
         torch.testing.assert_close(v, t_before[k], msg=f"teacher {k} changed")
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
@@ -55,8 +56,8 @@ def test_hint_stage_trains_only_the_lower_student(data):
     shape = (1, 8, 8)
     method.setup(probe(student, method.taps(), shape), [probe(teacher, method.taps(), shape)])
     before = snapshot(student)
-    result = engine.train(student, data, get_recipe("digits").with_epochs(1), seed=0, method=method,
-                          teachers=[teacher])
+    result = train(student, data, get_recipe("digits").with_epochs(1), seed=0, method=method,
+                   teachers=[teacher])
     moved = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
     # Stage 0 is the first hidden layer: only it moves; fc2 and the classifier get no gradient.
     assert moved == {"fc1.weight", "fc1.bias"}, moved
@@ -72,8 +73,8 @@ def test_non_scalar_term_is_refused(data):
             return {"vector": student.logits.mean(0)}
 
     with pytest.raises(KdbenchError, match="loss term 'vector' that is not a scalar"):
-        engine.train(zoo.create("hinton_mlp_800", **KW), data, get_recipe("digits").with_epochs(1), seed=0,
-                     method=Bad(), teachers=[zoo.create("hinton_mlp_800", **KW)])
+        train(zoo.create("hinton_mlp_800", **KW), data, get_recipe("digits").with_epochs(1), seed=0,
+              method=Bad(), teachers=[zoo.create("hinton_mlp_800", **KW)])
 
 
 def test_shortened_recipe_scales_milestones():

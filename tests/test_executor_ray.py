@@ -23,13 +23,11 @@ import torch
 from executors_common import store_rows
 
 from kdbench.errors import KdbenchError
-from kdbench.executors.base import tasks_for
 from kdbench.executors.ray_executor import RayExecutor
 from kdbench.recipe import get_recipe
-from kdbench.registry import load_methods
-from kdbench.runner import Request, Runner, plan
-from kdbench.store import ResultsStore
 from kdbench.suites import Pair
+from kdbench.sweep import Request, Sweep
+from kdbench.sweep.worker import do_task
 
 ray = pytest.importorskip("ray", reason='Ray is not installed (pip install -e ".[ray]" or ".[test]")')
 
@@ -124,13 +122,13 @@ def env(root) -> dict[str, str]:
 
 
 def make_request(plugin: Path, results_dir: Path, methods: list[str], seeds: tuple[int, ...] = (0,)) -> Request:
-    return Request(methods=load_methods([plugin]), selected=methods, pairs=[Pair.parse(PAIR)], dataset="digits",
+    return Request(methods=tuple(methods), named=True, pairs=(Pair.parse(PAIR),), dataset="digits",
                    recipe=get_recipe("digits").with_epochs(2), seeds=seeds, results_dir=results_dir, limit=64,
                    device="cpu", quiet=True, plugins=(str(plugin),), command="kdbench run (test)")
 
 
 def sweep(req: Request, executor=None):
-    return Runner(req, plan(req), ResultsStore(req.results_dir), log=lambda _: None).execute(executor)
+    return Sweep.prepare(req, log=lambda _: None).execute(executor)
 
 
 @contextlib.contextmanager
@@ -177,7 +175,7 @@ def local_rows(plugin, root, cluster):
     try:
         with environ(KDTEST_TOKEN="sesame"):
             result = sweep(req)
-            result2 = sweep(replace(req, selected=["hold"], seeds=(1, 2)))
+            result2 = sweep(replace(req, methods=("hold",), seeds=(1, 2)))
     finally:
         torch.set_num_threads(threads)
     assert not result.unfinished and not result2.unfinished
@@ -185,7 +183,7 @@ def local_rows(plugin, root, cluster):
 
 
 def executor(cluster, env, **kw) -> RayExecutor:
-    return RayExecutor(address=cluster.address, gpus_per_run=0, cpus_per_run=1, env=env, **kw)
+    return RayExecutor(do_task, address=cluster.address, gpus_per_run=0, cpus_per_run=1, env=env, **kw)
 
 
 def check_rows_equal(results_dir: Path, local_rows: dict, expected: int) -> None:
@@ -221,7 +219,7 @@ def faulty_sweep(cluster, env, plugin, root):
 
 
 def _outcome(req, outcomes, method):
-    [spec] = [s for s in plan(req).specs if s.method == method]
+    [spec] = [s for s in Sweep.prepare(req).plan.specs if s.method == method]
     return outcomes[spec.run_id]
 
 
@@ -292,7 +290,7 @@ def test_a_removed_node_does_not_lose_its_run(cluster, env, plugin, local_rows, 
 
 def test_connects_and_disconnects_only_what_it_connected(cluster, env, capsys):
     ray.shutdown()  # the module's connection: now the executor connects itself
-    ex = RayExecutor(address=cluster.address, gpus_per_run=0.25, cpus_per_run=1, max_retries=0, env=env)
+    ex = RayExecutor(do_task, address=cluster.address, gpus_per_run=0.25, cpus_per_run=1, max_retries=0, env=env)
     ex._connect()  # what run() does first (here without a run: a fresh worker would cost ~10 s)
     assert ray.is_initialized()
     # No node has a GPU; a cluster that autoscales could still add one, so this only warns.
@@ -304,12 +302,8 @@ def test_connects_and_disconnects_only_what_it_connected(cluster, env, capsys):
 
 
 def test_clear_errors_before_anything_runs(plugin, tmp_path, monkeypatch):
-    req = make_request(plugin, tmp_path, ["ce"])
-    [task] = tasks_for(req)[1]
-    with pytest.raises(KdbenchError, match="--device cuda with --gpus-per-run 0: Ray gives such runs no GPU"):
-        RayExecutor(gpus_per_run=0).run([replace(task, request=replace(task.request, device="cuda"))], print)
     with pytest.raises(KdbenchError, match="--gpus-per-run 1.5: give 0, a fraction up to 1"):
-        RayExecutor(gpus_per_run=1.5)
+        RayExecutor(do_task, gpus_per_run=1.5)
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     with pytest.raises(KdbenchError, match=r'needs Ray, which is not installed: pip install "kdbench\[ray\]"'):
-        RayExecutor()
+        RayExecutor(do_task)

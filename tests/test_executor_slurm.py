@@ -24,8 +24,10 @@ from executors_common import store_rows
 from tiny import TINY_STUDENT
 
 from kdbench.errors import KdbenchError
-from kdbench.executors.base import FAILED, OK, Outcome, tasks_for
+from kdbench.executors.base import FAILED, OK, Outcome
 from kdbench.executors.slurm_executor import SlurmExecutor
+from kdbench.sweep import Sweep
+from kdbench.sweep.worker import do_task
 
 EPOCHS = 3
 SLEEP_VAR = "KDBENCH_TEST_STEP_SLEEP"  # slow_kd sleeps this long per step: time to interrupt it
@@ -58,29 +60,25 @@ class BrokenKD(KD):
 
 def make_request(results: Path, plugin: Path, methods: list[str]):
     from kdbench.recipe import get_recipe
-    from kdbench.registry import load_methods
-    from kdbench.runner import Request
     from kdbench.suites import Pair
+    from kdbench.sweep import Request
 
-    return Request(methods=load_methods([plugin]), selected=methods, pairs=[Pair((TINY_STUDENT,), TINY_STUDENT)],
-                   dataset="digits", recipe=get_recipe("digits").with_epochs(EPOCHS), seeds=[0],
+    return Request(methods=tuple(methods), named=True, pairs=(Pair((TINY_STUDENT,), TINY_STUDENT),),
+                   dataset="digits", recipe=get_recipe("digits").with_epochs(EPOCHS), seeds=(0,),
                    results_dir=results, limit=64, quiet=True, plugins=(str(plugin),),
                    throughput_batch=8)
 
 
 def inline(req) -> None:
     """The same runs with the default executor (here, in this process): the reference rows."""
-    from kdbench.runner import Runner, plan
-    from kdbench.store import ResultsStore
-
-    Runner(req, plan(req), ResultsStore(req.results_dir)).execute()
+    Sweep.prepare(req).execute()
 
 
 def execute(req, executor: SlurmExecutor) -> list[Outcome]:
     """Teachers first, then the students, as the driver does."""
-    teachers, students = tasks_for(req)
+    teachers, students = Sweep.prepare(req).tasks()
     seen: list[Outcome] = []
-    outcomes = executor.run(teachers, seen.append) + executor.run(students, seen.append)
+    outcomes = executor.execute(teachers, seen.append) + executor.execute(students, seen.append)
     assert seen == outcomes  # on_outcome saw each one
     return outcomes
 
@@ -107,7 +105,7 @@ def sweep(world):
     root, plugin = world
     methods = ["ce", "kd", "broken_kd"]
     inline(make_request(root / "reference", plugin, methods))
-    executor = SlurmExecutor(cluster="local", max_concurrent=2, folder=root / "logs", time_min=60)
+    executor = SlurmExecutor(do_task, cluster="local", max_concurrent=2, folder=root / "logs", time_min=60)
     req = make_request(root / "results", plugin, methods)
     outcomes = execute(req, executor)
     return req, outcomes, root
@@ -168,12 +166,12 @@ def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(sweep, worl
     _, plugin = world
     inline(make_request(root / "reference", plugin, ["slow_kd"]))  # uninterrupted, not slowed down
     req = make_request(root / "results", plugin, ["slow_kd"])  # its teacher is trained there already
-    teachers, (task,) = tasks_for(req)
+    teachers, (task,) = Sweep.prepare(req).tasks()
     assert not teachers
     folder = root / "preempt-logs"
-    executor = SlurmExecutor(cluster="local", folder=folder, time_min=60, env={SLEEP_VAR: "1.0"})
+    executor = SlurmExecutor(do_task, cluster="local", folder=folder, time_min=60, env={SLEEP_VAR: "1.0"})
     outcomes: list[Outcome] = []
-    thread = threading.Thread(target=lambda: outcomes.extend(executor.run([task], lambda o: None)))
+    thread = threading.Thread(target=lambda: outcomes.extend(executor.execute([task], lambda o: None)))
     thread.start()
     try:
         checkpoint = Path(req.results_dir) / "state" / task.run_id / "checkpoint.pt"
@@ -215,8 +213,9 @@ def test_the_job_array_script_carries_the_options(world, tmp_path, monkeypatch):
         f.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     req = make_request(tmp_path / "results", plugin, ["ce", "kd", "slow_kd"])
-    _, students = tasks_for(req)
-    executor = SlurmExecutor(partition="gpu", max_concurrent=2, time_min=30, gpus_per_run=1.0, cpus_per_run=4,
+    _, students = Sweep.prepare(req).tasks()
+    executor = SlurmExecutor(do_task, folder=tmp_path / "results" / "slurm", partition="gpu", max_concurrent=2,
+                             time_min=30, gpus_per_run=1.0, cpus_per_run=4,
                              mem_gb=16, account="lab", qos="high", extra={"constraint": "h100", "exclusive": ""},
                              env={"KDBENCH_X": "a b"})
     jobs = executor.submit(students)
@@ -228,7 +227,7 @@ def test_the_job_array_script_carries_the_options(world, tmp_path, monkeypatch):
         assert f"#SBATCH {line}\n" in script
     assert "#SBATCH --exclusive\n" in script
     assert "export KDBENCH_X='a b'\n" in script
-    # Logs and pickles go under RESULTS_DIR/slurm by default, one folder per array element.
+    # Logs and pickles go under the folder given (the CLI's default: RESULTS_DIR/slurm), one per array element.
     slurm_dir = (tmp_path / "results").resolve() / "slurm"
     assert f"--output={slurm_dir}/%A_%a/%A_%a_0_log.out" in script
     # Each element's pickled job is the task itself, resubmitted unchanged when interrupted.
@@ -244,15 +243,15 @@ def test_without_srun_the_error_says_where_to_run(world, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     req = make_request(tmp_path / "results", plugin, ["ce"])
     with pytest.raises(KdbenchError, match="srun"):
-        SlurmExecutor().submit(tasks_for(req)[1])
+        SlurmExecutor(do_task, folder=tmp_path / "slurm").submit(Sweep.prepare(req).tasks()[1])
 
 
 def test_without_submitit_the_error_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit now raises ImportError
     with pytest.raises(KdbenchError, match=r'pip install "kdbench\[slurm\]"'):
-        SlurmExecutor(cluster="local").submitit_executor(tmp_path)
+        SlurmExecutor(do_task, folder=tmp_path, cluster="local").submitit_executor(tmp_path)
 
 
 def test_fractional_gpus_are_refused():
     with pytest.raises(KdbenchError, match="whole"):
-        SlurmExecutor(gpus_per_run=0.5)
+        SlurmExecutor(do_task, folder=Path("slurm"), gpus_per_run=0.5)

@@ -8,15 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdbench import engine, zoo
+from kdbench import zoo
 from kdbench.data import Loader, draw_views, fixed_views, load_dataset, view_count, view_index
-from kdbench.engine import EngineOptions
 from kdbench.errors import KdbenchError
 from kdbench.features import probe
 from kdbench.method import Method
 from kdbench.recipe import Recipe
 from kdbench.registry import build_method, load_methods
-from kdbench.viewcache import build_view_cache, cacheable
+from kdbench.train import EngineOptions, TrainResult, build_view_cache, cacheable, freeze, train
 from tiny import TINY as KW
 from tiny import TINY_SHAPE, TINY_STUDENT
 
@@ -33,13 +32,13 @@ def data():
 
 def _models(n_teachers: int) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
     torch.manual_seed(0)
-    teachers = [engine.freeze(zoo.create(name, **KW)) for name in TEACHERS[:n_teachers]]
+    teachers = [freeze(zoo.create(name, **KW)) for name in TEACHERS[:n_teachers]]
     torch.manual_seed(1)
     return zoo.create(TINY_STUDENT, **KW), teachers
 
 
 def _train(name: str, data, *, cached: bool = False, options: EngineOptions = EngineOptions(),
-           method: Method | None = None, recipe: Recipe = RECIPE) -> engine.TrainResult:
+           method: Method | None = None, recipe: Recipe = RECIPE) -> TrainResult:
     cls = METHODS[name] if method is None else type(method)
     student, teachers = _models(min(cls.max_teachers, 2))
     method = method or build_method(cls)
@@ -47,11 +46,11 @@ def _train(name: str, data, *, cached: bool = False, options: EngineOptions = En
     method.setup(probe(student, taps, TINY_SHAPE), [probe(t, taps, TINY_SHAPE) for t in teachers])
     caches = [build_view_cache(t, data, recipe, pooled=taps.pooled, options=options) for t in teachers] \
         if cached else ()
-    return engine.train(student, data, recipe, seed=3, method=method, teachers=teachers, options=options,
-                        teacher_caches=caches)
+    return train(student, data, recipe, seed=3, method=method, teachers=teachers, options=options,
+                 teacher_caches=caches)
 
 
-def _losses(result: engine.TrainResult) -> list[dict[str, float]]:
+def _losses(result: TrainResult) -> list[dict[str, float]]:
     return [h.losses for h in result.history]
 
 
@@ -128,11 +127,11 @@ def test_a_cache_for_other_augmentation_or_data_is_refused(data):
     student, _ = _models(0)
     other = Recipe(name="t", epochs=1, batch_size=64, lr=0.05, milestones=(), crop_padding=2, flip=True)
     with pytest.raises(KdbenchError, match="crop padding 1"):
-        engine.train(student, data, other, seed=0, method=build_method(METHODS["kd"]), teachers=[teacher],
-                     teacher_caches=[cache])
+        train(student, data, other, seed=0, method=build_method(METHODS["kd"]), teachers=[teacher],
+              teacher_caches=[cache])
     with pytest.raises(KdbenchError, match="holds 150 images"):
-        engine.train(student, load_dataset("digits", limit=100), RECIPE, seed=0, method=build_method(METHODS["kd"]),
-                     teachers=[teacher], teacher_caches=[cache])
+        train(student, load_dataset("digits", limit=100), RECIPE, seed=0, method=build_method(METHODS["kd"]),
+              teachers=[teacher], teacher_caches=[cache])
 
 
 # -- speed options keep the mathematics ---------------------------------------------------------
@@ -152,13 +151,13 @@ class DtypeProbe(Method):
 def test_bf16_keeps_weights_batchnorm_and_losses_in_fp32(data):
     DtypeProbe.seen.clear()
     student, (teacher,) = _models(1)
-    result = engine.train(student, data, RECIPE, seed=3, method=DtypeProbe(), teachers=[teacher],
-                          options=EngineOptions("bf16"))
+    result = train(student, data, RECIPE, seed=3, method=DtypeProbe(), teachers=[teacher],
+                   options=EngineOptions("bf16"))
     assert DtypeProbe.seen and set(DtypeProbe.seen) == {(torch.float32, torch.float32)}
     assert {p.dtype for p in student.parameters()} == {torch.float32}
     assert {b.dtype for n, b in student.named_buffers() if "running" in n} == {torch.float32}
     # Close to fp32 (the first epoch's losses), yet not identical: autocast really ran in bf16.
-    fp32 = engine.train(_models(1)[0], data, RECIPE, seed=3, method=DtypeProbe(), teachers=[teacher])
+    fp32 = train(_models(1)[0], data, RECIPE, seed=3, method=DtypeProbe(), teachers=[teacher])
     first, ref = result.history[0].losses, fp32.history[0].losses
     assert first != ref
     for k in ref:
@@ -210,7 +209,7 @@ def test_reads_from_the_device_do_not_grow_with_steps(monkeypatch):
         student, (teacher,) = _models(1)
         recipe = Recipe(name="t", epochs=2, batch_size=16, lr=0.05, milestones=(), crop_padding=1, flip=True)
         counts["n"] = 0
-        engine.train(student, data, recipe, seed=0, method=build_method(METHODS["kd"]), teachers=[teacher])
+        train(student, data, recipe, seed=0, method=build_method(METHODS["kd"]), teachers=[teacher])
         return counts["n"]
 
     few, many = reads(32), reads(128)
@@ -234,12 +233,12 @@ def test_gpu_syncs_do_not_grow_with_steps(options, name):
         taps = method.taps()
         method.setup(probe(student, taps, TINY_SHAPE), [probe(teacher, taps, TINY_SHAPE)])
         method.cuda()
-        engine.train(student.cuda(), data, recipe, seed=0, method=method, teachers=[teacher.cuda()], options=options)
+        train(student.cuda(), data, recipe, seed=0, method=method, teachers=[teacher.cuda()], options=options)
         torch.cuda.set_sync_debug_mode("warn")
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                engine.train(student, data, recipe, seed=0, method=method, teachers=[teacher], options=options)
+                train(student, data, recipe, seed=0, method=method, teachers=[teacher], options=options)
         finally:
             torch.cuda.set_sync_debug_mode(0)
         return sum("synchroniz" in str(w.message) for w in caught)
@@ -262,7 +261,7 @@ SWEEP = ["run", "--pairs", "cifar_resnet14:cifar_resnet8", "--limit", "96", "--e
 
 
 def _rows_all(results) -> list[dict]:
-    from kdbench.store import ResultsStore
+    from kdbench.sweep.store import ResultsStore
 
     return ResultsStore(results).rows()
 
@@ -272,7 +271,7 @@ def _rows(results) -> dict[str, dict]:
 
 
 def test_teacher_cache_is_built_once_and_reused_across_sweeps(tmp_path, capsys, monkeypatch):
-    import kdbench.runner as runner_mod
+    import kdbench.sweep.runner as runner_mod
 
     builds: list[str] = []
     real = runner_mod.build_view_cache

@@ -11,17 +11,20 @@ import math
 import os
 from pathlib import Path
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 from tiny import TINY, TINY_SHAPE, TINY_STUDENT, TINY_TEACHERS
 
 from kdbench import zoo
-from kdbench.engine import freeze
+from kdbench.train import freeze
 from kdbench.errors import KdbenchError
 from kdbench.features import FeatureCapture, probe
 from kdbench.method import Batch, Outputs, Probe
-from kdbench.registry import build_method, load_methods, parse_overrides
+from kdbench.registry import build_method, load_methods
+from kdbench.sweep.hparams import parse_cli
 
 METHODS = load_methods()
 GOLDEN = Path(__file__).parent / "golden" / "method_losses.json"
@@ -107,35 +110,41 @@ def _other_value(default):
 def test_hyperparameter_override_round_trips(name, hp):
     default = METHODS[name].hyperparameters()[hp]
     value, text = _other_value(default)
-    overrides = parse_overrides([f"{name}.{hp}={text}"], METHODS)
+    overrides = parse_cli([f"{name}.{hp}={text}"], METHODS)
     assert overrides == {name: {hp: value}}
     assert build_method(METHODS[name], overrides[name]).config()[hp] == value
 
 
 @pytest.mark.parametrize("name", sorted(n for n in METHODS if METHODS[n].max_teachers >= 1))
 def test_more_teachers_than_taken_is_refused_before_training(name, tmp_path):
+    """Named, a method that can take none of the pairs is an error; beside a pair it can take, a note."""
     from kdbench.recipe import get_recipe
-    from kdbench.runner import Request, plan
     from kdbench.suites import Pair
+    from kdbench.sweep import Request, Sweep
 
     cls = METHODS[name]
     teachers = (TINY_TEACHERS[0],) * (cls.max_teachers + 1)
-    req = Request(methods=METHODS, selected=[name], pairs=[Pair(teachers, TINY_STUDENT)], dataset="digits",
-                  recipe=get_recipe("digits").with_epochs(1), seeds=[0], results_dir=tmp_path, limit=32)
-    with pytest.raises(KdbenchError, match=f"method '{name}' takes"):
-        plan(req)
+    req = Request(methods=(name,), named=True, pairs=(Pair(teachers, TINY_STUDENT),), dataset="digits",
+                  recipe=get_recipe("digits").with_epochs(1), results_dir=tmp_path, limit=32)
+    with pytest.raises(KdbenchError, match=f"method '{name}' takes {cls.teachers_taken()}, and no pair"):
+        Sweep.prepare(req)
+    fits = Pair(TINY_TEACHERS[:max(cls.min_teachers, 1)], TINY_STUDENT)
+    sweep = Sweep.prepare(replace(req, pairs=(fits, *req.pairs)))
+    assert [s.pair for s in sweep.plan.specs] == [fits.label]
+    assert sweep.plan.skipped == [f"method '{name}' takes {cls.teachers_taken()}; pair {req.pairs[0].label} has "
+                                  f"{len(teachers)}"]
     assert not (tmp_path / "runs").exists()
 
 
 def test_bad_overrides_are_clear():
     with pytest.raises(KdbenchError, match="unknown hyperparameter 'temprature'.*did you mean 'temperature'"):
-        parse_overrides(["kd.temprature=8"], METHODS)
+        parse_cli(["kd.temprature=8"], METHODS)
     with pytest.raises(KdbenchError, match="bad value for kd.temperature: 'hot' is not a number"):
-        parse_overrides(["kd.temperature=hot"], METHODS)
+        parse_cli(["kd.temperature=hot"], METHODS)
     with pytest.raises(KdbenchError, match="unknown method 'kdd'.*did you mean 'kd'"):
-        parse_overrides(["kdd.temperature=8"], METHODS)
+        parse_cli(["kdd.temperature=8"], METHODS)
     with pytest.raises(KdbenchError, match="METHOD.HYPERPARAMETER=VALUE"):
-        parse_overrides(["temperature=8"], METHODS)
+        parse_cli(["temperature=8"], METHODS)
     with pytest.raises(KdbenchError, match="temperature must be > 0"):
         build_method(METHODS["kd"], {"temperature": -1.0})
 

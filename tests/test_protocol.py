@@ -9,8 +9,8 @@ import torch
 from torchvision import transforms
 
 from kdbench.data import augment
-from kdbench.engine import make_optimizer
 from kdbench.suites import get_suite
+from kdbench.train import make_optimizer
 
 N = 16_200  # 100 draws per outcome on average
 SIDE, PAD = 32, 4

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from kdbench.errors import KdbenchError
-from kdbench.report import build_report, load_rows
+from kdbench.report.build import build_report, load_rows
 
 FULL = "crd, 240 epochs"
 SHORT = "crd, shortened: 24 of 240 epochs"
@@ -273,11 +273,11 @@ def test_seed_counts_shown_when_they_differ(tmp_path):
 
 
 def test_interrupted_write_keeps_old_file(tmp_path):
-    from kdbench import report
-    from kdbench.store import atomic_write
+    from kdbench.files import atomic_write
+    from kdbench.report.markdown import write_text
 
     target = tmp_path / "table.md"
-    report.write_text(target, "old")
+    write_text(target, "old")
 
     def fail(tmp: Path) -> None:
         tmp.write_text("half")
@@ -291,7 +291,7 @@ def test_interrupted_write_keeps_old_file(tmp_path):
 
 def test_hyperparameter_variants_are_separate_rows_not_seeds(tmp_path):
     """kd at T=4 and kd at T=8 in one store: two labelled rows, never averaged together."""
-    from kdbench.report import build_report
+    from kdbench.report.build import build_report
 
     runs = tmp_path / "runs"
     runs.mkdir()

@@ -16,11 +16,12 @@ import pytest
 import torch
 from executors_common import store_rows
 
-from kdbench import engine, zoo
+from kdbench import zoo
 from kdbench.cli import main
 from kdbench.data import load_dataset
 from kdbench.recipe import get_recipe
 from kdbench.registry import load_methods
+from kdbench.train import train
 
 RECIPE = get_recipe("digits").with_epochs(4)
 
@@ -58,9 +59,9 @@ def _train(data, method_name: str | None, state: Path | None, progress=None, mod
         shape = (info.in_chans, info.img_size, info.img_size)
         method.setup(probe(make(model), taps, shape, model), [probe(make("cifar_resnet8"), taps, shape, "t")])
         teachers = [teacher]
-    result = engine.train(student, data, RECIPE, seed=3, method=method, teachers=teachers,
-                          teacher_names=["cifar_resnet8"] * len(teachers), model_name=model, progress=progress,
-                          state_path=state, state_key="run-x")
+    result = train(student, data, RECIPE, seed=3, method=method, teachers=teachers,
+                   teacher_names=["cifar_resnet8"] * len(teachers), model_name=model, progress=progress,
+                   state_path=state, state_key="run-x")
     return student, method, result
 
 
@@ -326,7 +327,7 @@ def test_sweeps_starting_at_once_all_pass_the_writable_check(tmp_path):
     other's (a fixed probe name made one of two sweeps started together fail)."""
     import threading
 
-    from kdbench.store import ResultsStore
+    from kdbench.sweep.store import ResultsStore
 
     errors: list[BaseException] = []
     for round_ in range(40):

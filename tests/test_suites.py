@@ -8,16 +8,20 @@ import os
 import shutil
 from pathlib import Path
 
+from dataclasses import replace
+
 import pytest
 import torch
 from tiny import REPO
 
 from kdbench.data import NORMALISATION, load_dataset
-from kdbench.engine import apply_max_norm, train
+from kdbench.train import apply_max_norm, train
 from kdbench.errors import KdbenchError
 from kdbench.models.crd_names import timm_name
 from kdbench.recipe import get_recipe
-from kdbench.registry import build_method, load_methods, parse_overrides
+from kdbench.registry import build_method, load_methods
+from kdbench.sweep import Request, Sweep
+from kdbench.sweep.hparams import parse_table
 from kdbench.suites import Pair, all_suites, builtin_dir, builtin_names, get_suite, read_published
 from kdbench.zoo import check_model_name, create
 
@@ -90,9 +94,9 @@ def test_dkd_suite_has_the_papers_pairs_and_betas():
     assert len(s.pairs) == 6 and s.seeds == (0, 1, 2, 3, 4) and s.methods == ("kd", "dkd")
     assert {c["selection"] for c in cells} == {"best"} and len(cells) == 12
     beta = {(p.teachers[0], p.student): dict(p.hparams)["dkd.beta"] for p in s.pairs}
-    assert beta == {("cifar_resnet56", "cifar_resnet20"): "2.0", ("cifar_resnet110", "cifar_resnet32"): "2.0",
-                    ("cifar_resnet32x4", "cifar_resnet8x4"): "8.0", ("cifar_wrn_40_2", "cifar_wrn_16_2"): "6.0",
-                    ("cifar_wrn_40_2", "cifar_wrn_40_1"): "6.0", ("cifar_vgg13", "cifar_vgg8"): "6.0"}
+    assert beta == {("cifar_resnet56", "cifar_resnet20"): 2.0, ("cifar_resnet110", "cifar_resnet32"): 2.0,
+                    ("cifar_resnet32x4", "cifar_resnet8x4"): 8.0, ("cifar_wrn_40_2", "cifar_wrn_16_2"): 6.0,
+                    ("cifar_wrn_40_2", "cifar_wrn_40_1"): 6.0, ("cifar_vgg13", "cifar_vgg8"): 6.0}
     dkd = suite_methods("dkd-cifar100")["dkd"].config()
     assert (dkd["ce_weight"], dkd["alpha"], dkd["temperature"], dkd["warmup"]) == (1.0, 1.0, 4.0, 20)
     assert s.recipe == get_suite("crd-table1").recipe
@@ -106,12 +110,17 @@ def test_crd_protocol_recipe_and_lr_exceptions():
         assert (r.momentum, r.weight_decay, r.crop_padding, r.flip, r.max_norm) == (0.9, 5e-4, 4, True, 0.0)
         assert r.lr_milestones == (150, 180, 210)
     t2 = get_suite("crd-table2")
+
+    def recipe_for(model: str, recipe=t2.recipe):  # as a sweep of this suite resolves it
+        return Request(methods=None, pairs=t2.pairs, dataset=t2.dataset, recipe=recipe,
+                       recipe_by_model=t2.recipe_by_model).recipe_for(model)
+
     for student in ("cifar_mobilenetv2", "cifar_shufflenetv1", "cifar_shufflenetv2"):
-        assert t2.recipe_for(student).lr == 0.01
+        assert recipe_for(student).lr == 0.01
     for other in ("cifar_vgg8", "cifar_resnet32x4", "cifar_resnet50", "cifar_vgg13", "cifar_wrn_40_2"):
-        assert t2.recipe_for(other).lr == 0.05
+        assert recipe_for(other).lr == 0.05
     # a shortened run keeps the per-model lr and scales the milestones
-    short = t2.recipe_for("cifar_shufflenetv2", t2.recipe.with_epochs(24))
+    short = recipe_for("cifar_shufflenetv2", t2.recipe.with_epochs(24))
     assert (short.lr, short.epochs, short.lr_milestones, short.shortened) == (0.01, 24, (15, 18, 21), True)
 
 
@@ -122,7 +131,7 @@ def test_crd_cifar100_normalisation_matches_the_protocol():
 def suite_methods(suite_name: str) -> dict[str, object]:
     methods = load_methods([])
     s = get_suite(suite_name)
-    overrides = parse_overrides([f"{k}={v}" for k, v in s.overrides], methods)
+    overrides = parse_table(s.hparams, methods, s.name)
     return {n: build_method(methods[n], overrides.get(n)) for n in s.methods}
 
 
@@ -140,7 +149,8 @@ def test_hinton_suite_regularises_the_teacher_only():
     s = get_suite("hinton-mnist")
     teacher, student = "hinton_mlp_1200", "hinton_mlp_800"
     assert [(p.teachers, p.student) for p in s.pairs] == [((teacher,), student)]
-    t, st = s.recipe_for(teacher), s.recipe_for(student)
+    req = Request(methods=None, pairs=s.pairs, dataset=s.dataset, recipe=s.recipe, recipe_by_model=s.recipe_by_model)
+    t, st = req.recipe_for(teacher), req.recipe_for(student)
     assert (t.crop_padding, t.max_norm) == (2, 3.5)       # jittered by up to 2 pixels, max-norm
     assert (st.crop_padding, st.max_norm, st.weight_decay) == (0, 0.0, 0.0)  # no regularisation
     assert dict(s.model_kwargs) == {teacher: {"drop_rate": 0.5, "input_drop_rate": 0.2}}
@@ -259,22 +269,22 @@ def test_recipe_ids_unchanged_by_new_fields():
     assert get_recipe("crd").with_overrides({"max_norm": 2.0}, "t").to_dict()["max_norm"] == 2.0
 
 
-def test_committed_digits_results_keep_their_run_ids():
-    """The rows in results/digits were written before suites became files: their ids must still match."""
-    from kdbench.runner import Request, plan
-
+def test_committed_digits_results_are_the_default_suites_runs():
+    """results/digits holds the default command's rows: its teachers are the suite's teachers, and
+    each student run is the plan's run of that method except, at most, for the method's code (its
+    fingerprint, ``method_source``, is part of the id, so an edited method runs again)."""
     rows = [json.loads(p.read_text()) for p in (REPO / "results" / "digits" / "runs").glob("*.json")]
     assert rows
     s = get_suite("digits")
-    methods = load_methods([])
-    req = Request(methods=methods, selected=None, pairs=list(s.pairs), dataset=s.dataset, recipe=s.recipe,
-                  seeds=s.seeds, device="cpu", strict=False)
-    p = plan(req)
-    ids = {spec.run_id for spec in p.specs} | {t.teacher_id for spec in p.specs for t in spec.teachers}
-    stored = {r["run_id"] for r in rows}
-    assert stored <= ids  # every stored run is still the same run; a re-run skips it
-    new = {spec.method for spec in p.specs if spec.run_id not in stored}
-    assert new <= {"dkd"}  # only methods added after those results were written are still to run
+    req = Request(methods=None, pairs=s.pairs, dataset=s.dataset, recipe=s.recipe, seeds=s.seeds, device="cpu",
+                  model_kwargs=s.model_kwargs, recipe_by_model=s.recipe_by_model)
+    plan = Sweep.prepare(req).plan
+    teachers = {t.run_id for spec in plan.specs for t in spec.teachers}
+    assert {r["run_id"] for r in rows if r["kind"] == "teacher"} == teachers
+    by_key = {(spec.method, spec.pair, spec.seed): spec for spec in plan.specs}
+    for row in (r for r in rows if r["kind"] == "student"):
+        spec = by_key[(row["method"], row["pair"], row["seed"])]
+        assert replace(spec, method_source=row.get("method_source", "")).run_id == row["run_id"], row["method"]
 
 
 def test_model_arguments_a_model_does_not_take_are_refused_before_training(tmp_path, capsys):

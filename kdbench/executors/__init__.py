@@ -1,5 +1,8 @@
-"""Where runs happen: here (one after another, or one worker per GPU), on Ray, or on Slurm."""
+"""Where runs happen: here (one after another, or one worker per GPU), on Ray, or on Slurm.
 
-from .base import Executor, Outcome, Task, tasks_for
+Executors import nothing from the sweep: they are given the task function to call.
+"""
 
-__all__ = ["Executor", "Outcome", "Task", "tasks_for"]
+from .base import Executor, Outcome, Task, TaskFunction
+
+__all__ = ["Executor", "Outcome", "Task", "TaskFunction"]

@@ -2,6 +2,8 @@
 
 A run is a pure function of its spec, and its row in the results store marks it done, so an
 executor only decides *where* a run happens: retries, requeues and re-invocations are idempotent.
+Executors know nothing of sweeps: they are given the function that performs a task
+(:func:`kdbench.sweep.worker.do_task` for worker processes) and call it where they run.
 """
 
 from __future__ import annotations
@@ -10,43 +12,20 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
-
-from ..spec import RunSpec, TeacherSpec
-
-if TYPE_CHECKING:
-    from ..runner import Plan, Request
-    from ..store import ResultsStore
+from typing import Any
 
 #: Outcome statuses. "done": its row was already there; "busy": another live process holds its lock.
 OK, DIVERGED, FAILED, BUSY, DONE = "ok", "diverged", "failed", "busy", "done"
 
 
-def spec_id(spec: RunSpec | TeacherSpec) -> str:
-    return spec.teacher_id if isinstance(spec, TeacherSpec) else spec.run_id
-
-
-def spec_label(spec: RunSpec | TeacherSpec) -> str:
-    if isinstance(spec, TeacherSpec):
-        return f"teacher {spec.model} seed {spec.seed}"
-    return f"{spec.method} {spec.pair} seed {spec.seed}"
-
-
 @dataclass(frozen=True)
 class Task:
-    """One run, as it travels to a worker (pickled): the portable request and the run's spec."""
+    """One run, as it travels to a worker (pickled): its id and label, and what the task function needs."""
 
-    request: Request
-    spec: RunSpec | TeacherSpec
-    wait: bool = False  # when another process holds the run: wait for it instead of answering "busy"
-
-    @property
-    def run_id(self) -> str:
-        return spec_id(self.spec)
-
-    @property
-    def label(self) -> str:
-        return spec_label(self.spec)
+    run_id: str
+    label: str
+    payload: Any                # opaque here: the sweep's (request, spec)
+    wait: bool = False          # when another process holds the run: wait for it instead of answering "busy"
 
 
 @dataclass
@@ -63,58 +42,35 @@ class Outcome:
         return self.status in (OK, DIVERGED, DONE)
 
 
+#: Performs one task where it is called and returns its outcome; raises when the run fails.
+TaskFunction = Callable[[Task], Outcome]
+
+
 class Executor(ABC):
     """Decides where runs happen; never what they compute."""
 
     name: str = ""
 
     @abstractmethod
-    def run(self, tasks: Sequence[Task], on_outcome: Callable[[Outcome], None]) -> list[Outcome]:
-        """Run every task, calling ``on_outcome`` in this process as each one ends; return all outcomes.
+    def execute(self, tasks: Sequence[Task], on_outcome: Callable[[Outcome], None]) -> list[Outcome]:
+        """Perform every task, calling ``on_outcome`` in this process as each one ends; return all outcomes.
 
         A run that still raises after the executor's retries becomes ``Outcome(status=FAILED)``;
-        only Ctrl-C and a full disk stop ``run`` itself.
+        only Ctrl-C and a full disk stop ``execute`` itself.
         """
 
     def close(self) -> None:
         """Release what the executor started (worker processes, a local cluster)."""
 
-    def run_waiting(self, tasks: Sequence[Task], on_outcome: Callable[[Outcome], None]) -> list[Outcome]:
-        """:meth:`run`, then once more, waiting, for the runs another sweep was training ("busy"):
+    def execute_all(self, tasks: Sequence[Task], on_outcome: Callable[[Outcome], None]) -> list[Outcome]:
+        """:meth:`execute`, then once more, waiting, for the runs another sweep was training ("busy"):
         two sweeps sharing a results folder both end with every row, each run trained once."""
-        outcomes = self.run(tasks, lambda o: None if o.status == BUSY else on_outcome(o))
+        outcomes = self.execute(tasks, lambda o: None if o.status == BUSY else on_outcome(o))
         busy = {o.run_id for o in outcomes if o.status == BUSY}
         if not busy:
             return outcomes
-        again = self.run([replace(t, wait=True) for t in tasks if t.run_id in busy], on_outcome)
+        again = self.execute([replace(t, wait=True) for t in tasks if t.run_id in busy], on_outcome)
         return [o for o in outcomes if o.status != BUSY] + again
-
-
-def teachers_to_train(specs: Sequence[RunSpec], store: ResultsStore) -> list[TeacherSpec]:
-    """The distinct teachers the given runs need that kdbench must still train, in first-use order."""
-    out: dict[str, TeacherSpec] = {}
-    for spec in specs:
-        for ts in spec.teachers:
-            if not ts.checkpoint_sha256 and ts.teacher_id not in out and not store.has(ts.teacher_id):
-                out[ts.teacher_id] = ts
-    return list(out.values())
-
-
-def tasks_for(req: Request, plan_: Plan | None = None) -> tuple[list[Task], list[Task]]:
-    """(teacher tasks, student tasks) for every run of ``req`` not yet in its store.
-
-    Workers get a portable request (quiet: their progress bars would interleave in the driver's
-    output; the driver prints one line per finished run instead).
-    """
-    from ..runner import plan as make_plan
-    from ..store import ResultsStore
-
-    p = plan_ or make_plan(req)
-    store = ResultsStore(req.results_dir)
-    todo = [s for s in p.specs if not store.has(s.run_id)]
-    portable = replace(req.portable(), quiet=True)
-    return ([Task(portable, ts) for ts in teachers_to_train(todo, store)],
-            [Task(portable, s) for s in todo])
 
 
 def worker_env(names: Sequence[str] = ()) -> dict[str, str]:

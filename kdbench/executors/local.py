@@ -7,14 +7,11 @@ import os
 import queue
 import traceback
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..distributed import RankFailed
 from ..errors import DiskFull
-from .base import FAILED, Executor, Outcome, Task
-
-if TYPE_CHECKING:
-    from ..runner import Runner
+from .base import FAILED, Executor, Outcome, Task, TaskFunction
 
 
 def _failed(task: Task, exc: BaseException, attempts: int = 1) -> Outcome:
@@ -30,14 +27,14 @@ class InlineExecutor(Executor):
 
     name = "local"
 
-    def __init__(self, runner: Runner) -> None:
-        self.runner = runner
+    def __init__(self, do_task: TaskFunction) -> None:
+        self.do_task = do_task
 
-    def run(self, tasks: Sequence[Task], on_outcome: Callable[[Outcome], None]) -> list[Outcome]:
+    def execute(self, tasks: Sequence[Task], on_outcome: Callable[[Outcome], None]) -> list[Outcome]:
         outcomes = []
         for task in tasks:
             try:
-                o = self.runner.execute_one(task.spec, wait=task.wait)
+                o = self.do_task(task)
             except (KeyboardInterrupt, DiskFull, RankFailed):  # RankFailed: DDP's ranks cannot go on apart
                 raise
             except Exception as exc:  # one broken run (OOM, a bug in a plugin) does not end the sweep
@@ -47,18 +44,16 @@ class InlineExecutor(Executor):
         return outcomes
 
 
-def _worker(slot: str, gpu: str | None, inbox: Any, outbox: Any) -> None:
+def _worker(do_task: TaskFunction, gpu: str | None, inbox: Any, outbox: Any) -> None:
     """A worker process: pins itself to one GPU, then runs tasks until it gets None."""
     if gpu is not None:
         # Before torch touches CUDA in this process: it then sees only its own GPU, as cuda:0.
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    from ..worker import run_task
-
     try:
         while (item := inbox.get()) is not None:
             index, task = item
             try:
-                outbox.put((index, run_task(task), None))
+                outbox.put((index, do_task(task), None))
             except Exception as exc:  # reported by the driver; the worker takes the next task
                 outbox.put((index, None, (type(exc).__name__, "".join(traceback.format_exception_only(exc)).strip(),
                                           isinstance(exc, DiskFull))))
@@ -77,18 +72,19 @@ class LocalExecutor(Executor):
 
     name = "local"
 
-    def __init__(self, *, workers: int = 0, gpus: Sequence[str] = ()) -> None:
+    def __init__(self, do_task: TaskFunction, *, workers: int = 0, gpus: Sequence[str] = ()) -> None:
+        self.do_task = do_task
         self.slots: list[str | None] = list(gpus) if gpus else [None] * max(1, workers)
 
-    def run(self, tasks: Sequence[Task], on_outcome: Callable[[Outcome], None]) -> list[Outcome]:
+    def execute(self, tasks: Sequence[Task], on_outcome: Callable[[Outcome], None]) -> list[Outcome]:
         if not tasks:
             return []
         ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
         inbox, outbox = ctx.Queue(), ctx.Queue()
         for i, task in enumerate(tasks):
             inbox.put((i, task))
-        procs = [ctx.Process(target=_worker, args=(str(n), gpu, inbox, outbox), daemon=True)
-                 for n, gpu in enumerate(self.slots[: len(tasks)])]
+        procs = [ctx.Process(target=_worker, args=(self.do_task, gpu, inbox, outbox), daemon=True)
+                 for gpu in self.slots[: len(tasks)]]
         for proc in procs:
             inbox.put(None)
             proc.start()

@@ -1,7 +1,7 @@
 """Runs on a Ray cluster: each run is one Ray task asking for ``gpus_per_run`` GPUs and ``cpus_per_run`` cores.
 
 A fraction of a GPU (``0.25``) packs several small runs onto one GPU. Each task runs
-:func:`kdbench.worker.run_task`, which writes the run's row into the results folder itself, so
+the task function it is given (:func:`kdbench.sweep.worker.do_task`), which writes the run's row into the results folder itself, so
 that folder must be one the Ray nodes share with this machine. A run that raises, or whose worker
 process or node dies, is submitted again (it resumes from its last epoch checkpoint) up to
 ``max_retries`` times, then reported as failed with its error; the other runs go on.
@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..errors import DiskFull, KdbenchError
-from .base import FAILED, Executor, Outcome, Task
+from .base import FAILED, Executor, Outcome, Task, TaskFunction
 
 #: The object store holds only tasks and outcomes (a few kB each): a local cluster needs little.
 LOCAL_OBJECT_STORE_BYTES = 128 * 2**20
@@ -32,7 +32,7 @@ def _ray() -> Any:
     return ray
 
 
-def _run(task: Task, threads: int, hide_gpus: bool) -> Outcome | DiskFull:
+def _perform(do_task: TaskFunction, task: Task, threads: int, hide_gpus: bool) -> Outcome | DiskFull:
     """The body of every Ray task: one run, here, in a Ray worker process."""
     if hide_gpus:
         # Ray leaves CUDA_VISIBLE_DEVICES alone for a task that asked for no GPU; without this, a
@@ -43,10 +43,8 @@ def _run(task: Task, threads: int, hide_gpus: bool) -> Outcome | DiskFull:
     # Ray sets OMP_NUM_THREADS once per worker process; set it per task, since float results
     # depend on the thread count (and the row records it).
     torch.set_num_threads(threads)
-    from ..worker import run_task
-
     try:
-        return run_task(task)
+        return do_task(task)
     except DiskFull as exc:
         # Returned, not raised: a full disk stops the sweep in the driver, and is not retried.
         return exc
@@ -85,7 +83,7 @@ class RayExecutor(Executor):
 
     name = "ray"
 
-    def __init__(self, *, address: str | None = None, gpus_per_run: float = 0.0, cpus_per_run: float = 1.0,
+    def __init__(self, do_task: TaskFunction, *, address: str | None = None, gpus_per_run: float = 0.0, cpus_per_run: float = 1.0,
                  max_retries: int = 2, env: Mapping[str, str] | None = None) -> None:
         if not gpus_per_run >= 0 or (gpus_per_run > 1 and gpus_per_run != int(gpus_per_run)):
             raise KdbenchError(f"--gpus-per-run {gpus_per_run}: give 0, a fraction up to 1 (0.25 packs four runs "
@@ -95,6 +93,7 @@ class RayExecutor(Executor):
         if max_retries < 0:
             raise KdbenchError(f"--max-retries {max_retries}: give 0 (no retries) or more")
         self.ray = _ray()
+        self.do_task = do_task
         self.address = address
         self.gpus_per_run, self.cpus_per_run = float(gpus_per_run), float(cpus_per_run)
         self.max_retries = int(max_retries)
@@ -161,23 +160,19 @@ class RayExecutor(Executor):
                 # CUDA_VISIBLE_DEVICES once per process, so a reused one would keep its old GPU.
                 max_calls=1 if self.gpus_per_run > 0 else 0,
                 runtime_env={"env_vars": self.env} if self.env else None,
-            )(_run)
+            )(_perform)
         return self._remote
 
     # -- running -------------------------------------------------------------------------
-    def run(self, tasks: Sequence[Task], on_outcome: Callable[[Outcome], None]) -> list[Outcome]:
+    def execute(self, tasks: Sequence[Task], on_outcome: Callable[[Outcome], None]) -> list[Outcome]:
         if not tasks:
             return []
-        device = str(tasks[0].request.device)
-        if device.startswith("cuda") and self.gpus_per_run == 0:
-            raise KdbenchError(f"--device {device} with --gpus-per-run 0: Ray gives such runs no GPU; ask for "
-                               "one (--gpus-per-run 1, or 0.25 to pack four runs onto a GPU)")
         self._connect()
         ray, remote = self.ray, self._remote_fn()
         threads, hide_gpus = _threads(self.cpus_per_run, self.env), self.gpus_per_run == 0
 
         def submit(index: int) -> Any:
-            return remote.options(name=f"kdbench {tasks[index].label}").remote(tasks[index], threads, hide_gpus)
+            return remote.options(name=f"kdbench {tasks[index].label}").remote(self.do_task, tasks[index], threads, hide_gpus)
 
         pending: dict[Any, tuple[int, int]] = {submit(i): (i, 1) for i in range(len(tasks))}  # ref: (task, try)
         outcomes: list[Outcome] = []

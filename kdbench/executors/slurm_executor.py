@@ -1,6 +1,6 @@
 """Runs on a Slurm cluster through submitit: one job array per batch of runs, requeued on preemption.
 
-Each array element runs one task with :func:`kdbench.worker.run_task`. A run resumes from its own
+Each array element performs one task with the task function it is given (:func:`kdbench.sweep.worker.do_task`). A run resumes from its own
 epoch checkpoint (``state/<run_id>/checkpoint.pt``), so a job that is preempted or reaches its time
 limit is requeued with the same task and continues at its last finished epoch. The results folder
 and the submitit folder must be on a filesystem that the compute nodes share with this machine.
@@ -20,7 +20,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ..errors import DiskFull, KdbenchError
-from .base import FAILED, Executor, Outcome, Task
+from .base import FAILED, Executor, Outcome, Task, TaskFunction
 
 CLUSTERS = ("slurm", "local")
 
@@ -34,25 +34,23 @@ def _submitit() -> Any:
     return submitit
 
 
-class RunTask:
-    """The body of every array element: ``run_task(task)``, resubmitted unchanged when interrupted.
+class SlurmTask:
+    """The body of every array element: ``do_task(task)``, resubmitted unchanged when interrupted.
 
     submitit calls :meth:`checkpoint` when the job gets Slurm's preemption or time-limit signal
     (USR2) and requeues the submission it returns. This callable holds no training state: the run's
     epoch checkpoint file is the state, and the requeued job resumes from it.
     """
 
-    def __init__(self, env: Mapping[str, str] | None = None) -> None:
-        self.env = dict(env or {})
+    def __init__(self, do_task: TaskFunction, env: Mapping[str, str] | None = None) -> None:
+        self.do_task, self.env = do_task, dict(env or {})
         self.attempt = 1  # counted up by checkpoint(), which pickles this object into the requeued job
 
     def __call__(self, task: Task) -> Outcome:
         # The job script exports these too (before Python starts); this covers any other launcher.
         os.environ.update(self.env)
-        from ..worker import run_task
-
         print(f"kdbench: {task.label} ({task.run_id}), attempt {self.attempt}", flush=True)
-        outcome = run_task(task)
+        outcome = self.do_task(task)
         outcome.attempts = self.attempt
         print(f"kdbench: {task.run_id}: {outcome.status}", flush=True)
         return outcome
@@ -97,7 +95,7 @@ class SlurmExecutor(Executor):
 
     name = "slurm"
 
-    def __init__(self, *, folder: Path | None = None, cluster: str = "slurm", partition: str | None = None,
+    def __init__(self, do_task: TaskFunction, *, folder: Path, cluster: str = "slurm", partition: str | None = None,
                  max_concurrent: int | None = None, time_min: int = 240, gpus_per_run: float | None = None,
                  cpus_per_run: float | None = None, mem_gb: float | None = None, account: str | None = None,
                  qos: str | None = None, extra: Mapping[str, Any] | None = None,
@@ -109,7 +107,8 @@ class SlurmExecutor(Executor):
             raise KdbenchError(f"--slurm-max-concurrent {max_concurrent}: give at least 1")
         if time_min < 1:
             raise KdbenchError(f"--slurm-time {time_min}: give at least 1 (minutes)")
-        self.folder = Path(folder) if folder is not None else None
+        self.do_task = do_task
+        self.folder = Path(folder).expanduser().resolve()
         self.cluster = cluster
         self.partition, self.account, self.qos = partition, account, qos
         self.max_concurrent = max_concurrent
@@ -122,13 +121,7 @@ class SlurmExecutor(Executor):
         self.max_timeouts = max_timeouts  # requeues at the time limit; preemptions do not count
         # Each poll looks for one result file per running job: often on a local disk, gently on NFS.
         self.poll_s = poll_s if poll_s is not None else (0.2 if cluster == "local" else 10.0)
-        self.jobs: list[Any] = []  # submitit jobs of the current (or last) run() call, in submission order
-
-    def log_folder(self, tasks: Sequence[Task]) -> Path:
-        """Where submitit keeps job scripts, pickles and logs: ``folder``, else ``<results>/slurm``."""
-        if self.folder is not None:
-            return self.folder.expanduser().resolve()
-        return Path(tasks[0].request.results_dir).resolve() / "slurm"
+        self.jobs: list[Any] = []  # submitit jobs of the current (or last) execute() call, in submission order
 
     def submitit_executor(self, folder: Path) -> Any:
         """A submitit executor with this executor's settings; job ``J`` logs to ``folder/J/``."""
@@ -159,8 +152,8 @@ class SlurmExecutor(Executor):
 
     def submit(self, tasks: Sequence[Task]) -> list[Any]:
         """Submit all ``tasks`` as one job array (Slurm applies the cap: ``--array=0-N%cap``); its jobs."""
-        ex = self.submitit_executor(self.log_folder(tasks))
-        return list(ex.map_array(RunTask(self.env), list(tasks)))
+        ex = self.submitit_executor(self.folder)
+        return list(ex.map_array(SlurmTask(self.do_task, self.env), list(tasks)))
 
     def _local_cap(self) -> int:
         return self.max_concurrent or max(1, (os.cpu_count() or 1) // (self.cpus_per_run or 1))
@@ -189,14 +182,14 @@ class SlurmExecutor(Executor):
             for job in jobs:
                 job.cancel(check=False)
 
-    def run(self, tasks: Sequence[Task], on_outcome: Callable[[Outcome], None]) -> list[Outcome]:
+    def execute(self, tasks: Sequence[Task], on_outcome: Callable[[Outcome], None]) -> list[Outcome]:
         self.jobs = []
         if not tasks:
             return []
         waiting = list(tasks)
         running: list[tuple[Any, Task]] = []
         outcomes: list[Outcome] = []
-        fn = RunTask(self.env)
+        fn = SlurmTask(self.do_task, self.env)
         ex: Any = None  # the submitit executor, for cluster="local"
 
         def start() -> None:  # cluster="local" only: submit the next waiting task as a job of its own
@@ -205,7 +198,7 @@ class SlurmExecutor(Executor):
             running.append((self.jobs[-1], task))
 
         try:
-            folder = self.log_folder(tasks)
+            folder = self.folder
             if self.cluster == "slurm":
                 self.jobs = self.submit(waiting)  # one array: Slurm keeps the cap (--array=0-N%cap)
                 running, waiting = list(zip(self.jobs, waiting)), []

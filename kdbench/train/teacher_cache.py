@@ -20,12 +20,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .data import DataSplits, apply_views, fixed_views, normalize, view_count
-from .engine import EngineOptions, freeze
-from .errors import KdbenchError
-from .features import FeatureCapture
-from .method import Outputs, Taps
-from .recipe import Recipe
+from ..data import DataSplits, apply_views, fixed_views, normalize, view_count
+from ..errors import KdbenchError
+from ..features import FeatureCapture
+from ..method import Outputs, Taps
+from ..recipe import Recipe
+from .options import EngineOptions, freeze
 
 
 def cacheable(taps: Taps) -> bool:

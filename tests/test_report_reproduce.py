@@ -1,4 +1,4 @@
-"""Tests of kdbench.compare: published cells against hand-made result rows."""
+"""Tests of kdbench.report.reproduce (and its markdown): published cells against hand-made result rows."""
 
 from __future__ import annotations
 
@@ -8,17 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kdbench.compare import (
-    COLUMNS,
-    NOT_REAL_WARNING,
-    Cell,
-    Tolerance,
-    check_ordering,
-    compare,
-    markdown,
-    write_reproduction,
-)
 from kdbench.errors import KdbenchError
+from kdbench.report.reproduce import COLUMNS, Cell, check_ordering, compare, write_reproduction
+from kdbench.report.reproduce_markdown import NOT_REAL_WARNING
+from kdbench.report.reproduce_markdown import reproduction_markdown as markdown
+from kdbench.suites import Tolerance
 
 R56, R110, R20 = "cifar_resnet56", "cifar_resnet110", "cifar_resnet20"
 BIG, SMALL = "mnist_mlp_big", "mnist_mlp_small"

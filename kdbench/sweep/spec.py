@@ -1,24 +1,21 @@
-"""Frozen run specs; a run's id is the hash of its full spec."""
+"""Frozen run specs; a run's id is the hash of its full spec, the method's code included."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .recipe import Recipe
-
+from ..ids import digest, without_later_fields
+from ..recipe import Recipe
 
 # Fields added after the first release, with their defaults: left out of the hash at the default,
 # so existing run ids (and the results stored under them) stay valid.
-_LATER_FIELDS: dict[str, Any] = {"model_kwargs": (), "student_kwargs": (), "world_size": 1, "precision": "fp32"}
+_LATER_FIELDS: dict[str, Any] = {"model_kwargs": (), "student_kwargs": (), "world_size": 1, "precision": "fp32",
+                                 "method_source": ""}
 
 
-def _digest(obj: Any) -> str:
-    obj = {k: v for k, v in obj.items() if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def _id(kind: str, fields: dict[str, Any]) -> str:
+    return digest(without_later_fields({"kind": kind, **fields}, _LATER_FIELDS))
 
 
 @dataclass(frozen=True)
@@ -37,8 +34,13 @@ class TeacherSpec:
     precision: str = "fp32"  # the engine's: fp32 or bf16 (autocast)
 
     @property
-    def teacher_id(self) -> str:
-        return _digest({"kind": "teacher", **asdict(self), "recipe": self.recipe.to_dict()})
+    def run_id(self) -> str:
+        return _id("teacher", {**asdict(self), "recipe": self.recipe.to_dict()})
+
+    @property
+    def label(self) -> str:
+        """How progress lines and errors name this run."""
+        return f"teacher {self.model} seed {self.seed}"
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,9 @@ class RunSpec:
     student_kwargs: tuple[tuple[str, Any], ...] = ()  # extra timm.create_model arguments
     world_size: int = 1  # processes of one DDP run (torchrun); the recipe's batch is split among them
     precision: str = "fp32"  # the engine's: fp32 or bf16 (autocast)
+    #: A fingerprint of the method's code (:func:`kdbench.registry.method_source`): an edited method
+    #: is a new run, never a skip.
+    method_source: str = ""
     pair: str = ""  # the pair label this run was planned for (not part of the id: ce serves all)
 
     @property
@@ -64,9 +69,16 @@ class RunSpec:
         d = asdict(self)
         d.pop("pair")
         d["recipe"] = self.recipe.to_dict()
-        d["teachers"] = [t.teacher_id for t in self.teachers]
-        return _digest({"kind": "student", **d})
+        d["teachers"] = [t.run_id for t in self.teachers]
+        return _id("student", d)
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} {self.pair} seed {self.seed}"
 
     @property
     def teacher_names(self) -> tuple[str, ...]:
         return tuple(t.model for t in self.teachers)
+
+
+Spec = RunSpec | TeacherSpec

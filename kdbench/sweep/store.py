@@ -16,77 +16,23 @@ two sweeps or many workers sharing one folder never train or write the same run 
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import math
 import os
 import shutil
-import sys
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import DiskFull, KdbenchError
-
-#: errno values that mean "no room to write": the sweep stops instead of failing run after run.
-_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-
+from .. import distributed
+from ..errors import KdbenchError
+from ..files import disk_error, atomic_write_bytes, warn
 
 class Busy(Exception):
     """Another live process holds this run's lock (it is training it now)."""
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, sync it, then rename it into place.
-
-    Readers see the old file or the whole new one, never a half-written one; an exception (or
-    Ctrl-C) removes the temporary file. A full disk becomes :class:`DiskFull`, naming the file.
-    """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise _disk_error(exc, path) from exc
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise _disk_error(exc, path) from exc
-        raise
-    return path
-
-
-def atomic_torch_save(path: Path, obj: object) -> Path:
-    """``torch.save`` through :func:`atomic_write`. Serialised in memory first: torch's zip writer
-    turns a failed write into a RuntimeError without the errno, the file write keeps it."""
-    import io
-
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return atomic_write_bytes(path, buf.getbuffer())
-
-
-def _disk_error(exc: OSError, path: Path) -> BaseException:
-    if exc.errno in _NO_SPACE:
-        return DiskFull(f"disk full while writing {path} ({os.strerror(exc.errno)}); free space and re-run the same "
-                        "command: finished runs are kept and an interrupted run resumes from its last epoch checkpoint")
-    if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-        return KdbenchError(f"cannot write {path}: {os.strerror(exc.errno)}; choose a writable --results-dir")
-    return exc
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def _clean(value: Any) -> Any:
@@ -108,10 +54,6 @@ def read_row_file(path: Path) -> dict[str, Any] | None:
         warn(f"skipping damaged run file {path} (not a run row); delete it, or re-run the sweep to redo that run")
         return None
     return row
-
-
-def warn(message: str) -> None:
-    print(f"kdbench: warning: {message}", file=sys.stderr)
 
 
 class ResultsStore:
@@ -147,7 +89,7 @@ class ResultsStore:
         return self.teachers / f"{teacher_id}.pt"
 
     def cache_path(self, name: str) -> Path:
-        """A teacher-output cache (:mod:`kdbench.viewcache`): derived data, safe to delete."""
+        """A teacher-output cache (:mod:`kdbench.train.teacher_cache`): derived data, safe to delete."""
         return self.root / "cache" / f"{name}.pt"
 
     # -- runs in progress -----------------------------------------------------------------
@@ -168,7 +110,7 @@ class ResultsStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise _disk_error(exc, path) from exc
+            raise disk_error(exc, path) from exc
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -177,6 +119,23 @@ class ResultsStore:
             yield
         finally:
             os.close(fd)  # releases the lock
+
+    @contextmanager
+    def main_lock(self, run_id: str, *, wait: bool) -> Iterator[None]:
+        """:meth:`lock`, taken by rank 0 alone under DDP (torchrun's ranks are one trainer).
+
+        Every rank raises :class:`Busy` when rank 0 could not take it.
+        """
+        with ExitStack() as stack:
+            got = True
+            if distributed.is_main():
+                try:
+                    stack.enter_context(self.lock(run_id, wait=wait))
+                except Busy:
+                    got = False
+            if not distributed.broadcast_object(got):
+                raise Busy(run_id)
+            yield
 
     def finish(self, run_id: str) -> None:
         """Drop a finished run's working state (its checkpoint): its row now stands for it."""

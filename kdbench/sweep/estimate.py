@@ -12,34 +12,28 @@ compiled step is faster. Teacher forwards are counted even where the teacher cac
 from __future__ import annotations
 
 import math
-import time
-from typing import Any
+import statistics
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from . import zoo
-from .store import ResultsStore
+from .. import metrics, zoo
 
-_EVAL_BATCH = 500  # as engine.predict
+if TYPE_CHECKING:
+    from .driver import Sweep
 
-
-def _timed(fn: Any, device: torch.device, repeats: int = 2) -> float:
-    fn()  # warm-up: allocator, kernel selection
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / repeats
+_EVAL_BATCH = 500  # as kdbench.train.predict
 
 
-def step_times(name: str, kwargs: tuple[tuple[str, Any], ...], batch: int, req: Any, plan: Any) -> tuple[float, float]:
+def _seconds(fn: Any, device: torch.device) -> float:
+    return statistics.mean(metrics.seconds_per_call(fn, device, warmup=1, repeats=2)[0])
+
+
+def step_times(name: str, kwargs: tuple[tuple[str, Any], ...], batch: int, sweep: Sweep) -> tuple[float, float]:
     """Seconds of one training step and of one no-grad forward of ``batch`` images."""
-    info, device = plan.data.info, plan.device
-    options = req.engine_options(device.type)
+    info, device = sweep.data.info, sweep.device
+    options = sweep.req.engine_options(device.type)
     model = options.prepare(zoo.create(name, num_classes=info.num_classes, in_chans=info.in_chans,
                                        img_size=info.img_size, **dict(kwargs)).to(device))
     x = options.layout(torch.randn(batch, info.in_chans, info.img_size, info.img_size, device=device))
@@ -59,22 +53,23 @@ def step_times(name: str, kwargs: tuple[tuple[str, Any], ...], batch: int, req: 
             model(x)
 
     model.train()
-    t_train = _timed(train_step, device)
+    t_train = _seconds(train_step, device)
     model.eval()
-    return t_train, _timed(forward, device)
+    return t_train, _seconds(forward, device)
 
 
-def estimate(req: Any, plan: Any, store: ResultsStore) -> tuple[list[str], float]:
+def estimate(sweep: Sweep) -> tuple[list[str], float]:
     """One line per run still to do, and the total estimated seconds."""
-    if plan.device.type == "cpu":
+    plan, store = sweep.plan, sweep.store
+    if sweep.device.type == "cpu":
         torch.set_flush_denormal(True)  # as the engine trains
-    info = plan.data.info
+    info = sweep.data.info
     cache: dict[tuple, tuple[float, float]] = {}
 
     def times(name: str, kwargs: tuple, batch: int) -> tuple[float, float]:
         key = (name, kwargs, batch)
         if key not in cache:
-            cache[key] = step_times(name, kwargs, batch, req, plan)
+            cache[key] = step_times(name, kwargs, batch, sweep)
         return cache[key]
 
     def eval_s(name: str, kwargs: tuple, batch: int) -> float:
@@ -91,9 +86,9 @@ def estimate(req: Any, plan: Any, store: ResultsStore) -> tuple[list[str], float
         steps = math.ceil(info.train_size / r.batch_size)
         seconds = 0.0
         for ts in spec.teachers:
-            if ts.teacher_id in teachers_done or ts.checkpoint_sha256 or store.has(ts.teacher_id):
+            if ts.run_id in teachers_done or ts.checkpoint_sha256 or store.has(ts.run_id):
                 continue
-            teachers_done.add(ts.teacher_id)
+            teachers_done.add(ts.run_id)
             tr = ts.recipe
             t_steps = math.ceil(info.train_size / tr.batch_size)
             seconds += tr.epochs * (t_steps * times(ts.model, ts.model_kwargs, tr.batch_size)[0]

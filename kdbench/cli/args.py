@@ -1,0 +1,229 @@
+"""The `kdbench` command line: its parser, options and help text."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+
+
+EXAMPLES = """\
+examples:
+  kdbench run --methods all                      # embedded digits suite, every method (~5 min on 2 CPU cores)
+  kdbench run --methods kd,fitnets --seeds 0,1,2 --set kd.temperature=8
+  kdbench run --suite hinton-mnist --data-dir ~/data --epochs 10
+  kdbench run --dataset cifar100 --download --pairs cifar_resnet32x4:cifar_resnet8x4 --recipe crd
+  kdbench run --methods ensemble_kd --pairs cifar_resnet56+cifar_wrn_40_2:cifar_resnet20
+  kdbench run --methods my_kd --plugin my_kd.py   # a method in one file, no install
+  kdbench run --suite crd-table1 --gpus 0,1,2,3   # one worker process per GPU
+  kdbench run --suite crd-table1 --executor ray --ray-address auto --gpus-per-run 0.25   # 4 runs per GPU
+  kdbench run --suite crd-table1 --executor slurm --slurm-partition gpu --gpus-per-run 1 --slurm-max-concurrent 16
+  torchrun --nproc_per_node=8 -m kdbench run --dataset /data/imagenet --pairs resnet50:resnet18   # one run, 8 GPUs
+  kdbench report --metric top1_best
+  kdbench list methods
+"""
+
+REPRODUCE_EXAMPLES = """\
+examples:
+  kdbench reproduce hinton-mnist --data-dir ~/data                     # Hinton et al. 2015, MNIST
+  kdbench reproduce crd-table1 --data-dir ~/data --download           # CRD Table 1, 3 seeds, 240 epochs
+  kdbench reproduce crd-table1 --pairs resnet32x4:resnet8x4 --methods ce,kd --seeds 0
+  kdbench reproduce crd-table2 --epochs-scale 0.1 --dry-run           # plan and time estimate only
+  kdbench reproduce crd-table1 --synthetic --epochs 1                 # smoke run without CIFAR (NOT REAL DATA)
+  kdbench reproduce my-suite.toml                                     # a copy of a suite file, edited
+"""
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(t) for t in _csv(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers like 0,1,2, got '{text}'") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("--seeds needs at least one seed")
+    return seeds
+
+
+def _number(cast: type, *, low: float, high: float = float("inf"), low_open: bool = False,
+            what: str) -> Any:
+    """An argparse type: ``cast(text)`` within [low, high] (or (low, high]), else a message saying what it takes."""
+    def parse(text: str) -> Any:
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got '{text}'") from None
+        if not ((v > low if low_open else v >= low) and v <= high):  # NaN fails too
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return v
+    return parse
+
+
+_positive = _number(int, low=1, what="a positive integer")
+_nonnegative_int = _number(int, low=0, what="a whole number >= 0")
+_nonnegative_float = _number(float, low=0, what="a number >= 0 like 0.25")
+_fraction = _number(float, low=0, low_open=True, high=1, what="a number in (0, 1] like 0.1 (--epochs-scale must be "
+                    "in (0, 1])")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdbench",
+        description="Benchmark knowledge-distillation methods over the timm model zoo: accuracy, size "
+                    "and speed, with provenance for every number.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"kdbench {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run", help="train and evaluate methods over teacher→student pairs, then write the report",
+        description=textwrap.fill(
+            "Train every (method × pair × seed) of a suite, one results row per finished run. Runs already in the "
+            "results folder are skipped, so re-running a command resumes it. Teachers without a checkpoint are "
+            "trained once per (model, dataset, recipe, seed) and cached.", 88),
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _run_options(run, reproduce=False)
+
+    repro = sub.add_parser(
+        "reproduce", help="run a suite with published numbers and compare them with kdbench's, cell by cell",
+        description=textwrap.fill(
+            "Run a suite that has published numbers (crd-table1, crd-table2, hinton-mnist; `kdbench list suites`), "
+            "then write a table per published cell: the paper's value, kdbench's mean ± std over seeds at the same "
+            "selection rule (last or best epoch) with the other rule beside it, the gap Δ and a verdict within "
+            "tolerance, plus a published-vs-kdbench plot. Finished runs are reused, so re-running resumes; a "
+            "shortened schedule or synthetic data is marked in every output.", 88),
+        epilog=REPRODUCE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    repro.add_argument("suite", metavar="SUITE", help="a built-in suite name or a suite .toml file")
+    _run_options(repro, reproduce=True)
+
+    rep = sub.add_parser("report", help="derive tables and plots from a results folder",
+                         description="Derive markdown/CSV tables and PNG plots from the rows in a results folder.")
+    rep.add_argument("--results-dir", type=Path, default=None, help="results folder (default: $KDBENCH_RESULTS, "
+                     "else ./kdbench-results)")
+    rep.add_argument("--out", type=Path, default=None, help="where to write (default: RESULTS_DIR/report)")
+    rep.add_argument("--metric", default="top1_last", choices=["top1_last", "top1_best", "top5_last", "top5_best"],
+                     help="accuracy shown (default top1_last: the CRD tables report the last epoch; "
+                          "the DKD tables the best)")
+
+    ls = sub.add_parser("list", help="list methods, models, suites, recipes or datasets")
+    ls.add_argument("what", choices=["methods", "models", "suites", "recipes", "datasets"])
+    ls.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="FILE.py",
+                    help="also load method classes from this file")
+    return parser
+
+
+def _run_options(parser: argparse.ArgumentParser, *, reproduce: bool) -> None:
+    """The options `run` and `reproduce` share (reproduce takes its suite as an argument)."""
+    what = parser.add_argument_group("what to run")
+    if not reproduce:
+        what.add_argument("--suite", default="digits", help="built-in suite name or a suite .toml file (default: "
+                          "digits, the embedded data; see `kdbench list suites`)")
+    what.add_argument("--methods", default=None, help="comma-separated method names, or 'all' (default: the "
+                      "suite's methods, else all). A method is left out of a pair with more teachers than it takes, "
+                      "unless you named it here")
+    what.add_argument("--pairs", help="comma-separated TEACHER[+TEACHER...]:STUDENT pairs of timm model names"
+                      + (" (CRD names like resnet56:resnet20 work too), a subset of the suite's" if reproduce else
+                         ", replacing the suite's (e.g. cifar_resnet56:cifar_resnet20); MODEL@N fixes a teacher's "
+                         "seed"))
+    what.add_argument("--seeds", type=_seeds, help="comma-separated seeds (default: the suite's, e.g. 0); tables "
+                      "show mean ± std over them")
+    what.add_argument("--set", dest="sets", action="append", default=[], metavar="METHOD.HP=VALUE",
+                      help="override a method hyperparameter, e.g. --set kd.temperature=8 (repeatable)")
+    what.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="FILE.py",
+                      help="load method classes from a Python file (repeatable)")
+    what.add_argument("--teacher-checkpoint", dest="teacher_ckpts", action="append", default=[],
+                      metavar="[MODEL=]FILE", help="use these weights for a teacher instead of training it "
+                      "(a state dict, or a dict with it under 'model' as RepDistiller publishes)")
+    data = parser.add_argument_group("data")
+    if reproduce:
+        data.add_argument("--synthetic", action="store_true", help="train on random images shaped like the "
+                          "suite's dataset (torchvision FakeData, 512 train / 256 test) instead of the real data: "
+                          "checks that the whole suite runs; every output is marked NOT REAL DATA")
+    else:
+        data.add_argument("--dataset", help="digits, mnist, fashion_mnist, cifar10, cifar100, synthetic:NAME, or an "
+                          "ImageFolder path with train/ and val/ (default: the suite's)")
+    data.add_argument("--data-dir", help="where torchvision datasets live (default: $KDBENCH_DATA, else "
+                      "~/.cache/kdbench/data)")
+    data.add_argument("--download", action="store_true", help="let torchvision download a missing dataset")
+    data.add_argument("--limit", type=_positive, default=0, metavar="N",
+                      help="use only the first N train and N test images (smoke tests; labelled in every output)")
+    data.add_argument("--pad-to", type=_positive, default=None, metavar="S", help="zero-pad images to S×S, e.g. "
+                      "28×28 Fashion-MNIST to 32 for CIFAR models (default: the suite's, else none)")
+    train = parser.add_argument_group("training")
+    if not reproduce:
+        train.add_argument("--recipe", help="named recipe (default: the suite's; see `kdbench list recipes`)")
+    train.add_argument("--epochs", type=_positive, help="train for N epochs; fewer than the recipe's own length "
+                       "scales its milestones and labels the run 'shortened' everywhere")
+    if reproduce:
+        train.add_argument("--epochs-scale", type=_fraction, metavar="F", help="train for F × the recipe's epochs "
+                           "(e.g. 0.1: 24 of CRD's 240), at least 1; labelled 'shortened' everywhere")
+    train.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu or cuda[:N]")
+    train.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                       help="auto: bf16 on a GPU, fp32 on the CPU. bf16 runs the forward passes under autocast; "
+                            "weights, optimizer, BatchNorm statistics and losses stay fp32. Part of each run's id")
+    train.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                       help="torch.compile the training step (CUDA graphs on a GPU); auto: on on a GPU")
+    train.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
+                       help="NHWC memory format for models and batches; auto: on on a GPU")
+    train.add_argument("--teacher-cache", default="auto", choices=["auto", "on", "off"],
+                       help="compute each teacher's outputs once for every augmented view (162 per CIFAR image) "
+                            "and reuse them in every run of that teacher; only for methods that need no feature "
+                            "maps. auto: on a GPU, when it saves teacher compute. Kept in RESULTS_DIR/cache")
+    ex = parser.add_argument_group(
+        "where runs happen", "Every executor writes into the same results folder (shared by all machines), skips "
+        "finished runs and resumes interrupted ones from their last epoch checkpoint.")
+    ex.add_argument("--executor", default="local", metavar="NAME", help="local (default: here, one run after another, "
+                    "or one worker per GPU with --gpus), ray (a Ray cluster), slurm (a job array through submitit)")
+    ex.add_argument("--gpus", metavar="LIST", help="local: one worker process per GPU, e.g. 0,1,2,3 or 'all'")
+    ex.add_argument("--runs-per-gpu", type=_positive, default=1, metavar="K",
+                    help="local with --gpus: K worker processes per GPU, each training its own run (default 1)")
+    ex.add_argument("--workers", type=_positive, default=0, metavar="N",
+                    help="local: N worker processes on this machine (CPU runs in parallel)")
+    ex.add_argument("--gpus-per-run", type=_nonnegative_float, default=None, metavar="F", help="ray/slurm: GPUs each "
+                    "run asks for; a fraction packs small runs onto one GPU (ray, e.g. 0.25). Default 1 with a GPU "
+                    "device, else 0")
+    ex.add_argument("--cpus-per-run", type=_nonnegative_float, default=1.0, metavar="N",
+                    help="ray/slurm: CPU cores each run asks for (default 1)")
+    ex.add_argument("--max-retries", type=_nonnegative_int, default=2, metavar="N",
+                    help="ray: tries after the first before a failing run is reported (default 2)")
+    ex.add_argument("--ray-address", metavar="ADDR", help="ray: an existing cluster ('auto', or HOST:PORT); "
+                    "default: start a local one")
+    ex.add_argument("--env", dest="env", action="append", default=[], metavar="NAME[=VALUE]",
+                    help="ray/slurm: an environment variable the runs need (KDBENCH_* ones always travel)")
+    ex.add_argument("--slurm-partition", metavar="NAME", help="slurm: partition to submit to")
+    ex.add_argument("--slurm-max-concurrent", type=_positive, default=None, metavar="N",
+                    help="slurm: at most N jobs of the array run at once")
+    ex.add_argument("--slurm-time", type=_positive, default=240, metavar="MIN",
+                    help="slurm: time limit per job in minutes (default 240); a job that hits it is requeued and "
+                    "resumes")
+    ex.add_argument("--slurm-mem", type=_positive, default=None, metavar="GB", help="slurm: memory per job in GB")
+    ex.add_argument("--slurm-account", metavar="NAME", help="slurm: account to charge")
+    ex.add_argument("--slurm-qos", metavar="NAME", help="slurm: quality of service")
+    ex.add_argument("--slurm-folder", type=Path, metavar="DIR",
+                    help="slurm: where submitit keeps job scripts and logs (default RESULTS_DIR/slurm)")
+    ex.add_argument("--slurm-extra", action="append", default=[], metavar="KEY=VALUE",
+                    help="slurm: any other sbatch option, e.g. --slurm-extra constraint=h100 (repeatable)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--results-dir", type=Path, default=None, help="results folder (default: $KDBENCH_RESULTS, "
+                     "else ./kdbench-results)")
+    if reproduce:
+        out.add_argument("--out", type=Path, default=None, help="where the comparison goes (default: "
+                         "RESULTS_DIR/reproduce/SUITE)")
+    out.add_argument("--throughput-batch", type=_positive, default=256, help="batch size of the inference "
+                     "throughput measurement (default 256)")
+    if not reproduce:
+        out.add_argument("--no-report", action="store_true", help="don't derive the report at the end")
+    out.add_argument("--dry-run", action="store_true", help="check everything and list the runs with an estimate "
+                     "of their time on this device (from a few timed training steps); train nothing")
+    out.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def results_dir(arg: Path | None) -> Path:
+    return arg or Path(os.environ.get("KDBENCH_RESULTS", "kdbench-results"))

@@ -1,0 +1,195 @@
+"""The on-device pipeline: normalisation, augmentation views and the batch loader.
+
+Images stay uint8 on the training device; each batch is cropped, flipped and normalised there
+with batched tensor ops (as KellerJordan/cifar10-airbench does), never through PIL.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import KdbenchError
+from .datasets import DatasetInfo
+
+
+def normalize(images_uint8: Tensor, info: DatasetInfo) -> Tensor:
+    """float32 ``(x/255 - mean) / std`` per channel, on the images' device."""
+    mean = torch.tensor(info.mean, dtype=torch.float32, device=images_uint8.device)
+    std = torch.tensor(info.std, dtype=torch.float32, device=images_uint8.device)
+    return _normalize_with(images_uint8, *_affine(mean, std))
+
+
+def _affine(mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
+    # fold /255, -mean and /std into one multiply-add: x*scale + shift
+    scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1)
+    shift = (-mean / std).view(1, -1, 1, 1)
+    return scale, shift
+
+
+def _normalize_with(images_uint8: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    return torch.addcmul(shift, images_uint8.float(), scale)
+
+
+class Views(NamedTuple):
+    """The augmentation drawn for each image of a batch: crop offsets (rows, cols) and mirror flags."""
+
+    offsets: Tensor | None  # 2×N int64 in [0, 2·padding], or None without cropping
+    mirror: Tensor | None   # N bool, or None without flipping
+
+
+def draw_views(n: int, *, crop_padding: int, flip: bool, generator: torch.Generator,
+               device: torch.device | str) -> Views:
+    """Draw ``n`` images' crop offsets, then their flips, from ``generator`` (in that fixed order)."""
+    if crop_padding < 0:
+        raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
+    offsets = mirror = None
+    if crop_padding > 0 and n > 0:
+        offsets = torch.randint(0, 2 * crop_padding + 1, (2, n), generator=generator,
+                                device=generator.device).to(device)
+    if flip and n > 0:
+        mirror = (torch.rand(n, generator=generator, device=generator.device) < 0.5).to(device)
+    return Views(offsets, mirror)
+
+
+def apply_views(images: Tensor, views: Views, crop_padding: int) -> Tensor:
+    """Crop each zero-padded image at its offsets, then mirror the flagged ones (any dtype)."""
+    n, _, h, w = images.shape
+    dev = images.device
+    out = images
+    if views.offsets is not None:
+        p, offsets = crop_padding, views.offsets
+        padded = F.pad(images, (p, p, p, p))  # zeros, like RandomCrop's fill=0
+        rows = (offsets[0, :, None] + torch.arange(h, device=dev)).view(n, h, 1)
+        cols = (offsets[1, :, None] + torch.arange(w, device=dev)).view(n, 1, w)
+        batch = torch.arange(n, device=dev).view(n, 1, 1)
+        # advanced indices split by a slice put the indexed dims first: N×H×W×C
+        out = padded[batch, :, rows, cols].permute(0, 3, 1, 2).contiguous()
+    if views.mirror is not None:
+        out = torch.where(views.mirror.view(n, 1, 1, 1), out.flip(-1), out)
+    return out
+
+
+def view_count(crop_padding: int, flip: bool) -> int:
+    """How many distinct augmented views one image has: (2p+1)² crops × 2 flips (162 for CIFAR's)."""
+    return (2 * crop_padding + 1) ** 2 * (2 if flip else 1)
+
+
+def view_index(views: Views, crop_padding: int, n: int, device: torch.device | str) -> Tensor:
+    """Each image's view as one number in [0, view_count): (row offset, col offset, mirror)."""
+    side = 2 * crop_padding + 1
+    index = torch.zeros(n, dtype=torch.int64, device=device)
+    if views.offsets is not None:
+        index = views.offsets[0] * side + views.offsets[1]
+    if views.mirror is not None:
+        index = index * 2 + views.mirror.long()
+    return index
+
+
+def fixed_views(index: int, n: int, crop_padding: int, flip: bool, device: torch.device | str) -> Views:
+    """``n`` copies of view number ``index`` (the inverse of :func:`view_index`)."""
+    side = 2 * crop_padding + 1
+    mirror = None
+    if flip:
+        index, bit = divmod(index, 2)
+        mirror = torch.full((n,), bool(bit), device=device)
+    offsets = None
+    if crop_padding > 0:
+        offsets = torch.tensor(divmod(index, side), device=device).view(2, 1).expand(2, n)
+    return Views(offsets, mirror)
+
+
+def augment(images_uint8: Tensor, *, crop_padding: int, flip: bool, generator: torch.Generator) -> Tensor:
+    """Random crop with zero padding and random horizontal flip, batched on the images' device.
+
+    Equivalent in distribution to torchvision's ``RandomCrop(size, padding=crop_padding)`` then
+    ``RandomHorizontalFlip()`` applied per image: each image gets its own offsets in
+    [0, 2·crop_padding] and its own coin flip. The random numbers are drawn from ``generator``
+    (on its device, in a fixed order: offsets, then flips), so the result is deterministic given
+    the generator state. With ``crop_padding=0`` and ``flip=False`` the input is returned as is.
+    Works for any dtype; shape and dtype are kept.
+    """
+    views = draw_views(len(images_uint8), crop_padding=crop_padding, flip=flip, generator=generator,
+                       device=images_uint8.device)
+    return apply_views(images_uint8, views, crop_padding)
+
+
+class TrainBatch(NamedTuple):
+    """One training batch: normalised float32 images, labels, and (for the teacher cache) which
+    training images and which of their augmented views these are."""
+
+    images: Tensor
+    labels: Tensor
+    index: Tensor | None  # positions in the training set (None unless asked for)
+    view: Tensor | None   # see view_index (None unless asked for)
+
+
+class Loader:
+    """Batches ``(normalised float32 images, int64 labels)`` from in-memory tensors on their device.
+
+    No worker processes: indexing, augmentation and normalisation are tensor ops on the device
+    the images live on. With ``shuffle`` each epoch (each ``iter()``) draws a new permutation from
+    ``generator``; the same generator seed gives the same batches. Without a generator, one is
+    seeded from torch's global RNG, so ``torch.manual_seed`` still makes runs repeatable.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        info: DatasetInfo,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        generator: torch.Generator | None = None,
+        crop_padding: int = 0,
+        flip: bool = False,
+        drop_last: bool = False,
+    ) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        if batch_size < 1:
+            raise KdbenchError(f"batch size must be at least 1, got {batch_size}.")
+        self.images, self.labels, self.info = images, labels, info
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.crop_padding, self.flip = crop_padding, flip
+        if generator is None:
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+        self.generator = generator
+        mean = torch.tensor(info.mean, dtype=torch.float32, device=images.device)
+        std = torch.tensor(info.std, dtype=torch.float32, device=images.device)
+        self._scale, self._shift = _affine(mean, std)  # built once, not per batch
+
+    def __len__(self) -> int:
+        n = len(self.images)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for b in self.batches():
+            yield b.images, b.labels
+
+    def batches(self, *, views: bool = False) -> Iterator[TrainBatch]:
+        """One epoch of batches; with ``views``, each image's index and view number too (what the
+        teacher cache looks up), otherwise those are None (no work spent on them per step)."""
+        n, bs, dev = len(self.images), self.batch_size, self.images.device
+        order = None
+        if self.shuffle:
+            gen = self.generator
+            order = torch.randperm(n, generator=gen, device=gen.device).to(dev)
+        for b in range(len(self)):
+            if order is None:
+                idx = torch.arange(b * bs, min(n, (b + 1) * bs), device=dev) if views else None
+                x, y = self.images[b * bs : (b + 1) * bs], self.labels[b * bs : (b + 1) * bs]
+            else:
+                idx = order[b * bs : (b + 1) * bs]
+                x, y = self.images[idx], self.labels[idx]
+            drawn = draw_views(len(x), crop_padding=self.crop_padding, flip=self.flip, generator=self.generator,
+                               device=dev)
+            x = _normalize_with(apply_views(x, drawn, self.crop_padding), self._scale, self._shift)
+            yield TrainBatch(x, y, idx if views else None,
+                             view_index(drawn, self.crop_padding, len(x), dev) if views else None)

@@ -1,0 +1,84 @@
+"""``kdbench report``: every table and plot of a results folder, rebuilt from its rows.
+
+Nothing in the store is ever hand-edited: rows are grouped into benchmarks
+(:func:`kdbench.report.aggregate.benchmarks`), and per benchmark the report writes
+``table_<slug>.md`` and ``table_<slug>.csv`` (:mod:`kdbench.report.markdown`) and its figures
+(:mod:`kdbench.report.plots`); ``index.md`` links them all.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import KdbenchError, unknown
+from ..sweep.store import ResultsStore
+from .aggregate import Benchmark, aggregate, benchmarks
+from .markdown import benchmark_markdown, csv_frame, write_text
+from .plots import method_colours, plot_benchmark
+from .rows import METRICS, OK, Col, finished, load_rows
+
+
+def build_benchmark(bench: Benchmark, metric: str, colours: dict[str, str],
+                    out_dir: Path) -> list[Path]:
+    """Write one benchmark's plots, CSV and markdown table; return their paths."""
+    entries = aggregate(bench.rows, metric)
+    plots = plot_benchmark(bench, entries, metric, colours, out_dir)
+    csv = write_text(out_dir / f"table_{bench.slug}.csv", csv_frame(bench, entries, metric).to_csv(index=False))
+    md = write_text(out_dir / f"table_{bench.slug}.md", benchmark_markdown(bench, entries, metric, plots))
+    return [md, csv, *plots]
+
+
+def index(benches: Sequence[Benchmark], files: dict[str, list[Path]], metric: str,
+          results_dir: Path) -> str:
+    """index.md: per benchmark, a link to every table and plot."""
+    runs = sum(len(b.rows) for b in benches)
+    lines = ["# kdbench report", "",
+             f"Metric: {METRICS[metric]}. Built from {runs} finished runs in `{results_dir}`.", ""]
+    for bench in benches:
+        lines += [f"## {bench.title}", ""]
+        lines += [f"- [{p.name}]({p.name})" for p in files[bench.slug]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def without_result(rows: pd.DataFrame) -> str:
+    """The index section listing the runs that finished without a result ('' when none did)."""
+    failed = rows[rows[Col.STATUS] != OK]
+    if failed.empty:
+        return ""
+    return "\n## Runs without a result\n\nLeft out of every table above:\n\n" + "".join(
+        f"- `{r[Col.RUN_ID]}` {r[Col.METHOD]} {r.get(Col.PAIR, '')} seed {r.get(Col.SEED, '')}: "
+        f"**{r[Col.STATUS]}**: {r.get(Col.ERROR, '')}\n" for _, r in failed.iterrows())
+
+
+def build_report(results_dir: str | os.PathLike[str],
+                 out_dir: str | os.PathLike[str] | None = None, *,
+                 metric: str = "top1_last") -> list[Path]:
+    """Write every benchmark's tables and plots plus ``index.md``; return the written paths.
+
+    ``index.md`` is the last path. ``out_dir`` defaults to ``results_dir``.
+    """
+    if metric not in METRICS:
+        raise unknown("metric", metric, METRICS)
+    results = Path(results_dir)
+    runs = ResultsStore(results).runs
+    everything = load_rows(results, finished_only=False)
+    rows = finished(everything, runs)
+    if metric not in rows:
+        raise KdbenchError(f"no run in {runs} records the metric '{metric}'")
+    out = Path(out_dir) if out_dir is not None else results
+    out.mkdir(parents=True, exist_ok=True)
+    benches = benchmarks(rows)
+    # After benchmarks(): variant labels (kd[temperature=8.0]) get colours of their own.
+    colours = method_colours({m for b in benches for m in b.rows[Col.METHOD]})
+    files = {b.slug: build_benchmark(b, metric, colours, out) for b in benches}
+    written = [p for b in benches for p in files[b.slug]]
+    text = index(benches, files, metric, results) + without_result(everything)
+    return written + [write_text(out / "index.md", text)]
+
+
+__all__ = ["build_report", "load_rows"]

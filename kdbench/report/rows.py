@@ -1,0 +1,150 @@
+"""Result rows as a DataFrame, and the row columns the report reads.
+
+Rows come from the results store (:class:`kdbench.sweep.store.ResultsStore`): one flat JSON
+object per finished run, written by the sweep. Nothing here reads a run file itself.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pandas as pd
+
+from ..errors import KdbenchError
+from ..files import warn
+from ..sweep.store import ResultsStore
+
+
+class Col:
+    """The row columns the report reads (the sweep writes them, see ``kdbench.sweep.runner``)."""
+
+    RUN_ID = "run_id"
+    KIND = "kind"  # "teacher" or "student"
+    METHOD = "method"
+    METHOD_PAPER = "method_paper"
+    PAIR = "pair"  # kdbench.suites.pair_label(teachers, student); teachers may carry '@seed'
+    TEACHERS = "teachers"  # 'a+b', without seeds; '' for a teacher or ce run
+    STUDENT = "student"  # the trained model (for a teacher row: the teacher itself)
+    DATASET = "dataset"
+    SCHEDULE = "schedule"
+    SHORTENED = "shortened"
+    EPOCHS = "epochs"
+    RECIPE_EPOCHS = "recipe_epochs"
+    PRECISION = "precision"
+    SEED = "seed"
+    HPARAMS = "hparams"  # JSON of the method's hyperparameters
+    STATUS = "status"  # "ok", or why the run has no result ("diverged")
+    ERROR = "error"
+    REAL_DATA = "real_data"
+    TEST_SIZE = "test_size"
+    PARAMS = "params"
+    EXTRA_PARAMS = "extra_params"
+    FLOPS = "flops_per_image"
+    THROUGHPUT = "throughput_img_s"
+    THROUGHPUT_DEVICE = "throughput_device"
+    THROUGHPUT_BATCH = "throughput_batch"
+    THROUGHPUT_DTYPE = "throughput_dtype"
+    DEVICE = "device"
+    GIT_COMMIT = "git_commit"
+    COMMAND = "command"
+    KDBENCH_VERSION = "kdbench_version"
+    TORCH_VERSION = "torch_version"
+    TIMM_VERSION = "timm_version"
+    FINISHED_AT = "finished_at"
+    TEACHER_IDS = "teacher_ids"  # 'id+id', the run ids of a student's teachers
+    TEACHER_SEEDS = "teacher_seeds"  # 'seed+seed'
+    TEACHER_ENSEMBLE_TOP1 = "teacher_ensemble_top1"  # the teachers' ensemble, last epoch
+
+    @staticmethod
+    def top1(selection: str) -> str:
+        """The top-1 column at a selection rule: 'last' -> 'top1_last'."""
+        return f"top1_{selection}"
+
+
+#: Two method names are part of the contract: ``teacher`` (rows of kind ``teacher``: the teacher
+#: models themselves) and ``ce`` (the label-only baseline, one run of which serves every pair with
+#: its student). Every other method is treated alike.
+TEACHER = "teacher"
+BASELINE = "ce"
+OK = "ok"
+
+#: Metrics (columns) a report can be built on, and how titles name them.
+METRICS: dict[str, str] = {
+    "top1_last": "top-1 at the last epoch",
+    "top1_best": "top-1 at the best epoch",
+    "top5_last": "top-5 at the last epoch",
+    "top5_best": "top-5 at the best epoch",
+}
+
+#: Columns every row must have (the rest may be missing and show as blanks).
+REQUIRED = (Col.RUN_ID, Col.KIND, Col.METHOD, Col.STUDENT, Col.DATASET, Col.SCHEDULE)
+#: Columns read as text: a missing value becomes "".
+TEXT_COLUMNS = (Col.RUN_ID, Col.KIND, Col.METHOD, Col.METHOD_PAPER, Col.TEACHERS, Col.STUDENT,
+                Col.DATASET, Col.SCHEDULE, Col.THROUGHPUT_DEVICE, Col.THROUGHPUT_DTYPE, Col.DEVICE,
+                Col.GIT_COMMIT, Col.COMMAND, Col.KDBENCH_VERSION, Col.TORCH_VERSION,
+                Col.TIMM_VERSION, Col.FINISHED_AT)
+
+
+def load_rows(results_dir: str | os.PathLike[str], *, finished_only: bool = True) -> pd.DataFrame:
+    """Every readable row of the store in ``results_dir`` (sorted by file name), as one frame.
+
+    A file damaged by a crash, or a row lacking a ``REQUIRED`` column, is reported (a warning)
+    and skipped. With ``finished_only``, rows whose run did not finish cleanly (status
+    "diverged") are left out: they have no accuracy to average. Raises KdbenchError when the
+    store is missing or holds no readable row.
+    """
+    store = ResultsStore(results_dir)
+    records = [r for r in store.rows() if _complete(r, store)]
+    if not records:
+        raise KdbenchError(f"no finished runs were found in {store.runs}; run `kdbench run` first")
+    rows = pd.DataFrame.from_records(records)
+    rows[Col.STATUS] = rows[Col.STATUS].fillna(OK).astype(str) if Col.STATUS in rows else OK
+    if finished_only:
+        rows = finished(rows, store.runs)
+    for col in TEXT_COLUMNS:
+        rows[col] = rows[col].fillna("").astype(str) if col in rows else ""
+    if Col.SHORTENED not in rows:  # derive it for rows written before the column existed
+        rows[Col.SHORTENED] = numeric(rows, Col.EPOCHS) < numeric(rows, Col.RECIPE_EPOCHS)
+    rows[Col.SHORTENED] = rows[Col.SHORTENED].fillna(False).astype(bool)
+    return rows
+
+
+def _complete(row: dict, store: ResultsStore) -> bool:
+    """True when ``row`` has every ``REQUIRED`` column; else a warning naming its file."""
+    missing = [c for c in REQUIRED if c not in row]
+    if missing:
+        path = store.row_path(str(row[Col.RUN_ID]))  # the store names each file by its run id
+        warn(f"skipping run file {path}: it lacks {', '.join(missing)}; delete it or re-run that run")
+    return not missing
+
+
+def finished(rows: pd.DataFrame, where: os.PathLike[str]) -> pd.DataFrame:
+    """The rows of runs that finished with a result (not diverged)."""
+    rows = rows[rows[Col.STATUS] == OK].reset_index(drop=True)
+    if rows.empty:
+        raise KdbenchError(f"no run in {where} finished with a result (every one diverged); see `status` and "
+                           "`error` in its files")
+    return rows
+
+
+def numeric(rows: pd.DataFrame, col: str) -> pd.Series:
+    """A column as floats (NaN where missing or not a number)."""
+    if col not in rows:
+        return pd.Series(math.nan, index=rows.index, dtype=float)
+    return pd.to_numeric(rows[col], errors="coerce").astype(float)
+
+
+def mean_of(rows: pd.DataFrame, col: str) -> float:
+    """The mean of a numeric column (NaN for no rows)."""
+    return float(numeric(rows, col).mean()) if len(rows) else math.nan
+
+
+def is_teacher(rows: pd.DataFrame) -> pd.Series:
+    """True for the rows of teacher models."""
+    return rows[Col.KIND] == TEACHER
+
+
+def distinct(rows: pd.DataFrame, col: str) -> list[str]:
+    """The sorted non-empty values of a text column (none when it is missing)."""
+    return sorted(set(rows[col]) - {""}) if col in rows else []

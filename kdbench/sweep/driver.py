@@ -1,0 +1,135 @@
+"""The sweep: plan a request, skip what the store has, hand the rest to an executor, report outcomes.
+
+``Sweep.prepare(request)`` loads the methods and the data and builds the plan (every check before
+any training); ``sweep.execute(executor)`` trains teachers first, then the student runs, and
+returns what became of each.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import distributed
+from ..data import DataSplits, load_dataset
+from ..errors import KdbenchError
+from ..executors.base import DIVERGED, FAILED, OK, Executor, Outcome, Task
+from ..executors.local import InlineExecutor
+from ..method import Method
+from ..registry import load_methods
+from .plan import Plan, build_plan, check_request, resolve_device
+from .request import Request
+from .runner import Runner
+from .spec import RunSpec, Spec, TeacherSpec
+from .store import ResultsStore
+
+
+def load_data(req: Request, device: torch.device) -> DataSplits:
+    """The request's dataset, held on the training device for the whole sweep."""
+    return load_dataset(req.dataset, data_dir=req.data_dir, download=req.download, limit=req.limit or None,
+                        pad_to=req.pad_to).to(device)
+
+
+@dataclass
+class SweepResult:
+    outcomes: list[Outcome]
+    skipped: int  # student runs already in the store before this invocation
+    teacher_ids: set[str] = field(default_factory=set)  # teachers this invocation had to train
+
+    @property
+    def unfinished(self) -> list[Outcome]:
+        return [o for o in self.outcomes if not o.finished]
+
+    @property
+    def ran(self) -> int:
+        """Student runs finished by this invocation (diverged ones included: they have their row)."""
+        return sum(o.status in (OK, DIVERGED) and o.run_id not in self.teacher_ids for o in self.outcomes)
+
+
+def teachers_to_train(specs: Sequence[RunSpec], store: ResultsStore) -> list[TeacherSpec]:
+    """The distinct teachers the given runs need that kdbench must still train, in first-use order."""
+    out: dict[str, TeacherSpec] = {}
+    for spec in specs:
+        for ts in spec.teachers:
+            if not ts.checkpoint_sha256 and ts.run_id not in out and not store.has(ts.run_id):
+                out[ts.run_id] = ts
+    return list(out.values())
+
+
+class Sweep:
+    """One request, planned: its methods, data, device, plan and results store."""
+
+    def __init__(self, req: Request, methods: Mapping[str, type[Method]], data: DataSplits, device: torch.device,
+                 plan: Plan, log: Callable[[str], None] = print) -> None:
+        self.req, self.methods, self.data, self.device, self.plan, self.log = req, methods, data, device, plan, log
+        self.store = ResultsStore(req.results_dir)
+        self._runner: Runner | None = None
+
+    @classmethod
+    def prepare(cls, req: Request, log: Callable[[str], None] = print) -> Sweep:
+        """Load the methods, check the request, load the data and plan every run."""
+        methods = load_methods(req.plugins)
+        check_request(req, methods)  # names and values, before the data is loaded
+        # Remote runs (Ray, Slurm) happen on the workers' device: this process plans on its CPU.
+        device = torch.device("cpu") if req.remote else resolve_device(req.device)
+        data = load_data(req, device)
+        return cls(req, methods, data, device, build_plan(req, methods, data), log)
+
+    @property
+    def runner(self) -> Runner:
+        """This process's runner (inline execution, and DDP where every rank runs every task)."""
+        if self._runner is None:
+            self._runner = Runner(self.req, self.methods, self.plan, self.data, self.device, self.store)
+        return self._runner
+
+    def tasks(self) -> tuple[list[Task], list[Task]]:
+        """(teacher tasks, student tasks) for every planned run not yet in the store."""
+        todo = [s for s in self.plan.specs if not self.store.has(s.run_id)]
+        portable = self.req.for_workers()
+
+        def task(spec: Spec) -> Task:
+            return Task(spec.run_id, spec.label, (portable, spec))
+
+        return [task(ts) for ts in teachers_to_train(todo, self.store)], [task(s) for s in todo]
+
+    def execute(self, executor: Executor | None = None) -> SweepResult:
+        """Run every spec not yet in the store (teachers first) with ``executor`` (default: here,
+        one after another); a failed run is reported and the sweep goes on."""
+        if distributed.world_size() > 1 and executor is not None:
+            raise KdbenchError("under torchrun (DDP) the runs happen in the torchrun processes themselves; "
+                               "drop --executor/--gpus/--workers")
+        # Under DDP rank 0 reads the store once and every rank runs its list, in the same order.
+        teacher_tasks, tasks = distributed.on_main(self.tasks)
+        done = len(self.plan.specs) - len(tasks)
+        if done:
+            self.log(f"{done} of {len(self.plan.specs)} runs already in {self.store.root}; skipping them")
+        executor = executor or InlineExecutor(lambda t: self.runner.attempt(t.payload[1], wait=t.wait))
+        bar = tqdm(total=len(teacher_tasks) + len(tasks), desc="sweep", position=0, leave=True, unit="run",
+                   dynamic_ncols=True, disable=self.req.quiet or not distributed.is_main(), file=sys.stderr)
+
+        def report(o: Outcome) -> None:
+            bar.update(1)
+            # One line per run, printed above the bars (kept with --quiet: it is output).
+            line = o.summary or f"{o.label}: {o.status}" + (f": {o.error.strip().splitlines()[-1]}" if o.error else "")
+            tqdm.write(f"  {line}", file=sys.stdout)
+
+        outcomes = executor.execute_all(teacher_tasks, report)
+        lost = {o.run_id: o for o in outcomes if not o.finished}
+        ready = []
+        for task in tasks:
+            spec: RunSpec = task.payload[1]
+            bad = [lost[t.run_id] for t in spec.teachers if t.run_id in lost]
+            if bad:
+                o = Outcome(task.run_id, FAILED, task.label,
+                            error=f"its teacher did not finish ({bad[0].label}: {bad[0].status})")
+                report(o)
+                outcomes.append(o)
+            else:
+                ready.append(task)
+        outcomes += executor.execute_all(ready, report)
+        bar.close()
+        return SweepResult(outcomes, done, {t.run_id for t in teacher_tasks})

@@ -1,0 +1,81 @@
+"""What a trained model is measured on, apart from training: size, cost, and what it predicts.
+
+FLOPs and inference throughput depend on the architecture, not on the method or the weights, so
+they are measured once per model per sweep and shared by that model's runs. Agreement with the
+teacher compares test-set predictions with the teachers' (computed once per teacher).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import metrics
+from ..data import DataSplits
+from ..train import TrainResult, predict
+
+
+@dataclass
+class Measurements:
+    """One run's measurements besides training: what goes into its row next to the training log."""
+
+    params: int
+    costs: dict[str, Any]                      # flops_per_image, throughput_* (per architecture)
+    per_class: dict[str, list[float]] = field(default_factory=dict)  # precision, recall, f1
+    agreement: float = float("nan")            # top-1 agreement with the teacher(s)
+    teacher_ensemble_top1: float | None = None  # the teachers' ensemble itself, with 2+ teachers
+
+
+class Measurer:
+    """Measures models of one sweep on one device, caching what does not depend on the run."""
+
+    def __init__(self, data: DataSplits, throughput_batch: int) -> None:
+        self.data, self.throughput_batch = data, throughput_batch
+        info = data.info
+        self.shape = (info.in_chans, info.img_size, info.img_size)
+        self._costs: dict[str, dict[str, Any]] = {}        # per architecture
+        self._teacher_probs: dict[str, Tensor] = {}        # test-set probabilities, per teacher run id
+
+    def costs(self, name: str, model: nn.Module) -> dict[str, Any]:
+        """FLOPs per image and inference throughput of an architecture, measured once per sweep."""
+        if name not in self._costs:
+            tp = metrics.measure_throughput(model, self.shape, batch_size=self.throughput_batch)
+            self._costs[name] = {
+                "flops_per_image": metrics.flops_per_image(model, self.shape),
+                "throughput_img_s": tp.images_per_s, "throughput_batch": tp.batch_size,
+                "throughput_device": tp.device, "throughput_dtype": tp.dtype,
+                "throughput_repeats": tp.repeats, "throughput_iters": tp.iters_per_repeat,
+            }
+        return self._costs[name]
+
+    def teacher_probs(self, run_id: str, teacher: Callable[[], nn.Module]) -> Tensor:
+        """A teacher's test-set class probabilities, computed once per sweep (``teacher()`` gives it)."""
+        if run_id not in self._teacher_probs:
+            self._teacher_probs[run_id] = F.softmax(predict(teacher(), self.data.test_images, self.data), 1)
+        return self._teacher_probs[run_id]
+
+    def measure(self, name: str, model: nn.Module, result: TrainResult,
+                teacher_probs: Sequence[Tensor] = ()) -> Measurements:
+        """Everything a row reports about ``model`` besides its training log."""
+        labels = self.data.test_labels
+        m = Measurements(metrics.count_params(model), self.costs(name, model))
+        if not evaluated(result):
+            return m
+        pred = result.test_logits.argmax(1)
+        m.per_class = metrics.per_class_prf(pred, labels, self.data.info.num_classes)
+        if teacher_probs:
+            probs = torch.stack(list(teacher_probs)).mean(0)
+            m.agreement = metrics.agreement(pred, probs.argmax(1))
+            if len(teacher_probs) > 1:  # the ensemble (mean of the teachers' probabilities) beside its student
+                m.teacher_ensemble_top1 = metrics.topk_accuracy(probs, labels, 1)
+        return m
+
+
+def evaluated(result: TrainResult) -> bool:
+    """Whether a run has an evaluated epoch (not one that diverged in its first epoch)."""
+    return result.test_logits is not None and bool(result.history) and result.best_top1 >= 0

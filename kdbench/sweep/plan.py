@@ -1,0 +1,200 @@
+"""From a request to run specs, checking everything a user can get wrong before any training.
+
+Methods, hyperparameters, models, checkpoints, teacher counts and adapter shapes are all checked
+here; the data has been loaded by then (its shape decides the models' shapes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import distributed, zoo
+from ..data import DataSplits
+from ..errors import KdbenchError, unknown
+from ..features import probe
+from ..method import Method, Probe, Taps
+from ..registry import build_method, method_source
+from ..suites import Pair, pair_label
+from .hparams import settings
+from .request import Request
+from .spec import RunSpec, TeacherSpec
+
+
+@dataclass
+class Plan:
+    """Every run of a sweep, and what planning learnt on the way."""
+
+    specs: list[RunSpec]
+    skipped: list[str]                # notes on method × pair combinations left out
+    checkpoints: dict[str, str]       # teacher model -> checkpoint file
+    probes: dict[tuple[str, Taps], Probe] = field(default_factory=dict)  # shapes, per (model, taps)
+
+    def run_ids(self) -> set[str]:
+        """The ids of every planned run, the teachers' included."""
+        return {s.run_id for s in self.specs} | {t.run_id for s in self.specs for t in s.teachers}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (a GPU when there is one), ``cpu`` or ``cuda[:N]`` as a torch device, or a clear error."""
+    if name == "auto":
+        return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise KdbenchError(f"--device {name} asked for, but torch sees no CUDA GPU; use --device cpu")
+    try:
+        return distributed.local_device(torch.device(name))
+    except RuntimeError:
+        raise KdbenchError(f"--device '{name}' is not a torch device; use auto, cpu or cuda") from None
+
+
+def dataset_label(name: str, limit: int, pad_to: int = 0) -> str:
+    """The dataset as rows name it: ``name``, ``[:N]`` for a limit, ``@Spx`` when padded to S×S."""
+    return name + (f"[:{limit}]" if limit else "") + (f"@{pad_to}px" if pad_to else "")
+
+
+def check_request(req: Request, methods: Mapping[str, type[Method]]) -> list[str]:
+    """What can be checked without data: method and model names, every hyperparameter value.
+    Returns the method names the request runs."""
+    names = list(methods) if req.methods is None else list(req.methods)
+    for name in names:
+        if name not in methods:
+            raise unknown("method", name, methods, fix="See `kdbench list methods`.")
+    for name in sorted(req.hparams.methods() - set(names)):
+        raise KdbenchError(f"--set names method '{name}', which this run does not include "
+                           f"(methods: {', '.join(names)}); drop the --set, or add the method to --methods")
+    for pair in req.pairs:
+        for model in (*pair.teachers, pair.student):
+            zoo.check_model_name(model)
+    for model in req.recipe_by_model:
+        zoo.check_model_name(model)
+        req.recipe_for(model)
+    for name in names:  # every value of every layer
+        for pair in req.pairs:
+            for hp in settings(req.hparams, name, pair.label):
+                build_method(methods[name], hp)
+    return names
+
+
+def check_models(req: Request, data: DataSplits) -> dict[str, str]:
+    """Model arguments and teacher checkpoints fit the data; returns the checkpoint sha256 per teacher."""
+    info = data.info
+    shape = {"num_classes": info.num_classes, "in_chans": info.in_chans, "img_size": info.img_size}
+    for model, kwargs in req.model_kwargs.items():
+        try:
+            zoo.create(model, **shape, **kwargs)
+        except TypeError as exc:
+            raise KdbenchError(f"model '{model}' does not take the arguments {dict(kwargs)} given for it: {exc}") from None
+    teachers = {t for p in req.pairs for t in p.teachers}
+    for model, path in req.teacher_checkpoints.items():
+        if model not in teachers:
+            raise KdbenchError(f"--teacher-checkpoint names model '{model}', which is no teacher of this run "
+                               f"(teachers: {', '.join(sorted(teachers)) or 'none'})")
+        zoo.load_checkpoint(zoo.create(model, **shape), path, model)
+    return {m: zoo.file_sha256(p) for m, p in req.teacher_checkpoints.items()}
+
+
+def takes(cls: type[Method], pair: Pair) -> bool:
+    """Whether ``cls`` can distil from the pair's number of teachers (a method of none takes any pair)."""
+    n = len(pair.teachers)
+    return cls.max_teachers == 0 or cls.min_teachers <= n <= cls.max_teachers
+
+
+def build_plan(req: Request, methods: Mapping[str, type[Method]], data: DataSplits) -> Plan:
+    """Turn a request into run specs, checking everything before any training."""
+    names = check_request(req, methods)
+    sha = check_models(req, data)
+    device = req.device.split(":")[0] if req.remote else resolve_device(req.device).type
+    world = distributed.world_size()  # a DDP run (torchrun) is another run than a single-process one
+    label = dataset_label(data.info.name, req.limit, req.pad_to)
+    precision = req.engine_options(device).precision
+
+    def teacher_spec(model: str, seed: int) -> TeacherSpec:
+        return TeacherSpec(model, label, req.recipe_for(model), seed, device, sha.get(model, ""), req.limit,
+                           req.kwargs_for(model), world_size=world, precision=precision)
+
+    skipped = left_out(req, names, methods)
+    specs: dict[str, RunSpec] = {}
+    probes: dict[tuple[str, Taps], Probe] = {}
+    checked: set[tuple] = set()
+    for seed in req.seeds:
+        for pair in req.pairs:
+            for name in names:
+                cls = methods[name]
+                if (pair.methods and name not in pair.methods) or not takes(cls, pair):
+                    continue
+                uses = cls.max_teachers > 0  # ce ignores teachers: one run serves every pair
+                teachers = pair.teachers if uses else ()
+                t_seeds = pair.teacher_seeds if uses else ()
+                for hp in settings(req.hparams, name, pair.label):
+                    method = build_method(cls, hp)
+                    if (name, teachers, pair.student) not in checked:
+                        check_setup(method, teachers, pair.student, data, probes)
+                        checked.add((name, teachers, pair.student))
+                    labels = [t if s is None else f"{t}@{s}" for t, s in zip(teachers, t_seeds)]
+                    spec = RunSpec(
+                        method=name, hparams=tuple(sorted(method.config().items())),
+                        teachers=tuple(teacher_spec(t, seed if s is None else s) for t, s in zip(teachers, t_seeds)),
+                        student=pair.student, dataset=label, recipe=req.recipe_for(pair.student), seed=seed,
+                        device=device, data_limit=req.limit, student_kwargs=req.kwargs_for(pair.student),
+                        world_size=world, precision=precision, method_source=method_source(cls),
+                        pair=pair_label(labels, pair.student))
+                    specs.setdefault(spec.run_id, spec)
+    return Plan(list(specs.values()), skipped, dict(req.teacher_checkpoints), probes)
+
+
+def left_out(req: Request, names: Sequence[str], methods: Mapping[str, type[Method]]) -> list[str]:
+    """Notes on the method × pair combinations a method cannot take; an error for a method the
+    user named that could run on none of the pairs."""
+    notes = []
+    for name in names:
+        cls = methods[name]
+        pairs = [p for p in req.pairs if not p.methods or name in p.methods]
+        cannot = [p for p in pairs if not takes(cls, p)]
+        for p in cannot:
+            notes.append(f"method '{name}' takes {cls.teachers_taken()}; pair {p.label} has {len(p.teachers)}")
+        if req.named and pairs and len(cannot) == len(pairs):
+            raise KdbenchError(f"method '{name}' takes {cls.teachers_taken()}, and no pair of this run has that many "
+                               f"({', '.join(p.label for p in cannot)}). Add such a pair (--pairs), or drop the "
+                               "method (`kdbench list methods` shows how many teachers each takes)")
+    return sorted(set(notes))
+
+
+def probe_model(name: str, taps: Taps, data: DataSplits) -> Probe:
+    """Build ``name`` for the dataset and probe it; a model that cannot take its images is a user error."""
+    info = data.info
+    shape = (info.in_chans, info.img_size, info.img_size)
+    model = zoo.create(name, num_classes=info.num_classes, in_chans=info.in_chans, img_size=info.img_size)
+    try:
+        return probe(model, taps, shape, name)
+    except RuntimeError as exc:
+        raise KdbenchError(f"model '{name}' cannot run on {info.name}'s {'x'.join(map(str, shape))} images: "
+                           f"{str(exc).splitlines()[0]}. Choose a model for small inputs (e.g. kdbench's "
+                           "cifar_* zoo) or a dataset with larger images") from None
+
+
+def probed(name: str, taps: Taps, data: DataSplits, probes: dict[tuple[str, Taps], Probe]) -> Probe:
+    """``probe_model``, once per (model, taps): shapes depend on the architecture and data, not weights."""
+    if (name, taps) not in probes:
+        probes[(name, taps)] = probe_model(name, taps, data)
+    return probes[(name, taps)]
+
+
+def check_setup(method: Method, teachers: Sequence[str], student: str, data: DataSplits,
+                probes: dict[tuple[str, Taps], Probe]) -> None:
+    """Run the method's setup on a copy with probed shapes: shape problems surface before training."""
+    taps = method.taps()
+    try:
+        s = probed(student, taps, data, probes)
+        ts = [probed(t, taps, data, probes) for t in teachers]
+    except KdbenchError as exc:
+        raise KdbenchError(f"method '{method.name}': {exc}") from None
+    try:
+        type(method)(**method.config()).setup(s, ts)
+    except (ValueError, KeyError) as exc:
+        raise KdbenchError(f"method '{method.name}' cannot distil {'+'.join(teachers)} into {student}: {exc}") from None
+    for t in ts:
+        if t.num_classes != s.num_classes:
+            raise KdbenchError(f"teacher {t.model} outputs {t.num_classes} classes but student {student} "
+                               f"outputs {s.num_classes}; both must predict the dataset's {data.info.num_classes}")

@@ -1,0 +1,84 @@
+"""What the user asked for: one frozen value, built once by the CLI (or a script) and never changed.
+
+Everything a sweep does follows from a :class:`Request`: :func:`kdbench.sweep.plan.build_plan`
+turns it into run specs, and a worker process on another machine rebuilds the same sweep from it
+(it is plain data: method names and plugin paths, never classes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ..recipe import Recipe
+from ..suites import Pair
+from ..train import EngineOptions
+from .hparams import HParams
+
+_AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class Request:
+    """A sweep: methods × pairs × seeds on one dataset and recipe, and how to run it.
+
+    Attributes:
+        methods: method names, or None for every loadable method.
+        named: the user named the methods (``--methods a,b``): a method that can take none of the
+            pairs is an error then; otherwise (all, or a suite's list) it is left out with a note.
+        device: ``auto``, ``cpu`` or ``cuda[:N]``; for Ray and Slurm the workers' device.
+        remote: the runs happen on other machines (Ray, Slurm): this process plans on its CPU.
+    """
+
+    methods: tuple[str, ...] | None
+    pairs: tuple[Pair, ...]
+    dataset: str
+    recipe: Recipe
+    seeds: tuple[int, ...] = (0,)
+    named: bool = False
+    hparams: HParams = field(default_factory=HParams)
+    plugins: tuple[str, ...] = ()                        # --plugin files (absolute paths)
+    teacher_checkpoints: Mapping[str, str] = field(default_factory=dict)  # teacher model -> file
+    recipe_by_model: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    model_kwargs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    results_dir: Path = Path("kdbench-results")
+    data_dir: str | None = None
+    download: bool = False
+    limit: int = 0
+    pad_to: int = 0
+    device: str = _AUTO
+    remote: bool = False
+    throughput_batch: int = 256
+    quiet: bool = False
+    command: str = ""              # the command line, recorded in every row (workers have other argv)
+    # How the engine computes: "auto" picks by device (fast on CUDA, plain fp32 on the CPU). Only
+    # the precision is part of a run's id; the others change float rounding only.
+    precision: str = _AUTO         # auto, fp32 or bf16
+    compile: str = _AUTO           # auto, on or off
+    channels_last: str = _AUTO     # auto, on or off
+    teacher_cache: str = _AUTO     # auto (when it saves teacher compute, on CUDA), on or off
+
+    def engine_options(self, device_type: str) -> EngineOptions:
+        fast = EngineOptions.fast_for(device_type)
+        return EngineOptions(
+            precision=fast.precision if self.precision == _AUTO else self.precision,
+            channels_last=fast.channels_last if self.channels_last == _AUTO else self.channels_last == "on",
+            compile=fast.compile if self.compile == _AUTO else self.compile == "on")
+
+    def recipe_for(self, model: str) -> Recipe:
+        """The recipe ``model`` trains with: the sweep's, with the suite's fields for that model."""
+        extra = self.recipe_by_model.get(model)
+        return self.recipe.with_overrides(dict(extra), f"recipe for {model}") if extra else self.recipe
+
+    def kwargs_for(self, model: str) -> tuple[tuple[str, Any], ...]:
+        return tuple(sorted(self.model_kwargs.get(model, {}).items()))
+
+    def for_workers(self) -> Request:
+        """This request as worker processes get it: absolute paths, no progress bars (the
+        driver prints one line per finished run instead), planned on the workers' device."""
+        return replace(
+            self, remote=False, quiet=True, results_dir=Path(self.results_dir).resolve(),
+            data_dir=str(Path(self.data_dir).expanduser().resolve()) if self.data_dir else None,
+            teacher_checkpoints={k: str(Path(v).resolve()) for k, v in self.teacher_checkpoints.items()})

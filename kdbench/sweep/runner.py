@@ -1,0 +1,286 @@
+"""One process's share of a sweep: teachers trained once and cached, student runs trained and measured.
+
+A :class:`Runner` holds what its runs share in this process (the data on the device, trained
+teachers, teacher-output caches, measurements per architecture). :meth:`Runner.attempt` is the
+task every executor runs: one spec, skipped when its row exists, else trained, measured and
+written as one row.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import traceback
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import distributed, metrics, provenance, train, zoo
+from ..data import DataSplits, view_count
+from ..errors import DiskFull
+from ..executors.base import BUSY, DONE, OK, Outcome
+from ..files import atomic_torch_save, warn
+from ..method import Method, Taps
+from ..registry import build_method
+from ..train import EngineOptions, ViewCache, build_view_cache, cacheable
+from . import rows
+from .measure import Measurer
+from .plan import Plan, dataset_label, probed
+from .request import Request
+from .spec import RunSpec, Spec, TeacherSpec
+from .store import Busy, ResultsStore
+
+
+class Runner:
+    """Trains and measures the runs of one request in this process, sharing teachers between them."""
+
+    def __init__(self, req: Request, methods: Mapping[str, type[Method]], plan: Plan, data: DataSplits,
+                 device: torch.device, store: ResultsStore) -> None:
+        self.req, self.methods, self.plan, self.data, self.device, self.store = req, methods, plan, data, device, store
+        self.info = data.info
+        self.options: EngineOptions = req.engine_options(device.type)
+        prov = provenance.collect(device)
+        self.context = rows.Context(
+            dataset=dataset_label(self.info.name, req.limit, req.pad_to), dataset_source=self.info.source,
+            real_data=self.info.real_data, train_size=len(data.train_labels), test_size=len(data.test_labels),
+            device_type=device.type, world_size=distributed.world_size(), options=self.options,
+            provenance={**prov, "command": req.command} if req.command else prov)
+        self.measurer = Measurer(data, req.throughput_batch)
+        self._teachers: dict[str, nn.Module] = {}
+        self._trained_here: set[str] = set()               # teachers this process trained
+        self._caches: dict[tuple, ViewCache] = {}          # the last teachers' view caches (large: one set kept)
+
+    # -- one task -------------------------------------------------------------------------
+    def attempt(self, spec: Spec, *, wait: bool = False) -> Outcome:
+        """Run one spec (a student run, or a teacher to train) unless its row exists; write its row.
+
+        Raises when the run fails, after writing ``state/<run_id>/error.txt``; a run whose loss
+        diverged is a finished row with status "diverged" instead. A run another process holds is
+        "busy", or with ``wait``, waited for (then it is done, or run here if that process died).
+        Under DDP (torchrun) every rank calls this for the same spec; rank 0 decides and writes, and
+        every rank returns rank 0's outcome (which also keeps the ranks in step).
+        """
+        return distributed.broadcast_object(self._attempt(spec, wait))
+
+    def _attempt(self, spec: Spec, wait: bool) -> Outcome:
+        main = distributed.is_main()
+        try:
+            row = self._do(spec, wait)
+        except Busy:
+            return Outcome(spec.run_id, BUSY, spec.label, error="another process is running it")
+        except (KeyboardInterrupt, SystemExit, DiskFull):
+            raise
+        except BaseException as exc:
+            self._record_failure(spec, exc)
+            raise
+        if not main or row is None:
+            return Outcome(spec.run_id, DONE, spec.label)
+        return Outcome(spec.run_id, row.get("status", OK), spec.label, summary=rows.summary_line(row, spec.label))
+
+    def _do(self, spec: Spec, wait: bool) -> dict[str, Any] | None:
+        """The row of a run trained here now, or None when it was done already."""
+        if isinstance(spec, TeacherSpec):
+            self.teacher(spec)  # takes the teacher's lock itself, waiting for another trainer
+            # Reported as trained only by the process that trained it (not one that waited).
+            main = distributed.is_main() and spec.run_id in self._trained_here
+            return self.store.read(spec.run_id) if main else None
+        with self.store.main_lock(spec.run_id, wait=wait):
+            if distributed.on_main(lambda: self.store.has(spec.run_id)):
+                return None
+            row = self.train_student(spec)
+            if distributed.is_main():
+                self.store.finish(spec.run_id)
+            return row
+
+    def _record_failure(self, spec: Spec, exc: BaseException) -> None:
+        """Keep the traceback in the run's state folder; under DDP, stop every rank with a message."""
+        text = "".join(traceback.format_exception(exc))
+        where = self.store.error_path(spec.run_id)
+        rank = distributed.rank()
+        if rank:  # DDP: each rank keeps its own traceback (the others' only say a peer died)
+            where = where.with_name(f"error.rank{rank}.txt")
+        try:
+            if rank:
+                where.parent.mkdir(parents=True, exist_ok=True)
+                where.write_text(f"rank {rank}: {spec.label}\n{self.req.command}\n\n{text}")
+            else:
+                self.store.record_error(spec.run_id, f"{spec.label}\n{self.req.command}\n\n{text}")
+        except OSError:
+            pass
+        self._free_memory()
+        if distributed.world_size() > 1:
+            # The other ranks wait in this run's collectives: the sweep cannot go on without this rank.
+            last = "".join(traceback.format_exception_only(exc)).strip().splitlines()[-1]
+            raise distributed.RankFailed(
+                f"{spec.label} failed on DDP rank {rank}: {last}. The ranks cannot go on without it, so "
+                f"the sweep stops; the traceback is in {where}. Re-run the same command to resume (finished "
+                "runs are kept)") from exc
+
+    def _free_memory(self) -> None:
+        # After an out-of-memory error the other runs of this worker still need the device.
+        self._teachers.clear()
+        self._caches.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # -- progress -------------------------------------------------------------------------
+    def bar(self, total: int, desc: str) -> Any:
+        """A run's progress bar (epochs), under the sweep's."""
+        return tqdm(total=total, desc=desc, position=1, leave=False, unit="epoch", dynamic_ncols=True,
+                    disable=self.req.quiet or not distributed.is_main(), file=sys.stderr)
+
+    # -- models ---------------------------------------------------------------------------
+    def create(self, name: str, kwargs: tuple[tuple[str, Any], ...] = ()) -> nn.Module:
+        return zoo.create(name, num_classes=self.info.num_classes, in_chans=self.info.in_chans,
+                          img_size=self.info.img_size, **dict(kwargs)).to(self.device)
+
+    def teacher(self, ts: TeacherSpec) -> nn.Module:
+        """A teacher's weights: from its checkpoint, from the store, or trained now and stored.
+
+        Training holds the teacher's lock, so workers that need the same teacher wait for it
+        instead of training it twice; an interrupted teacher resumes from its epoch checkpoint.
+        """
+        if ts.run_id in self._teachers:
+            return self._teachers[ts.run_id]
+        torch.manual_seed(ts.seed)
+        model = self.create(ts.model, ts.model_kwargs)
+        if ts.checkpoint_sha256:
+            zoo.load_checkpoint(model, self.plan.checkpoints[ts.model], ts.model)
+            if distributed.is_main() and not self.store.has(ts.run_id):
+                self._write_teacher_row(ts, model, train.TrainResult.untrained(model, self.data), trained=False)
+        else:
+            with self.store.main_lock(ts.run_id, wait=True):
+                if not self._load_stored_teacher(ts, model):
+                    self._train_teacher(ts, model)
+        self._teachers[ts.run_id] = model
+        return model
+
+    def _load_stored_teacher(self, ts: TeacherSpec, model: nn.Module) -> bool:
+        path = self.store.teacher_path(ts.run_id)
+        if not distributed.on_main(lambda: path.is_file() and self.store.has(ts.run_id)):
+            return False
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as exc:  # a truncated file left by a crash: train the teacher again
+            warn(f"stored teacher weights {path} are damaged ({type(exc).__name__}); training {ts.model} again")
+            return False
+        zoo.load_fitting(model, state, f"stored teacher weights '{path}'", ts.model)
+        return True
+
+    def _train_teacher(self, ts: TeacherSpec, model: nn.Module) -> None:
+        self._trained_here.add(ts.run_id)
+        bar = self.bar(ts.recipe.epochs, ts.label)
+        with metrics.PeakMemory(self.device) as peak:
+            result = train.train(model, self.data, ts.recipe, seed=ts.seed, model_name=ts.model, progress=bar,
+                                 state_path=self.store.checkpoint_path(ts.run_id), state_key=ts.run_id,
+                                 options=self.options)
+        bar.close()
+        if distributed.is_main():  # under DDP every rank holds these same weights; rank 0 writes them
+            atomic_torch_save(self.store.teacher_path(ts.run_id), model.state_dict())
+            self._write_teacher_row(ts, model, result, trained=True, peak=peak)
+            self.store.finish(ts.run_id)
+
+    def _write_teacher_row(self, ts: TeacherSpec, model: nn.Module, result: train.TrainResult, *, trained: bool,
+                           peak: metrics.PeakMemory | None = None) -> None:
+        measured = self.measurer.measure(ts.model, model, result)
+        self.store.write(rows.teacher_row(self.context, ts, result=result, measured=measured, trained=trained,
+                                          peak=peak))
+
+    # -- student runs ---------------------------------------------------------------------
+    def train_student(self, spec: RunSpec) -> dict[str, Any]:
+        """Train, measure and store one student run; returns its row (empty on DDP ranks other than 0)."""
+        teachers = [self.teacher(ts) for ts in spec.teachers]
+        torch.manual_seed(spec.seed)
+        student = self.create(spec.student, spec.student_kwargs)
+        method = build_method(self.methods[spec.method], dict(spec.hparams)).to(self.device)
+        taps = method.taps()
+        method.setup(probed(spec.student, taps, self.data, self.plan.probes),
+                     [probed(n, taps, self.data, self.plan.probes) for n in spec.teacher_names])
+        method.to(self.device)
+        caches = self.view_caches(spec, taps)
+        bar = self.bar(spec.recipe.epochs, spec.label)
+        error = ""
+        with metrics.PeakMemory(self.device) as peak:
+            try:
+                result = train.train(student, self.data, spec.recipe, seed=spec.seed, method=method,
+                                     teachers=teachers, teacher_names=spec.teacher_names, model_name=spec.student,
+                                     progress=bar, state_path=self.store.checkpoint_path(spec.run_id),
+                                     state_key=spec.run_id, options=self.options, teacher_caches=caches)
+            except train.Diverged as exc:
+                result, error = exc.result, str(exc)
+        bar.close()
+        if not distributed.is_main():
+            return {}  # rank 0 measures the model and writes the row
+        probs = [] if error else [self.measurer.teacher_probs(ts.run_id, lambda ts=ts: self.teacher(ts))
+                                  for ts in spec.teachers]
+        measured = self.measurer.measure(spec.student, student, result, probs)
+        row = rows.student_row(self.context, spec, paper=method.paper, extra_params=method.extra_parameters(),
+                               result=result, measured=measured, peak=peak,
+                               cache_build_s=[c.build_time_s for c in caches], error=error)
+        self.store.write(row)
+        return row
+
+    # -- the teacher-output cache ---------------------------------------------------------
+    def wants_cache(self, spec: RunSpec, taps: Taps) -> bool:
+        """Whether ``spec`` distils from cached teacher outputs (``--teacher-cache``).
+
+        auto: on CUDA, when the method's taps allow it and building the cache costs fewer teacher
+        forward passes (one per view per image) than running the teachers online (one per epoch
+        per image, for every planned run sharing them).
+        """
+        mode = self.req.teacher_cache
+        if mode == "off" or not spec.teachers or not cacheable(taps):
+            return False
+        if mode == "on":
+            return True
+        if self.device.type != "cuda":
+            return False
+        sharing = sum(1 for s in self.plan.specs if s.teachers == spec.teachers) or 1
+        return spec.recipe.epochs * sharing >= view_count(spec.recipe.crop_padding, spec.recipe.flip)
+
+    def view_caches(self, spec: RunSpec, taps: Taps) -> list[ViewCache]:
+        """One view cache per teacher of ``spec``, or [] to run the teachers online.
+
+        Built once and kept in the results folder (``cache/``), so every run of these teachers,
+        in this process or any worker, reuses it; in memory only the last set is kept.
+        """
+        if not self.wants_cache(spec, taps):
+            return []
+        keys = [(ts.run_id, spec.recipe.crop_padding, spec.recipe.flip, taps.pooled, self.options)
+                for ts in spec.teachers]
+        if any(k not in self._caches for k in keys):
+            self._caches = {k: v for k, v in self._caches.items() if k in keys}  # free the others first
+            self._caches.update({k: self._view_cache(ts, k) for ts, k in zip(spec.teachers, keys)
+                                 if k not in self._caches})
+        return [self._caches[k] for k in keys]
+
+    def _view_cache(self, ts: TeacherSpec, key: tuple) -> ViewCache:
+        _, pad, flip, pooled, opts = key
+        name = f"{ts.run_id}-p{pad}{'f' if flip else ''}-{opts.precision}{'-cl' if opts.channels_last else ''}" \
+               f"{'-pooled' if pooled else ''}"
+        path = self.store.cache_path(name)
+        teacher = self.teacher(ts)
+        try:
+            with self.store.main_lock(f"cache-{name}", wait=True):
+                if path.is_file():
+                    try:
+                        return ViewCache.from_state_dict(torch.load(path, map_location="cpu", weights_only=True),
+                                                         self.device)
+                    except Exception as exc:  # damaged (a crash while writing it elsewhere): build it again
+                        warn(f"teacher cache {path} is damaged ({type(exc).__name__}); building it again")
+                views = view_count(pad, flip)
+                bar = tqdm(total=views, desc=f"teacher cache {ts.model} ({views} views)", position=1, leave=False,
+                           unit="view", disable=self.req.quiet or not distributed.is_main(), file=sys.stderr)
+                recipe = replace(ts.recipe, crop_padding=pad, flip=flip)
+                cache = build_view_cache(teacher, self.data, recipe, pooled=pooled, options=opts, progress=bar)
+                bar.close()
+                if distributed.is_main():
+                    atomic_torch_save(path, cache.state_dict())
+                return cache
+        finally:
+            self.store.finish(f"cache-{name}")  # its lock folder

@@ -1,0 +1,275 @@
+"""The training engine: one readable loop for teachers and students alike.
+
+The engine owns cross-entropy, the optimizer, the schedule, the frozen teachers and logging; a
+method only turns outputs into named loss terms. It never looks at which method it runs. What
+one step does is :class:`~kdbench.train.step.TrainStep`'s; :func:`train` is the epoch loop
+around it: train, check, evaluate, checkpoint, report.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import distributed
+from ..data import DataSplits, Loader
+from ..errors import KdbenchError
+from ..method import Method
+from ..metrics import topk_accuracy
+from ..recipe import Recipe
+from .checkpoint import Checkpoint
+from .options import EngineOptions
+from .step import TrainStep, trainable_parameters
+from .teacher_cache import ViewCache
+
+EVAL_BATCH = 500  # images per evaluation forward pass
+
+
+@dataclass
+class EpochLog:
+    """One epoch's record: its learning rate, its mean loss terms, and test accuracy after it."""
+
+    epoch: int
+    lr: float
+    losses: dict[str, float]  # mean of each named, weighted term over the epoch's batches
+    top1: float
+    top5: float
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced, epoch by epoch, and how long it took."""
+
+    history: list[EpochLog] = field(default_factory=list)
+    test_logits: Tensor | None = None  # at the last epoch
+    best_epoch: int = 0
+    best_top1: float = -1.0
+    best_top5: float = 0.0
+    train_time_s: float = 0.0  # wall time of the training steps, evaluation excluded
+    eval_time_s: float = 0.0
+    resumed_from: int = 0  # the epoch training resumed at from a checkpoint (0: it started fresh)
+    checkpoint_time_s: float = 0.0  # writing epoch checkpoints, excluded from train_time_s
+
+    @property
+    def last(self) -> EpochLog:
+        return self.history[-1]
+
+    @classmethod
+    def untrained(cls, model: nn.Module, data: DataSplits) -> TrainResult:
+        """The result of evaluating a model without training it (a teacher from a checkpoint)."""
+        logits, top1, top5 = evaluate(model, data)
+        return cls([EpochLog(-1, 0.0, {}, top1, top5)], logits, -1, top1, top5)
+
+    def add(self, log: EpochLog, test_logits: Tensor) -> None:
+        """Record an epoch; the best epoch is the first with the highest top-1."""
+        self.history.append(log)
+        if log.top1 > self.best_top1:
+            self.best_epoch, self.best_top1, self.best_top5 = log.epoch, log.top1, log.top5
+        self.test_logits = test_logits
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values (a checkpoint holds them)."""
+        return asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> TrainResult:
+        return cls(**{**state, "history": [EpochLog(**h) for h in state["history"]]})
+
+
+class Diverged(KdbenchError):
+    """A loss term became NaN or infinite: the run ends with status "diverged", the sweep goes on."""
+
+    def __init__(self, message: str, epoch: int, result: TrainResult) -> None:
+        super().__init__(message)
+        self.epoch, self.result = epoch, result
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, images: Tensor, data: DataSplits, batch_size: int = EVAL_BATCH,
+            options: EngineOptions = EngineOptions()) -> Tensor:
+    """Logits for ``images`` (uint8 N×C×H×W) in eval mode, without augmentation."""
+    was_training = model.training
+    model.eval()
+    loader = Loader(images, torch.zeros(len(images), dtype=torch.long, device=images.device), data.info,
+                    batch_size=batch_size, shuffle=False)
+    with options.autocast(images.device):
+        out = torch.cat([model(options.layout(x)).float() for x, _ in loader])
+    model.train(was_training)
+    return out
+
+
+def evaluate(model: nn.Module, data: DataSplits, *, shard: bool = False,
+             options: EngineOptions = EngineOptions()) -> tuple[Tensor, float, float]:
+    """Test-set logits, top-1 and top-5 (percent).
+
+    With ``shard`` (DDP: call it on every rank) each rank predicts its part of the test set and
+    they exchange the logits: the ranks hold identical weights, so the parts make the whole.
+    """
+    images = data.test_images
+    if shard and distributed.world_size() > 1:
+        part = distributed.shard(len(images))
+        logits = distributed.gather_shards(predict(model, images[part], data, options=options), len(images))
+    else:
+        logits = predict(model, images, data, options=options)
+    return logits, topk_accuracy(logits, data.test_labels, 1), topk_accuracy(logits, data.test_labels, 5)
+
+
+def make_optimizer(params: list[nn.Parameter], recipe: Recipe
+                   ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.MultiStepLR]:
+    """The recipe's SGD with momentum and weight decay, and its step schedule (stepped once per epoch)."""
+    opt = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(recipe.lr_milestones), gamma=recipe.gamma)
+    return opt, sched
+
+
+def train(
+    model: nn.Module,
+    data: DataSplits,
+    recipe: Recipe,
+    *,
+    seed: int,
+    method: Method | None = None,
+    teachers: Sequence[nn.Module] = (),
+    teacher_names: Sequence[str] = (),
+    model_name: str = "",
+    progress: Any | None = None,
+    state_path: Path | None = None,
+    state_key: str = "",
+    options: EngineOptions = EngineOptions(),
+    teacher_caches: Sequence[ViewCache] = (),
+) -> TrainResult:
+    """Train ``model`` on ``data`` with ``recipe``; distil from ``teachers`` through ``method``.
+
+    With no method, the model trains on cross-entropy alone (how kdbench trains teachers).
+    ``progress`` is a tqdm bar advanced once per epoch, or None. With ``state_path``, every epoch
+    ends with a checkpoint there, and an existing checkpoint (for ``state_key``, the run id) is
+    resumed: the result equals an uninterrupted run's, bit for bit on the CPU. ``options`` choose
+    precision, memory format and compilation. ``teacher_caches`` (one per teacher, from
+    :func:`~kdbench.train.teacher_cache.build_view_cache`) replace the teachers' forward passes by
+    a lookup of each image's augmented view: same numbers, no teacher compute.
+
+    Under torchrun every rank calls this with the same arguments and trains its slice of each
+    batch (:mod:`kdbench.train.step`); rank 0 alone writes the checkpoint, every rank resumes it.
+    """
+    device = data.train_images.device
+    _check_run(recipe, data, len(teachers), teacher_caches)
+    _prepare(model, teachers, method, options, device)
+    opt, sched = make_optimizer(trainable_parameters(model, method), recipe)
+    step = TrainStep(model, method, teachers, opt, recipe=recipe, device=device, options=options,
+                     caches=teacher_caches, model_name=model_name, teacher_names=teacher_names)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    loader = Loader(data.train_images, data.train_labels, data.info, batch_size=recipe.batch_size, shuffle=True,
+                    generator=gen, crop_padding=recipe.crop_padding, flip=recipe.flip)
+    checkpoint = (Checkpoint(state_path, state_key, model, method, opt, sched, gen, model_name)
+                  if state_path is not None else None)
+    first, result = _resume(checkpoint, progress)
+    step.prepare_distributed()  # after resuming: DDP starts every rank from rank 0's weights
+    if options.compile:
+        step.compile()
+    start = time.perf_counter() - result.train_time_s - result.eval_time_s - result.checkpoint_time_s
+    for epoch in range(first, recipe.epochs):
+        losses = _train_epoch(step, loader, epoch)
+        if bad := [k for k, v in losses.items() if not math.isfinite(v)]:
+            _stop_clock(result, start)
+            raise Diverged(f"{step.who}: loss term(s) {', '.join(bad)} became non-finite at epoch {epoch}; "
+                           "lower the learning rate or the term's weight", epoch, result)
+        lr = opt.param_groups[0]["lr"]
+        sched.step()
+        t_eval = time.perf_counter()
+        logits, top1, top5 = evaluate(model, data, shard=True, options=options)
+        result.add(EpochLog(epoch, lr, losses, top1, top5), logits)
+        result.eval_time_s += time.perf_counter() - t_eval
+        if checkpoint is not None and distributed.is_main():
+            _save(checkpoint, epoch, result, start)
+        if progress is not None:
+            progress.set_postfix(loss=f"{sum(losses.values()):.3f}", top1=f"{top1:.2f}", refresh=False)
+            progress.update(1)
+    step.check_in_sync()
+    _stop_clock(result, start)
+    return result
+
+
+def _check_run(recipe: Recipe, data: DataSplits, teachers: int, caches: Sequence[ViewCache]) -> None:
+    """Refuse, before any work, caches that do not fit the run and batches DDP cannot split."""
+    if caches and len(caches) != teachers:
+        raise KdbenchError(f"{len(caches)} teacher caches for {teachers} teachers; give one per teacher")
+    for cache in caches:
+        cache.check(recipe, data)
+    world = distributed.world_size()
+    if recipe.batch_size % world:
+        raise KdbenchError(f"recipe '{recipe.name}' has batch {recipe.batch_size}, which does not split evenly among "
+                           f"{world} DDP processes; use a --nproc_per_node that divides it (the recipe's batch is the "
+                           "global batch, as in a single-process run)")
+    if 0 < len(data.train_labels) % recipe.batch_size < world:
+        raise KdbenchError(f"the last batch of {len(data.train_labels)} training images would leave DDP processes "
+                           f"without any; choose a --limit with a remainder of 0 or at least {world} modulo the "
+                           f"batch {recipe.batch_size}")
+
+
+def _prepare(model: nn.Module, teachers: Sequence[nn.Module], method: Method | None, options: EngineOptions,
+             device: torch.device) -> None:
+    """Models in the options' memory format, the method's adapters on the device."""
+    options.prepare(model)
+    for t in teachers:
+        options.prepare(t)
+    if method is not None:
+        method.to(device)
+    if device.type == "cpu":
+        # Denormal floats appear as weights and gradients shrink and make x86 kernels 10-50x
+        # slower (measured: 0.9 s vs 39 s per digits epoch of cifar_resnet56); flushing them to
+        # zero costs no accuracy.
+        torch.set_flush_denormal(True)
+
+
+def _resume(checkpoint: Checkpoint | None, progress: Any | None) -> tuple[int, TrainResult]:
+    """The epoch to start at and the result so far: from the run's checkpoint when there is one."""
+    loaded = checkpoint.load() if checkpoint is not None else None
+    if loaded is None:
+        return 0, TrainResult()
+    first, state = loaded
+    result = TrainResult.from_state_dict(state)
+    result.resumed_from = first
+    if progress is not None:
+        progress.update(first)
+    return first, result
+
+
+def _train_epoch(step: TrainStep, loader: Loader, epoch: int) -> dict[str, float]:
+    """One epoch of steps; the mean of each term over its batches (and under DDP over the ranks' slices).
+
+    The sums stay on the device and are read once, at the epoch's end: nothing inside the epoch
+    waits for the device.
+    """
+    sums: dict[str, Tensor] = {}
+    steps = 0
+    for batch in loader.batches(views=step.uses_cache):
+        for k, v in step(batch, epoch).items():
+            sums[k] = sums.get(k, 0.0) + v
+        steps += 1
+    if distributed.world_size() > 1:  # one exchange per epoch: the epoch's sums over every rank's slices
+        keys = sorted(sums)
+        total = distributed.all_reduce_sum(torch.stack([sums[k] for k in keys]))
+        sums = dict(zip(keys, total))
+        step.sync_buffers()
+    return {k: float(v) / steps for k, v in sums.items()}
+
+
+def _save(checkpoint: Checkpoint, epoch: int, result: TrainResult, start: float) -> None:
+    """Write the epoch's checkpoint; the writing counts as checkpoint time, not training time."""
+    _stop_clock(result, start)
+    t_save = time.perf_counter()
+    checkpoint.save(epoch, result.state_dict())
+    result.checkpoint_time_s += time.perf_counter() - t_save
+
+
+def _stop_clock(result: TrainResult, start: float) -> None:
+    # Training time is the wall time since ``start`` (moved back by a resumed run's times) less
+    # the time spent evaluating and writing checkpoints.
+    result.train_time_s = time.perf_counter() - start - result.eval_time_s - result.checkpoint_time_s

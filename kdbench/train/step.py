@@ -1,0 +1,231 @@
+"""One training step: ``terms = step(batch, epoch)``, once per batch.
+
+:class:`TrainStep` holds everything a step does: the teachers' forward pass (or the lookup of their
+cached outputs), the student's, cross-entropy and the method's terms, the backward pass, the
+optimizer step and the recipe's max-norm. :meth:`TrainStep.prepare_distributed` and
+:meth:`TrainStep.compile` wrap its forward in DDP and ``torch.compile`` (as timm's
+``TrainingTask`` does), so the training loop never sees either.
+
+Under DDP (torchrun, :mod:`kdbench.distributed`) every rank draws the same global batch (same
+generator: same order, same augmentation) and the step trains on this rank's contiguous slice of
+it. The gradients, averaged by DDP and weighted by slice size, equal the single-process gradient
+of the batch's mean loss (for terms that are means over samples, as CE and KD are; a term
+relating samples to each other, like RKD's, sees one slice's samples per rank). What else
+differs is BatchNorm: each rank normalises its slice with the slice's statistics, and running
+statistics are rank 0's (plain DDP, no SyncBatchNorm).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import distributed
+from ..data import TrainBatch
+from ..errors import KdbenchError
+from ..features import FeatureCapture
+from ..method import Batch, Method, Outputs, Taps
+from ..recipe import Recipe
+from .options import EngineOptions, as_fp32, freeze
+from .teacher_cache import ViewCache
+
+
+@torch.no_grad()
+def apply_max_norm(model: nn.Module, max_norm: float) -> None:
+    """Rescale each unit's incoming weights to L2 norm <= ``max_norm`` (Srivastava et al. 2014).
+
+    A unit's incoming weights are one row of a Linear weight or one conv filter: dim 0 of
+    every weight with two or more dimensions. Biases and normalisation scales are left alone.
+    """
+    for p in model.parameters():
+        if p.dim() >= 2:
+            p.copy_(torch.renorm(p, 2, 0, max_norm))
+
+
+def trainable_parameters(model: nn.Module, method: Method | None) -> list[nn.Parameter]:
+    """What the optimizer trains: the student's parameters, then the method's (FitNets' regressor).
+
+    Every parameter a method owns trains with the student, so a method cannot forget to list one.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if method is not None:
+        params += [p for p in method.parameters() if p.requires_grad]
+    return params
+
+
+class _Forward(nn.Module):
+    """One training step's forward: the teachers (or their cached outputs), the student, the terms.
+
+    The student and the method are submodules, so DDP averages the gradients of every parameter
+    in them: the method's own parameters (FitNets' regressor) train across ranks as the student's
+    do. The teachers are not (frozen, nothing to average). It is also the unit ``torch.compile``
+    compiles, so one graph holds the whole forward.
+    """
+
+    def __init__(self, student: FeatureCapture, method: Method | None, teachers: Sequence[FeatureCapture],
+                 options: EngineOptions) -> None:
+        super().__init__()
+        self.model, self.method = student.model, method  # registered: their parameters are DDP's
+        self.capture, self.teachers, self.options = student, list(teachers), options
+
+    def forward(self, images: Tensor, labels: Tensor, cached: list[Outputs] | None, batch: Batch,
+                ce_weight: float) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(the engine's terms, the method's terms)."""
+        with self.options.autocast(images.device):
+            if cached is None:
+                with torch.no_grad():
+                    cached = [cap(images) for cap in self.teachers]
+            out = self.capture(images)
+        # Losses in fp32 whatever the precision: a bf16 softmax at temperature 4 loses the tails.
+        out, t_out = as_fp32(out), [as_fp32(t) for t in cached]
+        # Skipped when its weight is 0, so layers no term reaches get no gradient at all
+        # (FitNets' hint stage trains only the student's lower layers).
+        own = {"ce": ce_weight * F.cross_entropy(out.logits, labels)} if ce_weight else {}
+        return own, (self.method(out, t_out, batch) if self.method is not None else {})
+
+
+class TrainStep:
+    """One training step of ``model`` (distilled from ``teachers`` through ``method``), called per batch.
+
+    Args:
+        model: the student (or a teacher being trained: no method, no teachers).
+        method: turns outputs into named, weighted loss terms; None trains on cross-entropy alone.
+        teachers: frozen here (eval mode, no gradients).
+        optimizer: over :func:`trainable_parameters` of ``model`` and ``method``.
+        recipe: its epoch count (for the method's schedule) and max-norm.
+        device: where the model and the batches live.
+        options: precision and memory format of the forward.
+        caches: one :class:`ViewCache` per teacher, looked up instead of running the teachers.
+        model_name, teacher_names: for error messages about stages.
+    """
+
+    def __init__(self, model: nn.Module, method: Method | None, teachers: Sequence[nn.Module],
+                 optimizer: torch.optim.Optimizer, *, recipe: Recipe, device: torch.device,
+                 options: EngineOptions = EngineOptions(), caches: Sequence[ViewCache] = (),
+                 model_name: str = "", teacher_names: Sequence[str] = ()) -> None:
+        taps = method.taps() if method is not None else Taps()
+        names = teacher_names or [""] * len(teachers)
+        self.forward = _Forward(FeatureCapture(model, taps, model_name), method,
+                                [FeatureCapture(freeze(t), taps, n) for t, n in zip(teachers, names)], options)
+        self.net: nn.Module = self.forward  # what a step calls: the forward, under DDP and torch.compile if asked
+        self.model, self.method, self.optimizer = model, method, optimizer
+        self.epochs, self.max_norm = recipe.epochs, recipe.max_norm
+        self.device, self.options, self.caches = device, options, list(caches)
+        self.who = f"method '{method.name}'" if method is not None else "training"
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        self.distributed = self.compiled = False
+
+    @property
+    def uses_cache(self) -> bool:
+        """Whether the teachers' outputs come from caches (then batches must name their images and views)."""
+        return bool(self.caches)
+
+    def prepare_distributed(self) -> TrainStep:
+        """Average gradients over torchrun's ranks with DDP; with one process, nothing to do.
+
+        Call it after loading a resumed checkpoint (DDP starts every rank from rank 0's weights)
+        and before :meth:`compile` (the compiled graph then holds DDP's communication).
+        """
+        if self.compiled:
+            raise RuntimeError("TrainStep.prepare_distributed() must come before compile()")
+        if self.world > 1 and not self.distributed:
+            # Unused parameters must be allowed: FitNets' hint stage leaves the student's head out of the loss.
+            self.net = nn.parallel.DistributedDataParallel(
+                self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
+            # A 1x1 convolution's (FitNets' regressor's) gradient differs from its bucket only in the
+            # strides of size-1 dimensions: DDP's "performance" warning about it says nothing.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        self.distributed = True
+        return self
+
+    def compile(self) -> TrainStep:
+        """``torch.compile`` the forward; on CUDA its forward and backward replay as CUDA graphs."""
+        import torch._dynamo
+
+        # One code object serves every run of a sweep (each model and method gives it new graphs): the
+        # default limit of 8 would silently fall back to eager after a few runs.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        self.net = torch.compile(self.net, mode="reduce-overhead" if self.device.type == "cuda" else None)
+        self.compiled = True
+        return self
+
+    def __call__(self, batch: TrainBatch, epoch: int) -> dict[str, Tensor]:
+        """Train on ``batch`` (this rank's slice of it under DDP).
+
+        Returns:
+            The weighted loss terms, detached, each scaled by the slice's share of the batch (1
+            without DDP), so that their sum over the ranks is the whole batch's.
+        """
+        images, labels, index, view = self._slice(batch)
+        share = len(images) / len(batch.images)
+        cached = [c.lookup(index, view) for c in self.caches] if self.caches else None
+        if self.compiled:
+            self._mark_step(images, labels, cached)
+        ce_weight = self.method.ce_weight_at(epoch, self.epochs) if self.method is not None else 1.0
+        own, extra = self.net(images, labels, cached, Batch(images, labels, epoch, self.epochs), ce_weight)
+        terms = self._merge(own, extra, epoch)
+        self._update(sum(terms.values()), share)
+        return {k: v.detach() * share for k, v in terms.items()}
+
+    def sync_buffers(self) -> None:
+        """Give every rank rank 0's buffers (BatchNorm statistics), at an epoch's end.
+
+        DDP copies them before each forward; after the last step they differ again, and every
+        rank must evaluate (and rank 0 save) the same model.
+        """
+        distributed.sync_buffers(self.forward)
+
+    def check_in_sync(self) -> None:
+        """Raise when the ranks' weights differ (they cannot unless the DDP path has a bug)."""
+        distributed.check_in_sync(self.forward, "weights")
+
+    def _slice(self, batch: TrainBatch) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        parts = (self.options.layout(batch.images), batch.labels, batch.index, batch.view)
+        if self.world == 1:
+            return parts
+        if not self.distributed:
+            raise RuntimeError("under torchrun, call TrainStep.prepare_distributed() before the first step")
+        images, labels, index, view = (t.tensor_split(self.world)[self.rank] if t is not None else None
+                                       for t in parts)
+        return images, labels, index, view
+
+    def _mark_step(self, images: Tensor, labels: Tensor, cached: list[Outputs] | None) -> None:
+        # One graph per batch size (the short last batch gets its own) rather than a dynamic-shape
+        # graph for both: dynamic shapes would slow every full batch for the sake of one.
+        outs = cached or ()
+        for t in (images, labels, *(o.logits for o in outs), *(o.pooled for o in outs)):
+            if t is not None:
+                torch._dynamo.mark_static(t, 0)
+        if self.device.type == "cuda":  # a new step: CUDA graphs may reuse the last step's output memory
+            torch.compiler.cudagraph_mark_step_begin()
+
+    def _merge(self, own: dict[str, Tensor], extra: dict[str, Tensor], epoch: int) -> dict[str, Tensor]:
+        """The engine's terms, then the method's, after checking the method's are scalars with free names."""
+        if self.method is not None:
+            for name, value in extra.items():
+                if not isinstance(value, Tensor) or value.dim() != 0:
+                    shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                    raise KdbenchError(f"{self.who} returned loss term '{name}' that is not a scalar tensor "
+                                       f"({shape}); each term must be one already-weighted number per batch")
+            clash = set(extra) & set(own)
+            if clash:
+                raise KdbenchError(f"{self.who} returned a term named {sorted(clash)}, which the engine owns; "
+                                   "rename it")
+            own.update(extra)
+        if not own:
+            raise KdbenchError(f"{self.who} produced no loss terms at epoch {epoch}; nothing would train")
+        return own
+
+    def _update(self, loss: Tensor, share: float) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        # DDP averages the ranks' gradients; weighting each by its slice's share of the batch
+        # makes that the gradient of the whole batch's mean loss, also for an uneven last batch.
+        (loss * (share * self.world)).backward()
+        self.optimizer.step()
+        if self.max_norm:
+            apply_max_norm(self.model, self.max_norm)
