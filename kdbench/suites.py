@@ -198,6 +198,27 @@ def _frozen(value: Any) -> Any:
     return tuple(map(_frozen, value)) if isinstance(value, list) else value
 
 
+def _reproduction(table: Any, path: Path, where: str) -> Reproduction:
+    """A suite's ``[reproduce]`` table: published-number files, tolerance, notes."""
+    rep = _expect(table, dict, "reproduce", where)
+    _check_keys(rep, _REPRO_KEYS, f"{where} [reproduce]")
+    tol = _expect(rep.get("tolerance", {}), dict, "reproduce.tolerance", where)
+    _check_keys(tol, _TOL_KEYS, f"{where} [reproduce.tolerance]")
+    files = tuple(_published_file(_expect(f, str, "reproduce.published item", where), path, where)
+                  for f in _expect(rep.get("published", []), list, "reproduce.published", where))
+    return Reproduction(
+        published=files,
+        tables=tuple(str(t) for t in rep.get("tables", [])),
+        method_names=tuple(sorted(_expect(rep.get("method_names", {}), dict, "reproduce.method_names",
+                                          where).items())),
+        tolerance=Tolerance(
+            points=float(tol.get("points", 0.5)), sigmas=float(tol.get("sigmas", 2.0)),
+            relative=float(tol.get("relative", 0.15)), ordering=tuple(tol.get("ordering", ())),
+        ),
+        notes=tuple(rep.get("notes", ())),
+    )
+
+
 def parse_suite(data: Mapping[str, Any], path: Path) -> Suite:
     """Build a Suite from a parsed TOML document; every mistake is reported with the file's name."""
     where = f"suite file {path}"
@@ -238,25 +259,7 @@ def parse_suite(data: Mapping[str, Any], path: Path) -> Suite:
                                "(num_classes, in_chans and img_size from the dataset, so teachers and students "
                                "predict the same classes; pretrained=False, since weights come from training or "
                                "--teacher-checkpoint); remove it")
-    reproduce = None
-    if "reproduce" in data:
-        rep = _expect(data["reproduce"], dict, "reproduce", where)
-        _check_keys(rep, _REPRO_KEYS, f"{where} [reproduce]")
-        tol = _expect(rep.get("tolerance", {}), dict, "reproduce.tolerance", where)
-        _check_keys(tol, _TOL_KEYS, f"{where} [reproduce.tolerance]")
-        files = tuple(_published_file(_expect(f, str, "reproduce.published item", where), path, where)
-                      for f in _expect(rep.get("published", []), list, "reproduce.published", where))
-        reproduce = Reproduction(
-            published=files,
-            tables=tuple(str(t) for t in rep.get("tables", [])),
-            method_names=tuple(sorted(_expect(rep.get("method_names", {}), dict, "reproduce.method_names",
-                                              where).items())),
-            tolerance=Tolerance(
-                points=float(tol.get("points", 0.5)), sigmas=float(tol.get("sigmas", 2.0)),
-                relative=float(tol.get("relative", 0.15)), ordering=tuple(tol.get("ordering", ())),
-            ),
-            notes=tuple(rep.get("notes", ())),
-        )
+    reproduce = _reproduction(data["reproduce"], path, where) if "reproduce" in data else None
     pad_to = _expect(data.get("pad_to", 0), int, "pad_to", where)
     return Suite(
         name=name, description=str(data.get("description", "")).strip(),

@@ -121,13 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_options(parser: argparse.ArgumentParser, *, reproduce: bool) -> None:
     """The options `run` and `reproduce` share (reproduce takes its suite as an argument)."""
+    _what_options(parser, reproduce)
+    _data_options(parser, reproduce)
+    _training_options(parser, reproduce)
+    _executor_options(parser)
+    _output_options(parser, reproduce)
+
+
+def _what_options(parser: argparse.ArgumentParser, reproduce: bool) -> None:
     what = parser.add_argument_group("what to run")
     if not reproduce:
         what.add_argument("--suite", default="digits", help="built-in suite name or a suite .toml file (default: "
                           "digits, the embedded data; see `kdbench list suites`)")
     what.add_argument("--methods", default=None, help="comma-separated method names, or 'all' (default: the "
-                      "suite's methods, else all). A method is left out of a pair with more teachers than it takes, "
-                      "unless you named it here")
+                      "suite's methods, else all). A method is left out of a pair with more teachers than it takes (a note "
+                      "says so); naming one that fits no pair at all is an error")
     what.add_argument("--pairs", help="comma-separated TEACHER[+TEACHER...]:STUDENT pairs of timm model names"
                       + (" (CRD names like resnet56:resnet20 work too), a subset of the suite's" if reproduce else
                          ", replacing the suite's (e.g. cifar_resnet56:cifar_resnet20); MODEL@N fixes a teacher's "
@@ -141,6 +149,9 @@ def _run_options(parser: argparse.ArgumentParser, *, reproduce: bool) -> None:
     what.add_argument("--teacher-checkpoint", dest="teacher_ckpts", action="append", default=[],
                       metavar="[MODEL=]FILE", help="use these weights for a teacher instead of training it "
                       "(a state dict, or a dict with it under 'model' as RepDistiller publishes)")
+
+
+def _data_options(parser: argparse.ArgumentParser, reproduce: bool) -> None:
     data = parser.add_argument_group("data")
     if reproduce:
         data.add_argument("--synthetic", action="store_true", help="train on random images shaped like the "
@@ -156,6 +167,9 @@ def _run_options(parser: argparse.ArgumentParser, *, reproduce: bool) -> None:
                       help="use only the first N train and N test images (smoke tests; labelled in every output)")
     data.add_argument("--pad-to", type=_positive, default=None, metavar="S", help="zero-pad images to S×S, e.g. "
                       "28×28 Fashion-MNIST to 32 for CIFAR models (default: the suite's, else none)")
+
+
+def _training_options(parser: argparse.ArgumentParser, reproduce: bool) -> None:
     train = parser.add_argument_group("training")
     if not reproduce:
         train.add_argument("--recipe", help="named recipe (default: the suite's; see `kdbench list recipes`)")
@@ -176,6 +190,9 @@ def _run_options(parser: argparse.ArgumentParser, *, reproduce: bool) -> None:
                        help="compute each teacher's outputs once for every augmented view (162 per CIFAR image) "
                             "and reuse them in every run of that teacher; only for methods that need no feature "
                             "maps. auto: on a GPU, when it saves teacher compute. Kept in RESULTS_DIR/cache")
+
+
+def _executor_options(parser: argparse.ArgumentParser) -> None:
     ex = parser.add_argument_group(
         "where runs happen", "Every executor writes into the same results folder (shared by all machines), skips "
         "finished runs and resumes interrupted ones from their last epoch checkpoint.")
@@ -210,6 +227,9 @@ def _run_options(parser: argparse.ArgumentParser, *, reproduce: bool) -> None:
                     help="slurm: where submitit keeps job scripts and logs (default RESULTS_DIR/slurm)")
     ex.add_argument("--slurm-extra", action="append", default=[], metavar="KEY=VALUE",
                     help="slurm: any other sbatch option, e.g. --slurm-extra constraint=h100 (repeatable)")
+
+
+def _output_options(parser: argparse.ArgumentParser, reproduce: bool) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--results-dir", type=Path, default=None, help="results folder (default: $KDBENCH_RESULTS, "
                      "else ./kdbench-results)")

@@ -20,449 +20,34 @@ Names (see :data:`DATASETS`):
 
 Missing data is reported as a :class:`~kdbench.errors.KdbenchError` that says what was looked
 for, where, and how to provide it.
+
+This module is the catalogue (:data:`DATASETS`) and the entry point (:func:`load_dataset`); the
+sources are :mod:`.sources` (data folder, digits, torchvision, synthetic) and :mod:`.imagefolder`,
+the in-memory form is :mod:`.splits`.
 """
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import NamedTuple
-
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 from ..errors import KdbenchError, unknown
-
-ENV_DATA_DIR = "KDBENCH_DATA"
-DEFAULT_DATA_DIR = Path("~/.cache/kdbench/data")
-
-# The digits split is part of the benchmark's definition (every run must see the same test
-# set), so it uses its own fixed seed, never the run seed.
-DIGITS_SPLIT_SEED = 0
-DIGITS_TEST_FRACTION = 0.2
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What a model and a report need to know about a dataset."""
-
-    name: str  # 'digits', 'mnist', 'fashion_mnist', 'cifar10', 'cifar100' or 'imagefolder:<abs path>'
-    num_classes: int
-    in_chans: int
-    img_size: int  # square side of the stored images
-    classes: tuple[str, ...]  # class names, indexed by label
-    mean: tuple[float, ...]  # per-channel normalisation, in [0,1] pixel units
-    std: tuple[float, ...]
-    source: str  # where it was read from (path or package), for provenance
-    train_size: int  # sizes of the tensors actually held (after ``limit``)
-    test_size: int
-    real_data: bool = True  # False for synthetic stand-in images (``synthetic:<name>``)
-
-
-@dataclass
-class DataSplits:
-    """A dataset in memory: uint8 N×C×H×W images and int64 labels for train and test."""
-
-    info: DatasetInfo
-    train_images: Tensor
-    train_labels: Tensor
-    test_images: Tensor
-    test_labels: Tensor
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> DataSplits:
-        """Return a copy with all four tensors on ``device`` (still uint8, so 4× cheaper than floats)."""
-        return DataSplits(
-            self.info,
-            self.train_images.to(device, non_blocking=non_blocking),
-            self.train_labels.to(device, non_blocking=non_blocking),
-            self.test_images.to(device, non_blocking=non_blocking),
-            self.test_labels.to(device, non_blocking=non_blocking),
-        )
-
-
-class DataDir(NamedTuple):
-    """A resolved data folder and where the choice came from (for error messages)."""
-
-    path: Path
-    origin: str  # 'from --data-dir', 'from KDBENCH_DATA' or 'the default'
-
-
-# A registered loader reads one named dataset in full; ``load_dataset`` applies ``limit``.
-DatasetLoader = Callable[[DataDir, bool], DataSplits]
-
-
-# ----------------------------------------------------------------------------- data folder
-
-
-def _data_dir_with_origin(data_dir: str | Path | None) -> DataDir:
-    if data_dir is not None and str(data_dir) != "":
-        return DataDir(Path(data_dir).expanduser().absolute(), "from --data-dir")
-    env = os.environ.get(ENV_DATA_DIR, "")
-    if env:  # an empty variable counts as unset, as a shell user would expect
-        return DataDir(Path(env).expanduser().absolute(), f"from {ENV_DATA_DIR}")
-    return DataDir(DEFAULT_DATA_DIR.expanduser().absolute(), f"the default {DEFAULT_DATA_DIR}")
-
-
-def resolve_data_dir(data_dir: str | Path | None) -> Path:
-    """The data folder: ``data_dir`` (--data-dir), else env ``KDBENCH_DATA``, else ``~/.cache/kdbench/data``."""
-    return _data_dir_with_origin(data_dir).path
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and (population) std of uint8 images, in [0,1] units.
-
-    Sums are taken exactly in int64 over chunks, so the result does not depend on chunking or
-    float accumulation order and memory stays bounded for large sets.
-    """
-    c = images.shape[1]
-    s1 = torch.zeros(c, dtype=torch.int64)
-    s2 = torch.zeros(c, dtype=torch.int64)
-    for chunk in images.split(4096):
-        x = chunk.to("cpu", torch.int64)
-        s1 += x.sum(dim=(0, 2, 3))
-        s2 += (x * x).sum(dim=(0, 2, 3))
-    n = images.numel() // c
-    mean = s1.double() / n
-    var = (s2.double() / n - mean * mean).clamp_min(0)
-    return tuple((mean / 255).tolist()), tuple((var.sqrt() / 255).tolist())
-
-
-def _limit(splits: DataSplits, limit: int | None) -> DataSplits:
-    if limit is None:
-        return splits
-    tr, te = splits.train_images[:limit], splits.test_images[:limit]
-    info = replace(splits.info, train_size=len(tr), test_size=len(te))
-    return DataSplits(info, tr, splits.train_labels[:limit], te, splits.test_labels[:limit])
-
-
-# ----------------------------------------------------------------------------- digits
-
-
-def digits_split_indices(y: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The fixed train/test split of scikit-learn's digits: sorted index arrays (1,437 / 360).
-
-    Stratified: each class's indices are permuted with a fixed seed and its first share goes to
-    test. The test size is ceil(20%) = 360, as sklearn's ``train_test_split(test_size=0.2)``
-    would give, shared out over classes by largest remainder. ``RandomState`` is used because
-    NumPy freezes its stream, so the split is the same on every NumPy version. ``y``: the digits
-    targets, if already loaded.
-    """
-    if y is None:
-        from sklearn.datasets import load_digits
-
-        y = load_digits().target
-    classes, counts = np.unique(y, return_counts=True)
-    exact = counts * DIGITS_TEST_FRACTION
-    n_test = np.floor(exact).astype(int)
-    short = math.ceil(len(y) * DIGITS_TEST_FRACTION) - int(n_test.sum())
-    # stable sort: ties go to the lower class, so the allocation is fully determined
-    n_test[np.argsort(-(exact - n_test), kind="stable")[:short]] += 1
-    rng = np.random.RandomState(DIGITS_SPLIT_SEED)
-    test: list[np.ndarray] = []
-    for cls, k in zip(classes, n_test):
-        idx = np.flatnonzero(y == cls)
-        test.append(idx[rng.permutation(len(idx))[:k]])
-    test_idx = np.sort(np.concatenate(test))
-    train_idx = np.setdiff1d(np.arange(len(y)), test_idx)  # sorted
-    return train_idx, test_idx
-
-
-def _load_digits(data_dir: DataDir, download: bool) -> DataSplits:
-    """scikit-learn's bundled digits (1,797 8×8 images, 17 grey levels); data_dir/download unused."""
-    import sklearn
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    # 0..16 grey levels -> 0..255 so every dataset shares the same uint8 pixel convention
-    pixels = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)
-    images = torch.from_numpy(pixels).unsqueeze(1)  # N×1×8×8
-    labels = torch.from_numpy(bunch.target.astype(np.int64))
-    train_idx, test_idx = (torch.from_numpy(i) for i in digits_split_indices(bunch.target))
-    train_images = images[train_idx].contiguous()
-    mean, std = _channel_stats(train_images)
-    info = DatasetInfo(
-        name="digits",
-        num_classes=10,
-        in_chans=1,
-        img_size=8,
-        classes=tuple(str(c) for c in bunch.target_names),
-        mean=mean,
-        std=std,
-        source=f"sklearn.datasets.load_digits (scikit-learn {sklearn.__version__})",
-        train_size=len(train_idx),
-        test_size=len(test_idx),
-    )
-    return DataSplits(info, train_images, labels[train_idx], images[test_idx].contiguous(), labels[test_idx])
-
-
-# ----------------------------------------------------------------------------- torchvision sets
-
-
-def _missing_message(name: str, cls_name: str, data_dir: DataDir, probe: str, why: str) -> str:
-    """The 'dataset not found' text: what, where (and why there), how to provide it."""
-    root = data_dir.path
-    expected = root / probe
-    msg = (
-        f"dataset '{name}' not found: torchvision.datasets.{cls_name} looked in {root} "
-        f"({data_dir.origin}) and expects files such as {expected} ({why})."
-    )
-    gz = expected.with_name(expected.name + ".gz")
-    if gz.is_file():  # a common trap: torchvision reads only the extracted files
-        msg += f" {gz} is there, but torchvision reads the extracted file: decompress it in place (gunzip -k)."
-    msg += (
-        f" To fix: pass --download to fetch it into that folder (needs internet), or pass "
-        f"--data-dir DIR (or set {ENV_DATA_DIR}=DIR) for a folder laid out as torchvision expects, "
-        f"e.g. DIR/{probe}."
-    )
-    return msg
-
-
-def _load_torchvision(
-    data_dir: DataDir,
-    download: bool,
-    *,
-    name: str,
-    cls_name: str,
-    probe: str,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-) -> DataSplits:
-    """Read a torchvision dataset's train and test sets straight from its ``.data``/``.targets``."""
-    import torchvision
-    from torchvision import datasets
-
-    cls = getattr(datasets, cls_name)
-    root = data_dir.path
-    if download:
-        root.mkdir(parents=True, exist_ok=True)
-    try:
-        train = cls(str(root), train=True, download=download)
-        test = cls(str(root), train=False, download=download)
-    except RuntimeError as e:
-        # torchvision signals absent (or, for CIFAR, corrupt) files with a bare RuntimeError
-        if "not found" in str(e).lower():
-            why = "missing or corrupt" if cls_name.startswith("CIFAR") else "missing"
-            raise KdbenchError(_missing_message(name, cls_name, data_dir, probe, why)) from None
-        if download:
-            raise KdbenchError(_download_failed(name, root, e)) from None
-        raise
-    except OSError as e:  # URLError and socket errors while downloading
-        if download:
-            raise KdbenchError(_download_failed(name, root, e)) from None
-        raise
-
-    def images_of(ds: object) -> Tensor:
-        data = ds.data  # type: ignore[attr-defined]
-        if isinstance(data, np.ndarray):  # CIFAR: numpy N×H×W×C
-            return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
-        return data.unsqueeze(1).contiguous()  # (Fashion-)MNIST: uint8 tensor N×H×W
-
-    def labels_of(ds: object) -> Tensor:
-        return torch.as_tensor(ds.targets, dtype=torch.int64)  # type: ignore[attr-defined]
-
-    train_images, test_images = images_of(train), images_of(test)
-    info = DatasetInfo(
-        name=name,
-        num_classes=len(train.classes),
-        in_chans=train_images.shape[1],
-        img_size=train_images.shape[-1],
-        classes=tuple(train.classes),
-        mean=mean,
-        std=std,
-        source=f"torchvision.datasets.{cls_name} (torchvision {torchvision.__version__}) from {root}",
-        train_size=len(train_images),
-        test_size=len(test_images),
-    )
-    return DataSplits(info, train_images, labels_of(train), test_images, labels_of(test))
-
-
-def _download_failed(name: str, root: Path, err: BaseException) -> str:
-    # torchvision's MNIST error is 'Error downloading X:' then one 'Tried <mirror>, got:' block
-    # per mirror; the first and last lines say what failed and why
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
-    reason = lines[0].rstrip(":") + (f": {lines[-1]}" if len(lines) > 1 else "")
-    return (
-        f"could not download dataset '{name}' into {root}: {reason}. --download needs internet; "
-        f"without it, copy the files into a folder laid out as torchvision expects and pass "
-        f"--data-dir DIR (or set {ENV_DATA_DIR}=DIR)."
-    )
-
-
-@dataclass(frozen=True)
-class TorchvisionSet:
-    """A torchvision dataset kdbench reads: its class, a file whose absence means "not there", its shape."""
-
-    cls_name: str
-    probe: str
-    in_chans: int
-    side: int
-    num_classes: int
-    # The published normalisation constants (CIFAR's as used by the CRD protocol), not
-    # recomputed, so results stay comparable with the literature.
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-TORCHVISION_SETS: dict[str, TorchvisionSet] = {
-    "mnist": TorchvisionSet("MNIST", "MNIST/raw/train-images-idx3-ubyte", 1, 28, 10, (0.1307,), (0.3081,)),
-    "fashion_mnist": TorchvisionSet("FashionMNIST", "FashionMNIST/raw/train-images-idx3-ubyte", 1, 28, 10,
-                                    (0.2860,), (0.3530,)),
-    "cifar10": TorchvisionSet("CIFAR10", "cifar-10-batches-py/data_batch_1", 3, 32, 10,
-                              (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": TorchvisionSet("CIFAR100", "cifar-100-python/train", 3, 32, 100,
-                               (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
-}
-NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    name: (t.mean, t.std) for name, t in TORCHVISION_SETS.items()
-}
-
-
-def _torchvision_loader(name: str) -> DatasetLoader:
-    t = TORCHVISION_SETS[name]
-
-    def load(data_dir: DataDir, download: bool) -> DataSplits:
-        return _load_torchvision(data_dir, download, name=name, cls_name=t.cls_name, probe=t.probe,
-                                 mean=t.mean, std=t.std)
-
-    return load
-
-
-# ----------------------------------------------------------------------------- synthetic stand-ins
-
-SYNTHETIC_PREFIX = "synthetic:"
-SYNTHETIC_TRAIN, SYNTHETIC_TEST = 512, 256
-# (channels, side, classes, mean, std) of the datasets a synthetic stand-in can mimic.
-_SHAPES: dict[str, tuple[int, int, int, tuple[float, ...], tuple[float, ...]]] = {
-    "digits": (1, 8, 10, (0.5,), (0.5,)),
-    **{name: (t.in_chans, t.side, t.num_classes, t.mean, t.std) for name, t in TORCHVISION_SETS.items()},
-}
-
-
-def _load_synthetic(of: str) -> DataSplits:
-    """Random images with ``of``'s shape, classes and normalisation (torchvision's FakeData)."""
-    from torchvision import datasets
-    from torchvision.transforms.functional import pil_to_tensor
-
-    key = of.lower().replace("-", "_")
-    if key not in _SHAPES:
-        raise unknown("dataset to make synthetic", of, _SHAPES, fix="Write synthetic:NAME, e.g. synthetic:cifar100")
-    c, side, classes, mean, std = _SHAPES[key]
-
-    def split(n: int, offset: int) -> tuple[Tensor, Tensor]:
-        # FakeData draws image i from a generator seeded with i + random_offset: deterministic.
-        ds = datasets.FakeData(size=n, image_size=(c, side, side), num_classes=classes, random_offset=offset)
-        items = [ds[i] for i in range(n)]
-        images = torch.stack([pil_to_tensor(img) for img, _ in items])
-        return images, torch.tensor([int(y) for _, y in items], dtype=torch.int64)
-
-    tr, tr_y = split(SYNTHETIC_TRAIN, 0)
-    te, te_y = split(SYNTHETIC_TEST, SYNTHETIC_TRAIN)
-    info = DatasetInfo(
-        name=f"{SYNTHETIC_PREFIX}{key}", num_classes=classes, in_chans=c, img_size=side,
-        classes=tuple(str(i) for i in range(classes)), mean=mean, std=std,
-        source=f"torchvision.datasets.FakeData shaped as {key}: NOT REAL DATA",
-        train_size=SYNTHETIC_TRAIN, test_size=SYNTHETIC_TEST, real_data=False,
-    )
-    return DataSplits(info, tr, tr_y, te, te_y)
-
-
-def pad_images(splits: DataSplits, size: int) -> DataSplits:
-    """Zero-pad (black border) both splits symmetrically to ``size``×``size`` (e.g. MNIST 28 -> 32)."""
-    side = splits.info.img_size
-    if size == side:
-        return splits
-    if size < side:
-        raise KdbenchError(f"--pad-to {size} is smaller than {splits.info.name}'s {side}x{side} images; "
-                           f"padding only enlarges: use at least {side}")
-    lo = (size - side) // 2
-    pad = (lo, size - side - lo, lo, size - side - lo)
-    info = replace(splits.info, img_size=size)
-    return DataSplits(info, F.pad(splits.train_images, pad), splits.train_labels,
-                      F.pad(splits.test_images, pad), splits.test_labels)
-
+from .imagefolder import IMAGEFOLDER_PREFIX, read_imagefolder
+from .sources import (
+    SYNTHETIC_PREFIX,
+    TORCHVISION_SETS,
+    DatasetLoader,
+    data_dir_with_origin,
+    read_digits,
+    read_synthetic,
+    torchvision_loader,
+)
+from .splits import DataSplits, limit_splits, pad_images
 
 DATASETS: dict[str, DatasetLoader] = {
-    "digits": _load_digits,
-    **{name: _torchvision_loader(name) for name in TORCHVISION_SETS},
+    "digits": read_digits,
+    **{name: torchvision_loader(name) for name in TORCHVISION_SETS},
 }
-
-
-# ----------------------------------------------------------------------------- ImageFolder
-
-IMAGEFOLDER_PREFIX = "imagefolder:"
-
-
-def _load_imagefolder(path: Path, image_size: int, limit: int | None) -> DataSplits:
-    """An ImageFolder tree: ``path/train/<class>/*`` and ``path/val`` (or ``path/test``)."""
-    from torchvision import datasets, transforms
-
-    if not path.is_dir():
-        raise KdbenchError(
-            f"ImageFolder dataset {path} does not exist or is not a directory. Give a folder with "
-            f"train/ and val/ (or test/) subfolders, each holding one folder per class."
-        )
-    train_dir = path / "train"
-    test_dir = next((path / s for s in ("val", "test") if (path / s).is_dir()), None)
-    if not train_dir.is_dir() or test_dir is None:
-        missing = " and ".join(
-            x for x, ok in (("train/", train_dir.is_dir()), ("val/ (or test/)", test_dir is not None)) if not ok
-        )
-        raise KdbenchError(
-            f"ImageFolder dataset {path} has no {missing} subfolder. Lay it out as "
-            f"{path}/train/<class>/<image> and {path}/val/<class>/<image>."
-        )
-    # Resize the shorter side then center-crop: every image becomes image_size², keeping aspect.
-    to_tensor = transforms.Compose(
-        [transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.PILToTensor()]
-    )
-
-    def read(split_dir: Path) -> tuple[datasets.ImageFolder, Tensor, Tensor]:
-        try:
-            ds = datasets.ImageFolder(str(split_dir))
-        except FileNotFoundError as e:  # no class folders, or a class folder with no images
-            raise KdbenchError(f"ImageFolder split {split_dir}: {e}") from None
-        samples = ds.samples[:limit] if limit is not None else ds.samples
-        imgs = [to_tensor(ds.loader(p)) for p, _ in samples]  # loader gives RGB PIL images
-        images = torch.stack(imgs) if imgs else torch.empty(0, 3, image_size, image_size, dtype=torch.uint8)
-        labels = torch.tensor([t for _, t in samples], dtype=torch.int64)
-        return ds, images, labels
-
-    train, train_images, train_labels = read(train_dir)
-    test, test_images, test_labels = read(test_dir)
-    if train.classes != test.classes:
-        only_train = sorted(set(train.classes) - set(test.classes))
-        only_test = sorted(set(test.classes) - set(train.classes))
-        raise KdbenchError(
-            f"ImageFolder dataset {path}: class folders differ between {train_dir.name}/ and "
-            f"{test_dir.name}/ (only in {train_dir.name}/: {only_train or 'none'}; only in "
-            f"{test_dir.name}/: {only_test or 'none'}). Labels are assigned by sorted folder name, "
-            f"so both splits must have the same class folders."
-        )
-    mean, std = _channel_stats(train_images)
-    info = DatasetInfo(
-        name=f"{IMAGEFOLDER_PREFIX}{path}",
-        num_classes=len(train.classes),
-        in_chans=3,
-        img_size=image_size,
-        classes=tuple(train.classes),
-        mean=mean,
-        std=std,
-        source=f"torchvision.datasets.ImageFolder from {path} (train/, {test_dir.name}/)",
-        train_size=len(train_images),
-        test_size=len(test_images),
-    )
-    return DataSplits(info, train_images, train_labels, test_images, test_labels)
-
-
-# ----------------------------------------------------------------------------- entry point
 
 
 def load_dataset(
@@ -501,18 +86,19 @@ def _load_unpadded(name: str, *, data_dir: str | Path | None, download: bool, li
     if image_size < 1:
         raise KdbenchError(f"image_size must be positive, got {image_size}.")
     if name.startswith(SYNTHETIC_PREFIX):
-        return _limit(_load_synthetic(name[len(SYNTHETIC_PREFIX):]), limit)
+        return limit_splits(read_synthetic(name[len(SYNTHETIC_PREFIX):]), limit)
     if name.startswith(IMAGEFOLDER_PREFIX):
-        return _load_imagefolder(Path(name[len(IMAGEFOLDER_PREFIX) :]).expanduser().absolute(), image_size, limit)
+        return read_imagefolder(Path(name[len(IMAGEFOLDER_PREFIX) :]).expanduser().absolute(), image_size, limit)
     key = name.lower().replace("-", "_")
     # a registered name wins over a same-named directory in the working folder
     if key in DATASETS and "/" not in name and os.sep not in name:
-        return _limit(DATASETS[key](_data_dir_with_origin(data_dir), download), limit)
+        return limit_splits(DATASETS[key](data_dir_with_origin(data_dir), download), limit)
     if "/" in name or os.sep in name or Path(name).expanduser().is_dir():
-        return _load_imagefolder(Path(name).expanduser().absolute(), image_size, limit)
+        return read_imagefolder(Path(name).expanduser().absolute(), image_size, limit)
     raise unknown(
         "dataset",
         name,
         DATASETS,
         fix="Or give a path to an ImageFolder directory with train/ and val/ (or test/) subfolders of class folders",
     )
+

@@ -15,18 +15,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import KdbenchError
-from .datasets import DatasetInfo
+from .splits import DatasetInfo
 
 
 def normalize(images_uint8: Tensor, info: DatasetInfo) -> Tensor:
     """float32 ``(x/255 - mean) / std`` per channel, on the images' device."""
-    mean = torch.tensor(info.mean, dtype=torch.float32, device=images_uint8.device)
-    std = torch.tensor(info.std, dtype=torch.float32, device=images_uint8.device)
-    return _normalize_with(images_uint8, *_affine(mean, std))
+    return _normalize_with(images_uint8, *_affine(info, images_uint8.device))
 
 
-def _affine(mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
+def _affine(info: DatasetInfo, device: torch.device) -> tuple[Tensor, Tensor]:
     # fold /255, -mean and /std into one multiply-add: x*scale + shift
+    mean = torch.tensor(info.mean, dtype=torch.float32, device=device)
+    std = torch.tensor(info.std, dtype=torch.float32, device=device)
     scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1)
     shift = (-mean / std).view(1, -1, 1, 1)
     return scale, shift
@@ -161,9 +161,7 @@ class Loader:
         if generator is None:
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
         self.generator = generator
-        mean = torch.tensor(info.mean, dtype=torch.float32, device=images.device)
-        std = torch.tensor(info.std, dtype=torch.float32, device=images.device)
-        self._scale, self._shift = _affine(mean, std)  # built once, not per batch
+        self._scale, self._shift = _affine(info, images.device)  # built once, not per batch
 
     def __len__(self) -> int:
         n = len(self.images)

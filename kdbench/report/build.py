@@ -15,11 +15,12 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import KdbenchError, unknown
+from ..executors.base import OK
 from ..sweep.store import ResultsStore
 from .aggregate import Benchmark, aggregate, benchmarks
 from .markdown import benchmark_markdown, csv_frame, write_text
 from .plots import method_colours, plot_benchmark
-from .rows import METRICS, OK, Col, finished, load_rows
+from .rows import METRICS, Col, finished, load_rows
 
 
 def build_benchmark(bench: Benchmark, metric: str, colours: dict[str, str],

@@ -15,7 +15,16 @@ from pathlib import Path
 import pandas as pd
 
 from ..files import atomic_write
-from .aggregate import Benchmark, Entry, PairColumn, method_order, pairs_of, schedule_label, setup_rows, throughput_setups
+from .aggregate import (
+    Benchmark,
+    Entry,
+    PairColumn,
+    method_order,
+    pairs_of,
+    schedule_label,
+    setup_rows,
+    throughput_setups,
+)
 from .rows import BASELINE, METRICS, TEACHER, Col, distinct, is_teacher, mean_of, numeric
 
 #: Marks a cell that averages several runs of one seed.

@@ -12,12 +12,13 @@ import os
 import pandas as pd
 
 from ..errors import KdbenchError
+from ..executors.base import OK
 from ..files import warn
 from ..sweep.store import ResultsStore
 
 
 class Col:
-    """The row columns the report reads (the sweep writes them, see ``kdbench.sweep.runner``)."""
+    """The row columns the report reads (the sweep writes them: ``kdbench.sweep.rows``)."""
 
     RUN_ID = "run_id"
     KIND = "kind"  # "teacher" or "student"
@@ -34,7 +35,7 @@ class Col:
     PRECISION = "precision"
     SEED = "seed"
     HPARAMS = "hparams"  # JSON of the method's hyperparameters
-    STATUS = "status"  # "ok", or why the run has no result ("diverged")
+    STATUS = "status"  # OK, or why the run has no result ("diverged")
     ERROR = "error"
     REAL_DATA = "real_data"
     TEST_SIZE = "test_size"
@@ -67,7 +68,6 @@ class Col:
 #: its student). Every other method is treated alike.
 TEACHER = "teacher"
 BASELINE = "ce"
-OK = "ok"
 
 #: Metrics (columns) a report can be built on, and how titles name them.
 METRICS: dict[str, str] = {

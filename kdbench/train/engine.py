@@ -159,7 +159,7 @@ def train(
     batch (:mod:`kdbench.train.step`); rank 0 alone writes the checkpoint, every rank resumes it.
     """
     device = data.train_images.device
-    _check_run(recipe, data, len(teachers), teacher_caches)
+    _check_run(recipe, data, teachers, teacher_names, teacher_caches)
     _prepare(model, teachers, method, options, device)
     opt, sched = make_optimizer(trainable_parameters(model, method), recipe)
     step = TrainStep(model, method, teachers, opt, recipe=recipe, device=device, options=options,
@@ -173,7 +173,7 @@ def train(
     step.prepare_distributed()  # after resuming: DDP starts every rank from rank 0's weights
     if options.compile:
         step.compile()
-    start = time.perf_counter() - result.train_time_s - result.eval_time_s - result.checkpoint_time_s
+    start = _start_clock(result)
     for epoch in range(first, recipe.epochs):
         losses = _train_epoch(step, loader, epoch)
         if bad := [k for k, v in losses.items() if not math.isfinite(v)]:
@@ -196,10 +196,13 @@ def train(
     return result
 
 
-def _check_run(recipe: Recipe, data: DataSplits, teachers: int, caches: Sequence[ViewCache]) -> None:
-    """Refuse, before any work, caches that do not fit the run and batches DDP cannot split."""
-    if caches and len(caches) != teachers:
-        raise KdbenchError(f"{len(caches)} teacher caches for {teachers} teachers; give one per teacher")
+def _check_run(recipe: Recipe, data: DataSplits, teachers: Sequence[nn.Module], names: Sequence[str],
+               caches: Sequence[ViewCache]) -> None:
+    """Refuse, before any work, names or caches that do not fit the teachers and batches DDP cannot split."""
+    if names and len(names) != len(teachers):
+        raise KdbenchError(f"{len(names)} teacher names for {len(teachers)} teachers; give one per teacher")
+    if caches and len(caches) != len(teachers):
+        raise KdbenchError(f"{len(caches)} teacher caches for {len(teachers)} teachers; give one per teacher")
     for cache in caches:
         cache.check(recipe, data)
     world = distributed.world_size()
@@ -269,7 +272,12 @@ def _save(checkpoint: Checkpoint, epoch: int, result: TrainResult, start: float)
     result.checkpoint_time_s += time.perf_counter() - t_save
 
 
+def _start_clock(result: TrainResult) -> float:
+    # A resumed run's clock goes on: it starts as far back as the time the run has already spent.
+    return time.perf_counter() - result.train_time_s - result.eval_time_s - result.checkpoint_time_s
+
+
 def _stop_clock(result: TrainResult, start: float) -> None:
-    # Training time is the wall time since ``start`` (moved back by a resumed run's times) less
-    # the time spent evaluating and writing checkpoints.
+    # Training time is the wall time since ``start`` less the time spent evaluating and writing
+    # checkpoints (kept apart, so that train_time_s measures the steps alone).
     result.train_time_s = time.perf_counter() - start - result.eval_time_s - result.checkpoint_time_s

@@ -11,7 +11,6 @@ from torch import Tensor, nn
 from ..errors import KdbenchError
 from ..method import Outputs
 
-
 PRECISIONS = ("fp32", "bf16")
 
 

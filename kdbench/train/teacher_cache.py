@@ -54,8 +54,8 @@ class ViewCache:
     def check(self, recipe: Recipe, data: DataSplits) -> None:
         """The cache must describe this training set under this recipe's augmentation."""
         if (self.crop_padding, self.flip) != (recipe.crop_padding, recipe.flip):
-            raise KdbenchError(f"teacher cache built for crop padding {self.crop_padding}, flip {self.flip}, but recipe "
-                               f"'{recipe.name}' has {recipe.crop_padding}, {recipe.flip}; build the cache for it")
+            raise KdbenchError(f"teacher cache built for crop padding {self.crop_padding}, flip {self.flip}, but "
+                               f"recipe '{recipe.name}' has {recipe.crop_padding}, {recipe.flip}; build the cache for it")
         if len(self.logits) != len(data.train_labels):
             raise KdbenchError(f"teacher cache holds {len(self.logits)} images, the training set "
                                f"{len(data.train_labels)}; build the cache for this dataset and --limit")

@@ -1,0 +1,75 @@
+"""ImageFolder trees as datasets: ``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` (or ``test/``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..errors import KdbenchError
+from .splits import DatasetInfo, DataSplits, channel_stats
+
+IMAGEFOLDER_PREFIX = "imagefolder:"
+
+
+def read_imagefolder(path: Path, image_size: int, limit: int | None) -> DataSplits:
+    """An ImageFolder tree: ``path/train/<class>/*`` and ``path/val`` (or ``path/test``)."""
+    from torchvision import datasets, transforms
+
+    if not path.is_dir():
+        raise KdbenchError(
+            f"ImageFolder dataset {path} does not exist or is not a directory. Give a folder with "
+            f"train/ and val/ (or test/) subfolders, each holding one folder per class."
+        )
+    train_dir = path / "train"
+    test_dir = next((path / s for s in ("val", "test") if (path / s).is_dir()), None)
+    if not train_dir.is_dir() or test_dir is None:
+        missing = " and ".join(
+            x for x, ok in (("train/", train_dir.is_dir()), ("val/ (or test/)", test_dir is not None)) if not ok
+        )
+        raise KdbenchError(
+            f"ImageFolder dataset {path} has no {missing} subfolder. Lay it out as "
+            f"{path}/train/<class>/<image> and {path}/val/<class>/<image>."
+        )
+    # Resize the shorter side then center-crop: every image becomes image_size², keeping aspect.
+    to_tensor = transforms.Compose(
+        [transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.PILToTensor()]
+    )
+
+    def read(split_dir: Path) -> tuple[datasets.ImageFolder, Tensor, Tensor]:
+        try:
+            ds = datasets.ImageFolder(str(split_dir))
+        except FileNotFoundError as e:  # no class folders, or a class folder with no images
+            raise KdbenchError(f"ImageFolder split {split_dir}: {e}") from None
+        samples = ds.samples[:limit] if limit is not None else ds.samples
+        imgs = [to_tensor(ds.loader(p)) for p, _ in samples]  # loader gives RGB PIL images
+        images = torch.stack(imgs) if imgs else torch.empty(0, 3, image_size, image_size, dtype=torch.uint8)
+        labels = torch.tensor([t for _, t in samples], dtype=torch.int64)
+        return ds, images, labels
+
+    train, train_images, train_labels = read(train_dir)
+    test, test_images, test_labels = read(test_dir)
+    if train.classes != test.classes:
+        only_train = sorted(set(train.classes) - set(test.classes))
+        only_test = sorted(set(test.classes) - set(train.classes))
+        raise KdbenchError(
+            f"ImageFolder dataset {path}: class folders differ between {train_dir.name}/ and "
+            f"{test_dir.name}/ (only in {train_dir.name}/: {only_train or 'none'}; only in "
+            f"{test_dir.name}/: {only_test or 'none'}). Labels are assigned by sorted folder name, "
+            f"so both splits must have the same class folders."
+        )
+    mean, std = channel_stats(train_images)
+    info = DatasetInfo(
+        name=f"{IMAGEFOLDER_PREFIX}{path}",
+        num_classes=len(train.classes),
+        in_chans=3,
+        img_size=image_size,
+        classes=tuple(train.classes),
+        mean=mean,
+        std=std,
+        source=f"torchvision.datasets.ImageFolder from {path} (train/, {test_dir.name}/)",
+        train_size=len(train_images),
+        test_size=len(test_images),
+    )
+    return DataSplits(info, train_images, train_labels, test_images, test_labels)

@@ -1,0 +1,93 @@
+"""A dataset in memory: its description (:class:`DatasetInfo`), its tensors (:class:`DataSplits`),
+and the operations every source shares (channel statistics, ``limit``, padding)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import KdbenchError
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model and a report need to know about a dataset."""
+
+    name: str  # 'digits', 'mnist', 'fashion_mnist', 'cifar10', 'cifar100' or 'imagefolder:<abs path>'
+    num_classes: int
+    in_chans: int
+    img_size: int  # square side of the stored images
+    classes: tuple[str, ...]  # class names, indexed by label
+    mean: tuple[float, ...]  # per-channel normalisation, in [0,1] pixel units
+    std: tuple[float, ...]
+    source: str  # where it was read from (path or package), for provenance
+    train_size: int  # sizes of the tensors actually held (after ``limit``)
+    test_size: int
+    real_data: bool = True  # False for synthetic stand-in images (``synthetic:<name>``)
+
+
+@dataclass
+class DataSplits:
+    """A dataset in memory: uint8 N×C×H×W images and int64 labels for train and test."""
+
+    info: DatasetInfo
+    train_images: Tensor
+    train_labels: Tensor
+    test_images: Tensor
+    test_labels: Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> DataSplits:
+        """Return a copy with all four tensors on ``device`` (still uint8, so 4× cheaper than floats)."""
+        return DataSplits(
+            self.info,
+            self.train_images.to(device, non_blocking=non_blocking),
+            self.train_labels.to(device, non_blocking=non_blocking),
+            self.test_images.to(device, non_blocking=non_blocking),
+            self.test_labels.to(device, non_blocking=non_blocking),
+        )
+
+
+def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of uint8 images, in [0,1] units.
+
+    Sums are taken exactly in int64 over chunks, so the result does not depend on chunking or
+    float accumulation order and memory stays bounded for large sets.
+    """
+    c = images.shape[1]
+    s1 = torch.zeros(c, dtype=torch.int64)
+    s2 = torch.zeros(c, dtype=torch.int64)
+    for chunk in images.split(4096):
+        x = chunk.to("cpu", torch.int64)
+        s1 += x.sum(dim=(0, 2, 3))
+        s2 += (x * x).sum(dim=(0, 2, 3))
+    n = images.numel() // c
+    mean = s1.double() / n
+    var = (s2.double() / n - mean * mean).clamp_min(0)
+    return tuple((mean / 255).tolist()), tuple((var.sqrt() / 255).tolist())
+
+
+def limit_splits(splits: DataSplits, limit: int | None) -> DataSplits:
+    """The first ``limit`` training and the first ``limit`` test images (all with None)."""
+    if limit is None:
+        return splits
+    tr, te = splits.train_images[:limit], splits.test_images[:limit]
+    info = replace(splits.info, train_size=len(tr), test_size=len(te))
+    return DataSplits(info, tr, splits.train_labels[:limit], te, splits.test_labels[:limit])
+
+
+def pad_images(splits: DataSplits, size: int) -> DataSplits:
+    """Zero-pad (black border) both splits symmetrically to ``size``×``size`` (e.g. MNIST 28 -> 32)."""
+    side = splits.info.img_size
+    if size == side:
+        return splits
+    if size < side:
+        raise KdbenchError(f"--pad-to {size} is smaller than {splits.info.name}'s {side}x{side} images; "
+                           f"padding only enlarges: use at least {side}")
+    lo = (size - side) // 2
+    pad = (lo, size - side - lo, lo, size - side - lo)
+    info = replace(splits.info, img_size=size)
+    return DataSplits(info, F.pad(splits.train_images, pad), splits.train_labels,
+                      F.pad(splits.test_images, pad), splits.test_labels)
