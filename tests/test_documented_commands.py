@@ -151,8 +151,8 @@ def test_an_edited_method_is_a_new_run_not_a_skip(tmp_path, capsys):
     assert len({r["run_id"] for r in probes}) == 2
     # The report tells the two codes apart instead of averaging them as seeds of one method.
     table = next((results / "report").glob("table_*.md")).read_text()
-    labels = [line.split("|")[1].strip() for line in table.splitlines() if "probe_kd" in line]
-    assert len(labels) == 2 and labels[0] != labels[1], table
+    labels = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| probe_kd")]
+    assert len(labels) == 2 and labels[0] != labels[1] and all("{code " in label for label in labels), table
 
 
 def test_a_method_that_fits_no_pair_is_an_error_only_when_named(tmp_path, capsys):

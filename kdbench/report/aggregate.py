@@ -72,7 +72,7 @@ def benchmarks(rows: pd.DataFrame) -> list[Benchmark]:
             slug, k = f"{base}-{k}", k + 1
         used.add(slug)
         out.append(Benchmark(dataset, str(group[Col.SCHEDULE].iloc[0]), slug,
-                             label_teacher_seeds(label_variants(group)), str(prec)))
+                             label_teacher_seeds(label_code(label_variants(group))), str(prec)))
     return out
 
 
@@ -120,6 +120,29 @@ def label_variants(rows: pd.DataFrame) -> pd.DataFrame:
             label = ",".join(f"{k}={hp.get(k)}" for k in differ)
             mask = (rows[Col.METHOD] == method) & (rows[Col.HPARAMS] == text)
             rows.loc[mask, Col.METHOD] = f"{method}[{label}]"
+    return rows
+
+
+def label_code(rows: pd.DataFrame) -> pd.DataFrame:
+    """Give each version of a method's code its own row label: 'kd {code 3f2a1b9c}'.
+
+    Rows that differ only by the method's code (``method_source``: the method file was edited
+    between runs) are different methods, never seeds of one cell. A method with one version of its
+    code in the benchmark keeps its plain name; rows from before the fingerprint existed count as one
+    version of their own ("code ?").
+    """
+    if Col.METHOD_SOURCE not in rows:
+        return rows
+    rows = rows.copy()
+    source = rows[Col.METHOD_SOURCE].fillna("").astype(str)
+    for method, group in rows[~is_teacher(rows)].groupby(Col.METHOD):
+        versions = sorted(set(source[group.index]))
+        if len(versions) < 2:
+            continue
+        for version in versions:
+            digest = re.search(r"sha256:([0-9a-f]{8})", version)
+            tag = digest.group(1) if digest else (version.split()[0] if version else "?")
+            rows.loc[group.index[source[group.index] == version], Col.METHOD] = f"{method} {{code {tag}}}"
     return rows
 
 

@@ -1,4 +1,4 @@
-"""Result rows as a DataFrame, and the row columns the report reads.
+"""Result rows as a DataFrame (their columns are :class:`kdbench.sweep.columns.Col`).
 
 Rows come from the results store (:class:`kdbench.sweep.store.ResultsStore`): one flat JSON
 object per finished run, written by the sweep. Nothing here reads a run file itself.
@@ -14,53 +14,8 @@ import pandas as pd
 from ..errors import KdbenchError
 from ..executors.base import OK
 from ..files import warn
+from ..sweep.columns import Col
 from ..sweep.store import ResultsStore
-
-
-class Col:
-    """The row columns the report reads (the sweep writes them: ``kdbench.sweep.rows``)."""
-
-    RUN_ID = "run_id"
-    KIND = "kind"  # "teacher" or "student"
-    METHOD = "method"
-    METHOD_PAPER = "method_paper"
-    PAIR = "pair"  # kdbench.suites.pair_label(teachers, student); teachers may carry '@seed'
-    TEACHERS = "teachers"  # 'a+b', without seeds; '' for a teacher or ce run
-    STUDENT = "student"  # the trained model (for a teacher row: the teacher itself)
-    DATASET = "dataset"
-    SCHEDULE = "schedule"
-    SHORTENED = "shortened"
-    EPOCHS = "epochs"
-    RECIPE_EPOCHS = "recipe_epochs"
-    PRECISION = "precision"
-    SEED = "seed"
-    HPARAMS = "hparams"  # JSON of the method's hyperparameters
-    STATUS = "status"  # OK, or why the run has no result ("diverged")
-    ERROR = "error"
-    REAL_DATA = "real_data"
-    TEST_SIZE = "test_size"
-    PARAMS = "params"
-    EXTRA_PARAMS = "extra_params"
-    FLOPS = "flops_per_image"
-    THROUGHPUT = "throughput_img_s"
-    THROUGHPUT_DEVICE = "throughput_device"
-    THROUGHPUT_BATCH = "throughput_batch"
-    THROUGHPUT_DTYPE = "throughput_dtype"
-    DEVICE = "device"
-    GIT_COMMIT = "git_commit"
-    COMMAND = "command"
-    KDBENCH_VERSION = "kdbench_version"
-    TORCH_VERSION = "torch_version"
-    TIMM_VERSION = "timm_version"
-    FINISHED_AT = "finished_at"
-    TEACHER_IDS = "teacher_ids"  # 'id+id', the run ids of a student's teachers
-    TEACHER_SEEDS = "teacher_seeds"  # 'seed+seed'
-    TEACHER_ENSEMBLE_TOP1 = "teacher_ensemble_top1"  # the teachers' ensemble, last epoch
-
-    @staticmethod
-    def top1(selection: str) -> str:
-        """The top-1 column at a selection rule: 'last' -> 'top1_last'."""
-        return f"top1_{selection}"
 
 
 #: Two method names are part of the contract: ``teacher`` (rows of kind ``teacher``: the teacher

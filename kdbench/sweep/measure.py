@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from .. import metrics
 from ..data import DataSplits
 from ..train import TrainResult, predict
+from .columns import Col
 
 
 @dataclass
@@ -46,10 +47,10 @@ class Measurer:
         if name not in self._costs:
             tp = metrics.measure_throughput(model, self.shape, batch_size=self.throughput_batch)
             self._costs[name] = {
-                "flops_per_image": metrics.flops_per_image(model, self.shape),
-                "throughput_img_s": tp.images_per_s, "throughput_batch": tp.batch_size,
-                "throughput_device": tp.device, "throughput_dtype": tp.dtype,
-                "throughput_repeats": tp.repeats, "throughput_iters": tp.iters_per_repeat,
+                Col.FLOPS: metrics.flops_per_image(model, self.shape),
+                Col.THROUGHPUT: tp.images_per_s, Col.THROUGHPUT_BATCH: tp.batch_size,
+                Col.THROUGHPUT_DEVICE: tp.device, Col.THROUGHPUT_DTYPE: tp.dtype,
+                Col.THROUGHPUT_REPEATS: tp.repeats, Col.THROUGHPUT_ITERS: tp.iters_per_repeat,
             }
         return self._costs[name]
 

@@ -15,6 +15,7 @@ from .. import provenance
 from ..executors.base import DIVERGED, OK
 from ..recipe import Recipe
 from ..train import EngineOptions, TrainResult
+from .columns import Col
 from .measure import Measurements, evaluated
 from .spec import RunSpec, TeacherSpec
 
@@ -41,31 +42,31 @@ def common(ctx: Context, *, run_id: str, kind: str, method: str, model: str, pai
     """The fields every row has: the spec, accuracy, size, speed, the training log, provenance."""
     ok = evaluated(result)
     return {
-        "run_id": run_id, "kind": kind, "method": method, "student": model, "pair": pair,
-        "dataset": ctx.dataset, "dataset_source": ctx.dataset_source, "real_data": ctx.real_data,
-        "train_size": ctx.train_size, "test_size": ctx.test_size,
-        "recipe": recipe.name, "epochs": recipe.epochs, "recipe_epochs": recipe.full_epochs,
-        "shortened": recipe.shortened, "schedule": recipe.label, "recipe_config": json.dumps(recipe.to_dict()),
-        "seed": seed,
-        "status": OK,
-        "top1_last": result.last.top1 if ok else NAN, "top5_last": result.last.top5 if ok else NAN,
-        "top1_best": result.best_top1 if ok else NAN, "top5_best": result.best_top5 if ok else NAN,
-        "best_epoch": result.best_epoch,
-        "agreement": measured.agreement,
-        "params": measured.params, "extra_params": 0,
+        Col.RUN_ID: run_id, Col.KIND: kind, Col.METHOD: method, Col.STUDENT: model, Col.PAIR: pair,
+        Col.DATASET: ctx.dataset, Col.DATASET_SOURCE: ctx.dataset_source, Col.REAL_DATA: ctx.real_data,
+        Col.TRAIN_SIZE: ctx.train_size, Col.TEST_SIZE: ctx.test_size,
+        Col.RECIPE: recipe.name, Col.EPOCHS: recipe.epochs, Col.RECIPE_EPOCHS: recipe.full_epochs,
+        Col.SHORTENED: recipe.shortened, Col.SCHEDULE: recipe.label, Col.RECIPE_CONFIG: json.dumps(recipe.to_dict()),
+        Col.SEED: seed,
+        Col.STATUS: OK,
+        Col.TOP1_LAST: result.last.top1 if ok else NAN, Col.TOP5_LAST: result.last.top5 if ok else NAN,
+        Col.TOP1_BEST: result.best_top1 if ok else NAN, Col.TOP5_BEST: result.best_top5 if ok else NAN,
+        Col.BEST_EPOCH: result.best_epoch,
+        Col.AGREEMENT: measured.agreement,
+        Col.PARAMS: measured.params, Col.EXTRA_PARAMS: 0,
         **measured.costs,
-        "train_time_s": result.train_time_s, "eval_time_s": result.eval_time_s,
-        "checkpoint_time_s": result.checkpoint_time_s, "resumed_from_epoch": result.resumed_from,
-        "world_size": ctx.world_size,
-        "peak_mem_mb": peak.mb if peak else NAN, "peak_mem_kind": peak.kind if peak else "",
-        "flush_denormal": ctx.device_type == "cpu",
-        "precision": ctx.options.precision, "channels_last": ctx.options.channels_last,
-        "compiled": ctx.options.compile,
-        "history_top1": json.dumps([round(h.top1, 4) for h in result.history]),
-        "history_loss": json.dumps([{k: round(v, 6) for k, v in h.losses.items()} for h in result.history]),
-        **{f"class_{k}.{i}": v for k, vals in measured.per_class.items() for i, v in enumerate(vals)},
+        Col.TRAIN_TIME: result.train_time_s, Col.EVAL_TIME: result.eval_time_s,
+        Col.CHECKPOINT_TIME: result.checkpoint_time_s, Col.RESUMED_FROM: result.resumed_from,
+        Col.WORLD_SIZE: ctx.world_size,
+        Col.PEAK_MEM: peak.mb if peak else NAN, Col.PEAK_MEM_KIND: peak.kind if peak else "",
+        Col.FLUSH_DENORMAL: ctx.device_type == "cpu",
+        Col.PRECISION: ctx.options.precision, Col.CHANNELS_LAST: ctx.options.channels_last,
+        Col.COMPILED: ctx.options.compile,
+        Col.HISTORY_TOP1: json.dumps([round(h.top1, 4) for h in result.history]),
+        Col.HISTORY_LOSS: json.dumps([{k: round(v, 6) for k, v in h.losses.items()} for h in result.history]),
+        **{f"{Col.CLASS_PREFIX}{k}.{i}": v for k, vals in measured.per_class.items() for i, v in enumerate(vals)},
         **ctx.provenance,
-        "finished_at": provenance.now(),
+        Col.FINISHED_AT: provenance.now(),
     }
 
 
@@ -75,25 +76,25 @@ def student_row(ctx: Context, spec: RunSpec, *, paper: str, extra_params: int, r
     row = common(ctx, run_id=spec.run_id, kind="student", method=spec.method, model=spec.student, pair=spec.pair,
                  recipe=spec.recipe, seed=spec.seed, result=result, measured=measured, peak=peak)
     row.update({
-        "method_paper": paper,
-        "method_source": spec.method_source,
-        "teachers": "+".join(spec.teacher_names),
-        "hparams": json.dumps(dict(spec.hparams), sort_keys=True, default=str),
-        **{f"hp.{k}": (json.dumps(v) if isinstance(v, tuple) else v) for k, v in spec.hparams},
-        "extra_params": extra_params,
-        "teacher_ids": "+".join(t.run_id for t in spec.teachers),
-        "teacher_seeds": "+".join(str(t.seed) for t in spec.teachers),
-        "model_kwargs": json.dumps(dict(spec.student_kwargs), sort_keys=True),
-        "teacher_cache": bool(cache_build_s),
-        "teacher_cache_build_s": sum(cache_build_s),
+        Col.METHOD_PAPER: paper,
+        Col.METHOD_SOURCE: spec.method_source,
+        Col.TEACHERS: "+".join(spec.teacher_names),
+        Col.HPARAMS: json.dumps(dict(spec.hparams), sort_keys=True, default=str),
+        **{f"{Col.HP_PREFIX}{k}": (json.dumps(v) if isinstance(v, tuple) else v) for k, v in spec.hparams},
+        Col.EXTRA_PARAMS: extra_params,
+        Col.TEACHER_IDS: "+".join(t.run_id for t in spec.teachers),
+        Col.TEACHER_SEEDS: "+".join(str(t.seed) for t in spec.teachers),
+        Col.MODEL_KWARGS: json.dumps(dict(spec.student_kwargs), sort_keys=True),
+        Col.TEACHER_CACHE: bool(cache_build_s),
+        Col.TEACHER_CACHE_BUILD: sum(cache_build_s),
     })
     if measured.teacher_ensemble_top1 is not None:
         row["teacher_ensemble_top1"] = measured.teacher_ensemble_top1
     if error:
-        row.update({"status": DIVERGED, "error": error, "diverged_at_epoch": len(result.history),
-                    "top1_last": NAN, "top5_last": NAN, "top1_best": NAN, "top5_best": NAN})
+        row.update({Col.STATUS: DIVERGED, Col.ERROR: error, Col.DIVERGED_AT: len(result.history),
+                    Col.TOP1_LAST: NAN, Col.TOP5_LAST: NAN, Col.TOP1_BEST: NAN, Col.TOP5_BEST: NAN})
     elif result.history:
-        row.update({f"loss.{k}": v for k, v in result.last.losses.items()})
+        row.update({f"{Col.LOSS_PREFIX}{k}": v for k, v in result.last.losses.items()})
     return row
 
 
@@ -102,16 +103,16 @@ def teacher_row(ctx: Context, ts: TeacherSpec, *, result: TrainResult, measured:
     """A teacher's row: trained by kdbench, or loaded from a checkpoint and evaluated."""
     row = common(ctx, run_id=ts.run_id, kind="teacher", method="teacher", model=ts.model,
                  pair=f"{ts.model}→", recipe=ts.recipe, seed=ts.seed, result=result, measured=measured, peak=peak)
-    row.update({"method_paper": "", "teachers": "", "trained_by_kdbench": trained,
-                "checkpoint_sha256": ts.checkpoint_sha256,
-                "model_kwargs": json.dumps(dict(ts.model_kwargs), sort_keys=True)})
+    row.update({Col.METHOD_PAPER: "", Col.TEACHERS: "", Col.TRAINED_BY_KDBENCH: trained,
+                Col.CHECKPOINT_SHA256: ts.checkpoint_sha256,
+                Col.MODEL_KWARGS: json.dumps(dict(ts.model_kwargs), sort_keys=True)})
     return row
 
 
 def summary_line(row: dict[str, Any], label: str) -> str:
     """The line printed when a run finishes."""
-    if row.get("status") == DIVERGED:
-        return f"{label}: DIVERGED: {row.get('error', '')}"
-    return (f"{label}: top-1 {row['top1_last']:.2f} (best {row['top1_best']:.2f} at epoch {row['best_epoch']}), "
-            f"{row['train_time_s']:.1f} s" + (f", resumed at epoch {row['resumed_from_epoch']}"
-                                               if row.get("resumed_from_epoch") else ""))
+    if row.get(Col.STATUS) == DIVERGED:
+        return f"{label}: DIVERGED: {row.get(Col.ERROR, '')}"
+    return (f"{label}: top-1 {row[Col.TOP1_LAST]:.2f} (best {row[Col.TOP1_BEST]:.2f} at epoch {row[Col.BEST_EPOCH]}), "
+            f"{row[Col.TRAIN_TIME]:.1f} s" + (f", resumed at epoch {row[Col.RESUMED_FROM]}"
+                                               if row.get(Col.RESUMED_FROM) else ""))

@@ -79,7 +79,7 @@ class Runner:
             raise
         if not main or row is None:
             return Outcome(spec.run_id, DONE, spec.label)
-        return Outcome(spec.run_id, row.get("status", OK), spec.label, summary=rows.summary_line(row, spec.label))
+        return Outcome(spec.run_id, row.get(rows.Col.STATUS, OK), spec.label, summary=rows.summary_line(row, spec.label))
 
     def _do(self, spec: Spec, wait: bool) -> dict[str, Any] | None:
         """The row of a run trained here now, or None when it was done already."""

@@ -1,0 +1,82 @@
+"""The row schema: the name of every column of a result row, in one place.
+
+The sweep writes rows with these names (:mod:`kdbench.sweep.rows`), the store keeps them, and the
+report reads them back by the same names (:mod:`kdbench.report.rows`).
+"""
+
+from __future__ import annotations
+
+
+class Col:
+    """Every column a row has: the sweep writes them here, the report reads them by these names."""
+
+    RUN_ID = "run_id"
+    KIND = "kind"  # "teacher" or "student"
+    METHOD = "method"
+    METHOD_PAPER = "method_paper"
+    PAIR = "pair"  # kdbench.suites.pair_label(teachers, student); teachers may carry '@seed'
+    TEACHERS = "teachers"  # 'a+b', without seeds; '' for a teacher or ce run
+    STUDENT = "student"  # the trained model (for a teacher row: the teacher itself)
+    DATASET = "dataset"
+    SCHEDULE = "schedule"
+    SHORTENED = "shortened"
+    EPOCHS = "epochs"
+    RECIPE_EPOCHS = "recipe_epochs"
+    PRECISION = "precision"
+    SEED = "seed"
+    HPARAMS = "hparams"  # JSON of the method's hyperparameters
+    STATUS = "status"  # OK, or why the run has no result ("diverged")
+    ERROR = "error"
+    REAL_DATA = "real_data"
+    TEST_SIZE = "test_size"
+    PARAMS = "params"
+    EXTRA_PARAMS = "extra_params"
+    FLOPS = "flops_per_image"
+    THROUGHPUT = "throughput_img_s"
+    THROUGHPUT_DEVICE = "throughput_device"
+    THROUGHPUT_BATCH = "throughput_batch"
+    THROUGHPUT_DTYPE = "throughput_dtype"
+    THROUGHPUT_REPEATS = "throughput_repeats"
+    THROUGHPUT_ITERS = "throughput_iters"
+    DEVICE = "device"
+    GIT_COMMIT = "git_commit"
+    COMMAND = "command"
+    KDBENCH_VERSION = "kdbench_version"
+    TORCH_VERSION = "torch_version"
+    TIMM_VERSION = "timm_version"
+    FINISHED_AT = "finished_at"
+    TEACHER_IDS = "teacher_ids"  # 'id+id', the run ids of a student's teachers
+    TEACHER_SEEDS = "teacher_seeds"  # 'seed+seed'
+    TEACHER_ENSEMBLE_TOP1 = "teacher_ensemble_top1"  # the teachers' ensemble, last epoch
+    METHOD_SOURCE = "method_source"  # a fingerprint of the method's code (kdbench.registry.method_source)
+    DATASET_SOURCE = "dataset_source"
+    TRAIN_SIZE = "train_size"
+    RECIPE = "recipe"
+    RECIPE_CONFIG = "recipe_config"
+    TOP1_LAST, TOP5_LAST, TOP1_BEST, TOP5_BEST = "top1_last", "top5_last", "top1_best", "top5_best"
+    BEST_EPOCH = "best_epoch"
+    AGREEMENT = "agreement"
+    TRAIN_TIME = "train_time_s"
+    EVAL_TIME = "eval_time_s"
+    CHECKPOINT_TIME = "checkpoint_time_s"
+    RESUMED_FROM = "resumed_from_epoch"
+    WORLD_SIZE = "world_size"
+    PEAK_MEM = "peak_mem_mb"
+    PEAK_MEM_KIND = "peak_mem_kind"
+    FLUSH_DENORMAL = "flush_denormal"
+    CHANNELS_LAST = "channels_last"
+    COMPILED = "compiled"
+    HISTORY_TOP1 = "history_top1"
+    HISTORY_LOSS = "history_loss"
+    MODEL_KWARGS = "model_kwargs"
+    TEACHER_CACHE = "teacher_cache"
+    TEACHER_CACHE_BUILD = "teacher_cache_build_s"
+    DIVERGED_AT = "diverged_at_epoch"
+    TRAINED_BY_KDBENCH = "trained_by_kdbench"
+    CHECKPOINT_SHA256 = "checkpoint_sha256"
+    HP_PREFIX, LOSS_PREFIX, CLASS_PREFIX = "hp.", "loss.", "class_"  # hp.<name>, loss.<term>, class_f1.<i>
+
+    @staticmethod
+    def top1(selection: str) -> str:
+        """The top-1 column at a selection rule: 'last' -> 'top1_last'."""
+        return f"top1_{selection}"
