@@ -12,6 +12,7 @@ from typing import Any
 
 from .errors import KdbenchError, suggest, unknown
 from .ids import without_later_fields
+from .values import like
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,10 @@ class Recipe:
             if key not in fields:
                 raise KdbenchError(f"{where}: unknown recipe field '{key}';{suggest(key, fields)} "
                                    f"recipe fields: {', '.join(fields)}")
-            out[key] = _typed(value, getattr(self, key), f"{where}: recipe field '{key}'")
+            try:
+                out[key] = like(value, getattr(self, key), f"recipe field '{key}'")
+            except ValueError as exc:
+                raise KdbenchError(f"{where}: {exc}") from None
         if "epochs" in out and "full_epochs" not in out:
             out["full_epochs"] = out["epochs"]  # a new length, not a shortened run of the old one
         try:
@@ -94,21 +98,6 @@ class Recipe:
 
 
 _LATER_FIELDS: dict[str, Any] = {"max_norm": 0.0}
-
-
-def _typed(value: Any, default: Any, what: str) -> Any:
-    """``value`` converted to the type of ``default`` (ints widen to floats), or a clear error."""
-    kind = type(default)
-    if kind is tuple:
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise KdbenchError(f"{what} takes a list of integers, got {value!r}")
-        return tuple(value)
-    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        ok = True
-    if not ok:
-        raise KdbenchError(f"{what} takes a {kind.__name__}, got {value!r}")
-    return kind(value)
 
 
 RECIPES: dict[str, Recipe] = {

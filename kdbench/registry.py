@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import inspect
-import math
 import sys
 from collections.abc import Iterable, Mapping
 from importlib import metadata
@@ -24,6 +23,7 @@ from typing import Any
 
 from .errors import KdbenchError
 from .method import Method
+from .values import like
 
 ENTRY_POINT_GROUP = "kdbench.methods"
 
@@ -148,27 +148,6 @@ def load_methods(plugin_files: Iterable[str | Path] = ()) -> dict[str, type[Meth
 
 
 # -- hyperparameters ---------------------------------------------------------------------------
-def check_value(name: str, value: Any, default: Any) -> None:
-    """Raise ``ValueError`` unless ``value`` fits the kind of ``default``.
-
-    What every method gets without writing it: a number where the default is one (an int where
-    it is an int), and finite. Ranges are the method's own (``check_weights``, ``check_temperature``
-    in ``kdbench.method``; the base class checks ``ce_weight``).
-    """
-    def is_number(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-    number = is_number(default)
-    numbers = isinstance(default, tuple) and all(is_number(d) for d in default)  # e.g. teacher_weights
-    if number and not (is_number(value) and (isinstance(value, int) or not isinstance(default, int))):
-        kind = "an integer" if isinstance(default, int) else "a number"
-        raise ValueError(f"{name} must be {kind} like {default!r}, got {value!r} ({type(value).__name__})")
-    if number and not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if numbers and not (isinstance(value, tuple) and all(is_number(v) and math.isfinite(v) for v in value)):
-        raise ValueError(f"{name} must be a list of finite numbers like 1,3, got {value!r}")
-
-
 def build_method(cls: type[Method], overrides: Mapping[str, Any] | None = None) -> Method:
     """Instantiate a method; a value it cannot take becomes a clear user error."""
     overrides = dict(overrides or {})
@@ -176,7 +155,7 @@ def build_method(cls: type[Method], overrides: Mapping[str, Any] | None = None) 
     try:
         for k, v in overrides.items():
             if k in defaults:  # an unknown name is the constructor's TypeError below
-                check_value(k, v, defaults[k])
+                overrides[k] = like(v, defaults[k], k)
         return cls(**overrides)
     except (ValueError, TypeError) as exc:
         given = ", ".join(f"{cls.name}.{k}={v!r}" for k, v in overrides.items())

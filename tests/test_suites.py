@@ -205,7 +205,7 @@ base = "digits"
     ("seeds = 3\n" + GOOD, r"'seeds' must be list"),
     (GOOD.replace('"cifar_resnet14:cifar_resnet8"', '"cifar_resnet14"'), r"is not of the form TEACHER"),
     (GOOD + "epoch = 3\n", r"unknown recipe field 'epoch'; did you mean 'epochs'\?"),
-    (GOOD + "lr = 'fast'\n", r"recipe field 'lr' takes a float, got 'fast'"),
+    (GOOD + "lr = 'fast'\n", r"recipe field 'lr' must be a number like 0.05, got 'fast'"),
     (GOOD + "lr = -1.0\n", r"lr must be positive"),
     (GOOD + "[recipe.by_model.cifar_resnet8]\nmomentun = 0.5\n", r"unknown recipe field 'momentun'"),
     (GOOD + "[reproduce]\npublished = ['nowhere.csv']\n", r"'nowhere.csv' was found neither"),

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..errors import KdbenchError, suggest, unknown
 from ..method import Method
+from ..values import like
 
 #: {method: {hyperparameter: value}}
 Table = Mapping[str, Mapping[str, Any]]
@@ -59,17 +60,6 @@ def _hyperparameter(methods: Mapping[str, type[Method]], method: str, name: str,
         raise KdbenchError(f"unknown hyperparameter '{name}' for method '{method}';{suggest(name, defaults)} "
                            f"it takes: {listed}")
     return defaults[name]
-
-
-def typed(value: Any, default: Any) -> Any:
-    """A TOML value in the form of the default: lists become tuples, ints widen to float where
-    the default is a float, so the same setting written two ways is one run id."""
-    if isinstance(value, (list, tuple)):
-        proto = default[0] if isinstance(default, tuple) and default else None
-        return tuple(typed(v, proto) for v in value)
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
 
 
 def from_text(text: str, default: Any, where: str) -> Any:
@@ -132,7 +122,10 @@ def parse_table(entries: Iterable[tuple[str, Any]], methods: Mapping[str, type[M
             default = _hyperparameter(methods, method, name, where)
         except KdbenchError as exc:
             raise KdbenchError(f"{where}: {exc}") from None
-        out.setdefault(method, {})[name] = typed(value, default)
+        try:
+            out.setdefault(method, {})[name] = like(value, default, f"{method}.{name}")
+        except ValueError as exc:
+            raise KdbenchError(f"{where}: bad value: {exc}; change it where it is set") from None
     return out
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from .. import provenance
 from ..executors.base import DIVERGED, OK
 from ..recipe import Recipe
+from ..suites import pair_label
 from ..train import EngineOptions, TrainResult
 from .columns import Col
 from .measure import Measurements, evaluated
@@ -102,7 +103,7 @@ def teacher_row(ctx: Context, ts: TeacherSpec, *, result: TrainResult, measured:
                 peak: Any = None) -> dict[str, Any]:
     """A teacher's row: trained by kdbench, or loaded from a checkpoint and evaluated."""
     row = common(ctx, run_id=ts.run_id, kind="teacher", method="teacher", model=ts.model,
-                 pair=f"{ts.model}→", recipe=ts.recipe, seed=ts.seed, result=result, measured=measured, peak=peak)
+                 pair=pair_label((ts.model,), ""), recipe=ts.recipe, seed=ts.seed, result=result, measured=measured, peak=peak)
     row.update({Col.METHOD_PAPER: "", Col.TEACHERS: "", Col.TRAINED_BY_KDBENCH: trained,
                 Col.CHECKPOINT_SHA256: ts.checkpoint_sha256,
                 Col.MODEL_KWARGS: json.dumps(dict(ts.model_kwargs), sort_keys=True)})
