@@ -25,13 +25,17 @@ def stage_count(model: nn.Module) -> int:
     return len(info)
 
 
+class NoSuchStage(KdbenchError):
+    """A method taps a stage the model does not have."""
+
+
 def resolve_stage(model: nn.Module, index: int, model_name: str = "") -> int:
     """Turn a possibly negative stage index into a non-negative one, or raise a clear error."""
     n = stage_count(model)
     resolved = index + n if index < 0 else index
     if not 0 <= resolved < n:
         name = model_name or type(model).__name__
-        raise KdbenchError(f"model '{name}' has {n} stages (indices 0..{n - 1} or -{n}..-1); stage "
+        raise NoSuchStage(f"model '{name}' has {n} stages (indices 0..{n - 1} or -{n}..-1); stage "
                            f"{index} does not exist. Choose a stage the model has (the method's stage "
                            "hyperparameter, set with --set METHOD.HP=VALUE)")
     return resolved

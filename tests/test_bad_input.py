@@ -145,7 +145,7 @@ base = "digits"
     (SUITE.replace('pairs = ["cifar_resnet8:cifar_resnet8"]', "pairs = []"), [r"'pairs' is empty"]),
     (SUITE + "[models.cifar_resnet8]\nnum_classes = 7\n",
      [r"\[models\.cifar_resnet8\] sets num_classes, which kdbench sets itself", r"remove it"]),
-    (SUITE + "[hparams.kd]\nkd_weight = 'heavy'\n", [r"bad value for kd\.kd_weight: 'heavy' is not a number"]),
+    (SUITE + "[hparams.kd]\nkd_weight = 'heavy'\n", [r"\[hparams\]: bad value for kd\.kd_weight: it must be a number like 0\.9, got 'heavy'"]),
     (SUITE + "[hparams.kd]\ntemperature = -2\n", [r"temperature must be > 0", r"\[hparams\.kd\]"]),
     # A misspelt method in [hparams.X] or [sweep.X] would otherwise be ignored silently.
     (SUITE + "[hparams.kdd]\nkd_weight = 1\n", [r"unknown method 'kdd'; did you mean 'kd'\?", r"\[hparams\.X\]"]),
@@ -178,9 +178,11 @@ ONE_TEACHER = sorted(n for n, cls in METHODS.items() if cls.max_teachers == 1)
 
 @pytest.mark.parametrize("method", ONE_TEACHER)
 def test_more_teachers_than_the_method_takes(method, finished, capsys):
+    """Named, a method that fits none of the pairs is an error (beside a pair it fits: a note)."""
     refused(run("--methods", method, "--pairs", "cifar_resnet8+cifar_resnet14:cifar_resnet8"), finished, capsys,
-            rf"method '{method}' takes 1 teacher; pair cifar_resnet8\+cifar_resnet14→cifar_resnet8 has 2",
-            r"Drop the pair or the method, or use a method that takes several teachers")
+            rf"method '{method}' takes 1 teacher, and no pair of this run has that many "
+            r"\(cifar_resnet8\+cifar_resnet14→cifar_resnet8\)",
+            r"Add such a pair \(--pairs\), or drop the method")
 
 
 def test_malformed_pair(finished, capsys):

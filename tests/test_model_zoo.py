@@ -34,7 +34,7 @@ REF: dict[str, dict[str, Any]] = json.loads(VENDORED.read_text())
 
 CASES = sorted(CRD_TO_TIMM.items())
 IDS = [crd for crd, _ in CASES]
-MLPS = {"hinton_mlp_1200": 1200, "hinton_mlp_800": 800}
+MLPS = {"hinton_mlp_1200": 1200, "hinton_mlp_800": 800, "hinton_mlp_300": 300, "hinton_mlp_30": 30}
 BATCH = 2
 
 

@@ -104,14 +104,18 @@ def _mnist_cfg() -> dict[str, Any]:
     )
 
 
-_CFGS = {"hinton_mlp_1200": _mnist_cfg(), "hinton_mlp_800": _mnist_cfg()}
+#: Hidden units per layer: the paper's MNIST teacher and student (1200, 800), and the widths of its
+#: temperature claim (300 and 30 units per layer: "with 30 units per layer, temperatures in the
+#: range 2.5 to 4 worked significantly better").
+WIDTHS = {"hinton_mlp_1200": 1200, "hinton_mlp_800": 800, "hinton_mlp_300": 300, "hinton_mlp_30": 30}
+_CFGS = {name: _mnist_cfg() for name in WIDTHS}
 # timm's register_model reads the module's ``default_cfgs``, so it must exist before the entrypoints.
 default_cfgs = generate_default_cfgs(_CFGS)
 
 
-def _mlp(name: str, hidden: int, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+def _mlp(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     def factory(**kw: Any) -> ZooModel:
-        return HintonMLP(hidden, **kw)
+        return HintonMLP(**{"hidden": WIDTHS[name], **kw})  # a suite's [models.X] hidden = N overrides
 
     # The data config should describe the actual input, not MNIST's 1x28x28.
     h, w = _hw(kwargs.get("img_size", 28))
@@ -122,10 +126,22 @@ def _mlp(name: str, hidden: int, pretrained: bool, kwargs: dict[str, Any]) -> nn
 @register_model
 def hinton_mlp_1200(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """784-1200-1200-10 ReLU MLP, Hinton et al. 2015's MNIST teacher."""
-    return _mlp("hinton_mlp_1200", 1200, pretrained, kwargs)
+    return _mlp("hinton_mlp_1200", pretrained, kwargs)
 
 
 @register_model
 def hinton_mlp_800(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """784-800-800-10 ReLU MLP, Hinton et al. 2015's MNIST student."""
-    return _mlp("hinton_mlp_800", 800, pretrained, kwargs)
+    return _mlp("hinton_mlp_800", pretrained, kwargs)
+
+
+@register_model
+def hinton_mlp_300(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """784-300-300-10 ReLU MLP, a width of Hinton et al. 2015's temperature claim."""
+    return _mlp("hinton_mlp_300", pretrained, kwargs)
+
+
+@register_model
+def hinton_mlp_30(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """784-30-30-10 ReLU MLP, the narrow width of Hinton et al. 2015's temperature claim."""
+    return _mlp("hinton_mlp_30", pretrained, kwargs)

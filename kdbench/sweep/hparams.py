@@ -50,10 +50,10 @@ def settings(hp: HParams, method: str, pair: str) -> list[dict[str, Any]]:
             for value in hp.sweeps.get(method) or ({},)]
 
 
-def _hyperparameter(methods: Mapping[str, type[Method]], method: str, name: str, where: str) -> Any:
-    """The default of ``method.name``, or an error naming what is unknown and what exists."""
+def _hyperparameter(methods: Mapping[str, type[Method]], method: str, name: str, fix: str) -> Any:
+    """The default of ``method.name``, or an error naming what is unknown, what exists, and ``fix``."""
     if method not in methods:
-        raise unknown("method", method, methods, fix=f"(in {where})")
+        raise unknown("method", method, methods, fix=fix)
     defaults = methods[method].hyperparameters()
     if name not in defaults:
         listed = ", ".join(f"{k}={v!r}" for k, v in defaults.items())
@@ -107,7 +107,7 @@ def parse_cli(items: Iterable[str], methods: Mapping[str, type[Method]]) -> dict
         if not sep or not dot or not name:
             raise KdbenchError(f"--set '{item}' is not of the form METHOD.HYPERPARAMETER=VALUE "
                                "(e.g. --set kd.temperature=8)")
-        default = _hyperparameter(methods, method, name, f"--set '{item}'")
+        default = _hyperparameter(methods, method, name, f"(in --set '{item}')")
         out.setdefault(method, {})[name] = from_text(value, default, f"{method}.{name}")
     return out
 
@@ -119,13 +119,13 @@ def parse_table(entries: Iterable[tuple[str, Any]], methods: Mapping[str, type[M
     for key, value in entries:
         method, _, name = key.partition(".")
         try:
-            default = _hyperparameter(methods, method, name, where)
+            default = _hyperparameter(methods, method, name, "Fix the name in its [hparams.X] or [sweep.X] table.")
         except KdbenchError as exc:
             raise KdbenchError(f"{where}: {exc}") from None
         try:
-            out.setdefault(method, {})[name] = like(value, default, f"{method}.{name}")
+            out.setdefault(method, {})[name] = like(value, default, "it")
         except ValueError as exc:
-            raise KdbenchError(f"{where}: bad value: {exc}; change it where it is set") from None
+            raise KdbenchError(f"{where}: bad value for {method}.{name}: {exc}; change it there") from None
     return out
 
 

@@ -14,7 +14,7 @@ import torch
 from .. import distributed, zoo
 from ..data import DataSplits
 from ..errors import KdbenchError, unknown
-from ..features import probe
+from ..features import NoSuchStage, probe
 from ..method import Method, Probe, Taps
 from ..registry import build_method, method_source
 from ..suites import Pair, pair_label
@@ -95,12 +95,6 @@ def check_models(req: Request, data: DataSplits) -> dict[str, str]:
     return {m: zoo.file_sha256(p) for m, p in req.teacher_checkpoints.items()}
 
 
-def takes(cls: type[Method], pair: Pair) -> bool:
-    """Whether ``cls`` can distil from the pair's number of teachers (a method of none takes any pair)."""
-    n = len(pair.teachers)
-    return cls.max_teachers == 0 or cls.min_teachers <= n <= cls.max_teachers
-
-
 def build_plan(req: Request, methods: Mapping[str, type[Method]], data: DataSplits) -> Plan:
     """Turn a request into run specs, checking everything before any training."""
     names = check_request(req, methods)
@@ -114,51 +108,76 @@ def build_plan(req: Request, methods: Mapping[str, type[Method]], data: DataSpli
         return TeacherSpec(model, label, req.recipe_for(model), seed, device, sha.get(model, ""), req.limit,
                            req.kwargs_for(model), world_size=world, precision=precision)
 
-    skipped = left_out(req, names, methods)
-    specs: dict[str, RunSpec] = {}
     probes: dict[tuple[str, Taps], Probe] = {}
-    checked: set[tuple] = set()
+    fits, skipped = fitting(req, names, methods, data, probes)
+    specs: dict[str, RunSpec] = {}
     for seed in req.seeds:
         for pair in req.pairs:
             for name in names:
-                cls = methods[name]
-                if (pair.methods and name not in pair.methods) or not takes(cls, pair):
+                if (name, pair) not in fits:
                     continue
-                uses = cls.max_teachers > 0  # ce ignores teachers: one run serves every pair
+                uses = methods[name].max_teachers > 0  # ce ignores teachers: one run serves every pair
                 teachers = pair.teachers if uses else ()
                 t_seeds = pair.teacher_seeds if uses else ()
                 for hp in settings(req.hparams, name, pair.label):
-                    method = build_method(cls, hp)
-                    if (name, teachers, pair.student) not in checked:
-                        check_setup(method, teachers, pair.student, data, probes)
-                        checked.add((name, teachers, pair.student))
+                    method = build_method(methods[name], hp)
                     labels = [t if s is None else f"{t}@{s}" for t, s in zip(teachers, t_seeds)]
                     spec = RunSpec(
                         method=name, hparams=tuple(sorted(method.config().items())),
                         teachers=tuple(teacher_spec(t, seed if s is None else s) for t, s in zip(teachers, t_seeds)),
                         student=pair.student, dataset=label, recipe=req.recipe_for(pair.student), seed=seed,
                         device=device, data_limit=req.limit, student_kwargs=req.kwargs_for(pair.student),
-                        world_size=world, precision=precision, method_source=method_source(cls),
+                        world_size=world, precision=precision, method_source=method_source(methods[name]),
                         pair=pair_label(labels, pair.student))
                     specs.setdefault(spec.run_id, spec)
     return Plan(list(specs.values()), skipped, dict(req.teacher_checkpoints), probes)
 
 
-def left_out(req: Request, names: Sequence[str], methods: Mapping[str, type[Method]]) -> list[str]:
-    """Notes on the method × pair combinations a method cannot take; an error for a method the
-    user named that could run on none of the pairs."""
-    notes = []
+class CannotDistil(KdbenchError):
+    """A method's setup refuses a pair (e.g. FitNets between a feature map and a vector)."""
+
+
+def takes(cls: type[Method], pair: Pair) -> bool:
+    """Whether ``cls`` can distil from the pair's number of teachers (a method of none takes any pair)."""
+    n = len(pair.teachers)
+    return cls.max_teachers == 0 or cls.min_teachers <= n <= cls.max_teachers
+
+
+def fitting(req: Request, names: Sequence[str], methods: Mapping[str, type[Method]], data: DataSplits,
+            probes: dict[tuple[str, Taps], Probe]) -> tuple[set[tuple[str, Pair]], list[str]]:
+    """Which (method, pair) combinations can run, and a note on each that cannot.
+
+    A method cannot run on a pair with a teacher count it does not take, or whose models its setup
+    refuses (probed shapes, every hyperparameter setting). It is left out of that pair with a note;
+    a method the user named that fits no pair at all is an error.
+    """
+    fits: set[tuple[str, Pair]] = set()
+    notes: list[str] = []
     for name in names:
         cls = methods[name]
         pairs = [p for p in req.pairs if not p.methods or name in p.methods]
-        cannot = [p for p in pairs if not takes(cls, p)]
-        for p in cannot:
-            notes.append(f"method '{name}' takes {cls.teachers_taken()}; pair {p.label} has {len(p.teachers)}")
-        if req.named and pairs and len(cannot) == len(pairs):
-            raise KdbenchError(f"method '{name}' takes {cls.teachers_taken()}, and no pair of this run has that many "
-                               f"({', '.join(p.label for p in cannot)}). Add such a pair (--pairs), or drop the "
-                               "method (`kdbench list methods` shows how many teachers each takes)")
-    return sorted(set(notes))
+        why_not: list[str] = []
+        for pair in pairs:
+            why = "" if takes(cls, pair) else \
+                f"method '{name}' takes {cls.teachers_taken()}; pair {pair.label} has {len(pair.teachers)}"
+            teachers = pair.teachers if cls.max_teachers > 0 else ()
+            try:
+                for hp in ([] if why else settings(req.hparams, name, pair.label)):
+                    check_setup(build_method(cls, hp), teachers, pair.student, data, probes)
+            except CannotDistil as exc:
+                why = str(exc)
+            if why:
+                why_not.append(why)
+            else:
+                fits.add((name, pair))
+        notes += why_not
+        if req.named and pairs and len(why_not) == len(pairs):  # named, and it fits no pair
+            if all(not takes(cls, p) for p in pairs):
+                raise KdbenchError(f"method '{name}' takes {cls.teachers_taken()}, and no pair of this run has that "
+                                   f"many ({', '.join(p.label for p in pairs)}). Add such a pair (--pairs), or drop "
+                                   "the method (`kdbench list methods` shows how many teachers each takes)")
+            raise KdbenchError(f"method '{name}' fits none of this run's pairs: {'; '.join(why_not)}")
+    return fits, sorted(set(notes))
 
 
 def probe_model(name: str, taps: Taps, data: DataSplits) -> Probe:
@@ -188,12 +207,14 @@ def check_setup(method: Method, teachers: Sequence[str], student: str, data: Dat
     try:
         s = probed(student, taps, data, probes)
         ts = [probed(t, taps, data, probes) for t in teachers]
+    except NoSuchStage as exc:  # the method taps a stage one of these models lacks: not this pair
+        raise CannotDistil(f"method '{method.name}': {exc}") from None
     except KdbenchError as exc:
         raise KdbenchError(f"method '{method.name}': {exc}") from None
     try:
         type(method)(**method.config()).setup(s, ts)
     except (ValueError, KeyError) as exc:
-        raise KdbenchError(f"method '{method.name}' cannot distil {'+'.join(teachers)} into {student}: {exc}") from None
+        raise CannotDistil(f"method '{method.name}' cannot distil {'+'.join(teachers)} into {student}: {exc}") from None
     for t in ts:
         if t.num_classes != s.num_classes:
             raise KdbenchError(f"teacher {t.model} outputs {t.num_classes} classes but student {student} "

@@ -9,6 +9,7 @@ written as one row.
 from __future__ import annotations
 
 import gc
+import math
 import sys
 import traceback
 from collections.abc import Mapping
@@ -33,6 +34,10 @@ from .plan import Plan, dataset_label, probed
 from .request import Request
 from .spec import RunSpec, Spec, TeacherSpec
 from .store import Busy, ResultsStore
+
+
+#: On the CPU, --teacher-cache auto builds a cache only up to this size (host memory is shared).
+CPU_CACHE_BYTES = 1 << 30
 
 
 class Runner:
@@ -229,19 +234,31 @@ class Runner:
     def wants_cache(self, spec: RunSpec, taps: Taps) -> bool:
         """Whether ``spec`` distils from cached teacher outputs (``--teacher-cache``).
 
-        auto: on CUDA, when the method's taps allow it and building the cache costs fewer teacher
-        forward passes (one per view per image) than running the teachers online (one per epoch
-        per image, for every planned run sharing them).
+        auto: when the method's taps allow it and building the cache costs fewer teacher forward
+        passes (one per view per image) than running the teachers online (one per epoch per image,
+        for every planned run sharing them); on the CPU also only while the cache is small
+        (:data:`CPU_CACHE_BYTES`), since it lives in the machine's memory beside everything else.
+        The numbers are the same either way (tests/test_fast_engine.py).
         """
         mode = self.req.teacher_cache
         if mode == "off" or not spec.teachers or not cacheable(taps):
             return False
         if mode == "on":
             return True
-        if self.device.type != "cuda":
-            return False
         sharing = sum(1 for s in self.plan.specs if s.teachers == spec.teachers) or 1
-        return spec.recipe.epochs * sharing >= view_count(spec.recipe.crop_padding, spec.recipe.flip)
+        views = view_count(spec.recipe.crop_padding, spec.recipe.flip)
+        if spec.recipe.epochs * sharing < views:
+            return False
+        return self.device.type != "cpu" or self._cache_bytes(spec, taps, views) <= CPU_CACHE_BYTES
+
+    def _cache_bytes(self, spec: RunSpec, taps: Taps, views: int) -> int:
+        """The fp32 size of the caches ``spec`` would build: logits (and pooled vectors) per view."""
+        def pooled(model: str) -> int:
+            shape = probed(model, taps, self.data, self.plan.probes).pooled if taps.pooled else None
+            return math.prod(shape) if shape else 0
+
+        per_view = sum(self.info.num_classes + pooled(ts.model) for ts in spec.teachers)
+        return len(self.data.train_labels) * views * per_view * 4
 
     def view_caches(self, spec: RunSpec, taps: Taps) -> list[ViewCache]:
         """One view cache per teacher of ``spec``, or [] to run the teachers online.
