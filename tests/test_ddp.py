@@ -19,6 +19,7 @@ from kdbench.cli import main
 from kdbench.data import load_dataset
 from kdbench.errors import KdbenchError
 from kdbench.recipe import get_recipe
+from kdbench.train import train
 
 # 151 images: batches of 64, 64 and 23, so the last batch splits unevenly (12 + 11) and the
 # slices' losses must be weighted by their size. FitNets' two-stage schedule leaves the head
@@ -91,7 +92,6 @@ def test_two_processes_follow_the_single_process_run(tmp_path):
 BOOM = '''
 from kdbench import distributed
 from kdbench.method import Method
-from kdbench.train import train
 
 
 class Boom(Method):

@@ -14,9 +14,41 @@ IMAGEFOLDER_PREFIX = "imagefolder:"
 
 
 def read_imagefolder(path: Path, image_size: int, limit: int | None) -> DataSplits:
-    """An ImageFolder tree: ``path/train/<class>/*`` and ``path/val`` (or ``path/test``)."""
-    from torchvision import datasets, transforms
+    """An ImageFolder tree: ``path/train/<class>/*`` and ``path/val`` (or ``path/test``).
 
+    Each image's shorter side is resized to ``image_size``, then center-cropped to a square; the
+    normalisation is the loaded training images' own per-channel statistics.
+    """
+    train_dir, test_dir = _split_dirs(path)
+    train_classes, train_images, train_labels = _read_split(train_dir, image_size, limit)
+    test_classes, test_images, test_labels = _read_split(test_dir, image_size, limit)
+    if train_classes != test_classes:
+        only_train = sorted(set(train_classes) - set(test_classes))
+        only_test = sorted(set(test_classes) - set(train_classes))
+        raise KdbenchError(
+            f"ImageFolder dataset {path}: class folders differ between {train_dir.name}/ and "
+            f"{test_dir.name}/ (only in {train_dir.name}/: {only_train or 'none'}; only in "
+            f"{test_dir.name}/: {only_test or 'none'}). Labels are assigned by sorted folder name, "
+            f"so both splits must have the same class folders."
+        )
+    mean, std = channel_stats(train_images)
+    info = DatasetInfo(
+        name=f"{IMAGEFOLDER_PREFIX}{path}",
+        num_classes=len(train_classes),
+        in_chans=3,
+        img_size=image_size,
+        classes=tuple(train_classes),
+        mean=mean,
+        std=std,
+        source=f"torchvision.datasets.ImageFolder from {path} (train/, {test_dir.name}/)",
+        train_size=len(train_images),
+        test_size=len(test_images),
+    )
+    return DataSplits(info, train_images, train_labels, test_images, test_labels)
+
+
+def _split_dirs(path: Path) -> tuple[Path, Path]:
+    """``path/train`` and ``path/val`` (or ``path/test``), or an error that shows the layout."""
     if not path.is_dir():
         raise KdbenchError(
             f"ImageFolder dataset {path} does not exist or is not a directory. Give a folder with "
@@ -32,44 +64,23 @@ def read_imagefolder(path: Path, image_size: int, limit: int | None) -> DataSpli
             f"ImageFolder dataset {path} has no {missing} subfolder. Lay it out as "
             f"{path}/train/<class>/<image> and {path}/val/<class>/<image>."
         )
+    return train_dir, test_dir
+
+
+def _read_split(split_dir: Path, image_size: int, limit: int | None) -> tuple[list[str], Tensor, Tensor]:
+    """One split's class names, uint8 images (image_size², RGB) and labels; the first ``limit`` only."""
+    from torchvision import datasets, transforms
+
     # Resize the shorter side then center-crop: every image becomes image_size², keeping aspect.
     to_tensor = transforms.Compose(
         [transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.PILToTensor()]
     )
-
-    def read(split_dir: Path) -> tuple[datasets.ImageFolder, Tensor, Tensor]:
-        try:
-            ds = datasets.ImageFolder(str(split_dir))
-        except FileNotFoundError as e:  # no class folders, or a class folder with no images
-            raise KdbenchError(f"ImageFolder split {split_dir}: {e}") from None
-        samples = ds.samples[:limit] if limit is not None else ds.samples
-        imgs = [to_tensor(ds.loader(p)) for p, _ in samples]  # loader gives RGB PIL images
-        images = torch.stack(imgs) if imgs else torch.empty(0, 3, image_size, image_size, dtype=torch.uint8)
-        labels = torch.tensor([t for _, t in samples], dtype=torch.int64)
-        return ds, images, labels
-
-    train, train_images, train_labels = read(train_dir)
-    test, test_images, test_labels = read(test_dir)
-    if train.classes != test.classes:
-        only_train = sorted(set(train.classes) - set(test.classes))
-        only_test = sorted(set(test.classes) - set(train.classes))
-        raise KdbenchError(
-            f"ImageFolder dataset {path}: class folders differ between {train_dir.name}/ and "
-            f"{test_dir.name}/ (only in {train_dir.name}/: {only_train or 'none'}; only in "
-            f"{test_dir.name}/: {only_test or 'none'}). Labels are assigned by sorted folder name, "
-            f"so both splits must have the same class folders."
-        )
-    mean, std = channel_stats(train_images)
-    info = DatasetInfo(
-        name=f"{IMAGEFOLDER_PREFIX}{path}",
-        num_classes=len(train.classes),
-        in_chans=3,
-        img_size=image_size,
-        classes=tuple(train.classes),
-        mean=mean,
-        std=std,
-        source=f"torchvision.datasets.ImageFolder from {path} (train/, {test_dir.name}/)",
-        train_size=len(train_images),
-        test_size=len(test_images),
-    )
-    return DataSplits(info, train_images, train_labels, test_images, test_labels)
+    try:
+        ds = datasets.ImageFolder(str(split_dir))
+    except FileNotFoundError as e:  # no class folders, or a class folder with no images
+        raise KdbenchError(f"ImageFolder split {split_dir}: {e}") from None
+    samples = ds.samples[:limit] if limit is not None else ds.samples
+    imgs = [to_tensor(ds.loader(p)) for p, _ in samples]  # loader gives RGB PIL images
+    images = torch.stack(imgs) if imgs else torch.empty(0, 3, image_size, image_size, dtype=torch.uint8)
+    labels = torch.tensor([t for _, t in samples], dtype=torch.int64)
+    return ds.classes, images, labels

@@ -3,12 +3,13 @@ synthetic stand-ins of their shapes. Each source reads a whole dataset into :cla
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -117,96 +118,6 @@ def read_digits(data_dir: DataDir, download: bool) -> DataSplits:
 # ----------------------------------------------------------------------------- torchvision sets
 
 
-def _missing_message(name: str, cls_name: str, data_dir: DataDir, probe: str, why: str) -> str:
-    """The 'dataset not found' text: what, where (and why there), how to provide it."""
-    root = data_dir.path
-    expected = root / probe
-    msg = (
-        f"dataset '{name}' not found: torchvision.datasets.{cls_name} looked in {root} "
-        f"({data_dir.origin}) and expects files such as {expected} ({why})."
-    )
-    gz = expected.with_name(expected.name + ".gz")
-    if gz.is_file():  # a common trap: torchvision reads only the extracted files
-        msg += f" {gz} is there, but torchvision reads the extracted file: decompress it in place (gunzip -k)."
-    msg += (
-        f" To fix: pass --download to fetch it into that folder (needs internet), or pass "
-        f"--data-dir DIR (or set {ENV_DATA_DIR}=DIR) for a folder laid out as torchvision expects, "
-        f"e.g. DIR/{probe}."
-    )
-    return msg
-
-
-def read_torchvision(
-    data_dir: DataDir,
-    download: bool,
-    *,
-    name: str,
-    cls_name: str,
-    probe: str,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-) -> DataSplits:
-    """Read a torchvision dataset's train and test sets straight from its ``.data``/``.targets``."""
-    import torchvision
-    from torchvision import datasets
-
-    cls = getattr(datasets, cls_name)
-    root = data_dir.path
-    if download:
-        root.mkdir(parents=True, exist_ok=True)
-    try:
-        train = cls(str(root), train=True, download=download)
-        test = cls(str(root), train=False, download=download)
-    except RuntimeError as e:
-        # torchvision signals absent (or, for CIFAR, corrupt) files with a bare RuntimeError
-        if "not found" in str(e).lower():
-            why = "missing or corrupt" if cls_name.startswith("CIFAR") else "missing"
-            raise KdbenchError(_missing_message(name, cls_name, data_dir, probe, why)) from None
-        if download:
-            raise KdbenchError(_download_failed(name, root, e)) from None
-        raise
-    except OSError as e:  # URLError and socket errors while downloading
-        if download:
-            raise KdbenchError(_download_failed(name, root, e)) from None
-        raise
-
-    def images_of(ds: object) -> Tensor:
-        data = ds.data  # type: ignore[attr-defined]
-        if isinstance(data, np.ndarray):  # CIFAR: numpy N×H×W×C
-            return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
-        return data.unsqueeze(1).contiguous()  # (Fashion-)MNIST: uint8 tensor N×H×W
-
-    def labels_of(ds: object) -> Tensor:
-        return torch.as_tensor(ds.targets, dtype=torch.int64)  # type: ignore[attr-defined]
-
-    train_images, test_images = images_of(train), images_of(test)
-    info = DatasetInfo(
-        name=name,
-        num_classes=len(train.classes),
-        in_chans=train_images.shape[1],
-        img_size=train_images.shape[-1],
-        classes=tuple(train.classes),
-        mean=mean,
-        std=std,
-        source=f"torchvision.datasets.{cls_name} (torchvision {torchvision.__version__}) from {root}",
-        train_size=len(train_images),
-        test_size=len(test_images),
-    )
-    return DataSplits(info, train_images, labels_of(train), test_images, labels_of(test))
-
-
-def _download_failed(name: str, root: Path, err: BaseException) -> str:
-    # torchvision's MNIST error is 'Error downloading X:' then one 'Tried <mirror>, got:' block
-    # per mirror; the first and last lines say what failed and why
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
-    reason = lines[0].rstrip(":") + (f": {lines[-1]}" if len(lines) > 1 else "")
-    return (
-        f"could not download dataset '{name}' into {root}: {reason}. --download needs internet; "
-        f"without it, copy the files into a folder laid out as torchvision expects and pass "
-        f"--data-dir DIR (or set {ENV_DATA_DIR}=DIR)."
-    )
-
-
 @dataclass(frozen=True)
 class TorchvisionSet:
     """A torchvision dataset kdbench reads: its class, a file whose absence means "not there", its shape."""
@@ -237,13 +148,96 @@ NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 
 
 def torchvision_loader(name: str) -> DatasetLoader:
+    """The reader of torchvision set ``name`` (a key of :data:`TORCHVISION_SETS`)."""
+    return functools.partial(read_torchvision, name)
+
+
+def read_torchvision(name: str, data_dir: DataDir, download: bool) -> DataSplits:
+    """Read a torchvision dataset's train and test sets straight from its ``.data``/``.targets``."""
+    import torchvision
+
     t = TORCHVISION_SETS[name]
+    train, test = _open_torchvision(name, t, data_dir, download)
+    train_images, test_images = _images_of(train), _images_of(test)
+    info = DatasetInfo(
+        name=name,
+        num_classes=len(train.classes),
+        in_chans=train_images.shape[1],
+        img_size=train_images.shape[-1],
+        classes=tuple(train.classes),
+        mean=t.mean,
+        std=t.std,
+        source=f"torchvision.datasets.{t.cls_name} (torchvision {torchvision.__version__}) from {data_dir.path}",
+        train_size=len(train_images),
+        test_size=len(test_images),
+    )
+    return DataSplits(info, train_images, _labels_of(train), test_images, _labels_of(test))
 
-    def load(data_dir: DataDir, download: bool) -> DataSplits:
-        return read_torchvision(data_dir, download, name=name, cls_name=t.cls_name, probe=t.probe,
-                                 mean=t.mean, std=t.std)
 
-    return load
+def _open_torchvision(name: str, t: TorchvisionSet, data_dir: DataDir, download: bool) -> tuple[Any, Any]:
+    """torchvision's train and test dataset objects; missing files and failed downloads as KdbenchError."""
+    from torchvision import datasets
+
+    cls = getattr(datasets, t.cls_name)
+    root = data_dir.path
+    if download:
+        root.mkdir(parents=True, exist_ok=True)
+    try:
+        return cls(str(root), train=True, download=download), cls(str(root), train=False, download=download)
+    except RuntimeError as e:
+        # torchvision signals absent (or, for CIFAR, corrupt) files with a bare RuntimeError
+        if "not found" in str(e).lower():
+            why = "missing or corrupt" if t.cls_name.startswith("CIFAR") else "missing"
+            raise KdbenchError(_missing_message(name, t.cls_name, data_dir, t.probe, why)) from None
+        if download:
+            raise KdbenchError(_download_failed(name, root, e)) from None
+        raise
+    except OSError as e:  # URLError and socket errors while downloading
+        if download:
+            raise KdbenchError(_download_failed(name, root, e)) from None
+        raise
+
+
+def _images_of(ds: Any) -> Tensor:
+    data = ds.data
+    if isinstance(data, np.ndarray):  # CIFAR: numpy N×H×W×C
+        return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
+    return data.unsqueeze(1).contiguous()  # (Fashion-)MNIST: uint8 tensor N×H×W
+
+
+def _labels_of(ds: Any) -> Tensor:
+    return torch.as_tensor(ds.targets, dtype=torch.int64)
+
+
+def _missing_message(name: str, cls_name: str, data_dir: DataDir, probe: str, why: str) -> str:
+    """The 'dataset not found' text: what, where (and why there), how to provide it."""
+    root = data_dir.path
+    expected = root / probe
+    msg = (
+        f"dataset '{name}' not found: torchvision.datasets.{cls_name} looked in {root} "
+        f"({data_dir.origin}) and expects files such as {expected} ({why})."
+    )
+    gz = expected.with_name(expected.name + ".gz")
+    if gz.is_file():  # a common trap: torchvision reads only the extracted files
+        msg += f" {gz} is there, but torchvision reads the extracted file: decompress it in place (gunzip -k)."
+    msg += (
+        f" To fix: pass --download to fetch it into that folder (needs internet), or pass "
+        f"--data-dir DIR (or set {ENV_DATA_DIR}=DIR) for a folder laid out as torchvision expects, "
+        f"e.g. DIR/{probe}."
+    )
+    return msg
+
+
+def _download_failed(name: str, root: Path, err: BaseException) -> str:
+    # torchvision's MNIST error is 'Error downloading X:' then one 'Tried <mirror>, got:' block
+    # per mirror; the first and last lines say what failed and why
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
+    reason = lines[0].rstrip(":") + (f": {lines[-1]}" if len(lines) > 1 else "")
+    return (
+        f"could not download dataset '{name}' into {root}: {reason}. --download needs internet; "
+        f"without it, copy the files into a folder laid out as torchvision expects and pass "
+        f"--data-dir DIR (or set {ENV_DATA_DIR}=DIR)."
+    )
 
 
 # ----------------------------------------------------------------------------- synthetic stand-ins

@@ -129,22 +129,10 @@ def make_optimizer(params: list[nn.Parameter], recipe: Recipe
     return opt, sched
 
 
-def train(
-    model: nn.Module,
-    data: DataSplits,
-    recipe: Recipe,
-    *,
-    seed: int,
-    method: Method | None = None,
-    teachers: Sequence[nn.Module] = (),
-    teacher_names: Sequence[str] = (),
-    model_name: str = "",
-    progress: Any | None = None,
-    state_path: Path | None = None,
-    state_key: str = "",
-    options: EngineOptions = EngineOptions(),
-    teacher_caches: Sequence[ViewCache] = (),
-) -> TrainResult:
+def train(model: nn.Module, data: DataSplits, recipe: Recipe, *, seed: int, method: Method | None = None,
+          teachers: Sequence[nn.Module] = (), teacher_names: Sequence[str] = (), model_name: str = "",
+          progress: Any | None = None, state_path: Path | None = None, state_key: str = "",
+          options: EngineOptions = EngineOptions(), teacher_caches: Sequence[ViewCache] = ()) -> TrainResult:
     """Train ``model`` on ``data`` with ``recipe``; distil from ``teachers`` through ``method``.
 
     With no method, the model trains on cross-entropy alone (how kdbench trains teachers).

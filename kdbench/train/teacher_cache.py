@@ -55,7 +55,8 @@ class ViewCache:
         """The cache must describe this training set under this recipe's augmentation."""
         if (self.crop_padding, self.flip) != (recipe.crop_padding, recipe.flip):
             raise KdbenchError(f"teacher cache built for crop padding {self.crop_padding}, flip {self.flip}, but "
-                               f"recipe '{recipe.name}' has {recipe.crop_padding}, {recipe.flip}; build the cache for it")
+                               f"recipe '{recipe.name}' has {recipe.crop_padding}, {recipe.flip}; build the cache "
+                               "for it")
         if len(self.logits) != len(data.train_labels):
             raise KdbenchError(f"teacher cache holds {len(self.logits)} images, the training set "
                                f"{len(data.train_labels)}; build the cache for this dataset and --limit")
