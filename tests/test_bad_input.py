@@ -22,7 +22,7 @@ from kdbench import zoo
 from kdbench.cli import main
 from kdbench.registry import load_methods
 
-RUN = ["run", "--limit", "64", "--epochs", "1", "--throughput-batch", "8", "-q", "--no-report"]
+RUN = ["run", "--seeds", "0", "--limit", "64", "--epochs", "1", "--throughput-batch", "8", "-q", "--no-report"]
 PAIR = "cifar_resnet8:cifar_resnet8"  # a tiny real CIFAR ResNet on the embedded 8x8 digits
 METHODS = load_methods()
 

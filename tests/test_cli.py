@@ -17,7 +17,7 @@ from kdbench.cli import main
 
 # Fast real models: Hinton's MLPs (flat features as stages) and a small CIFAR ResNet, at 8x8.
 PAIRS = "hinton_mlp_1200:hinton_mlp_800,hinton_mlp_1200+cifar_resnet8:hinton_mlp_800"
-TINY_RUN = ["run", "--pairs", PAIRS, "--set", "fitnets.stage=-1", "--limit", "96", "--epochs", "2", "--quiet", "--throughput-batch", "32"]
+TINY_RUN = ["run", "--seeds", "0", "--pairs", PAIRS, "--set", "fitnets.stage=-1", "--limit", "96", "--epochs", "2", "--quiet", "--throughput-batch", "32"]
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
@@ -76,7 +76,7 @@ def test_end_to_end_run_report_and_resume(tmp_path):
 
 
 def test_seeded_cpu_run_is_reproducible(tmp_path, capsys):
-    args = ["run", "--pairs", "hinton_mlp_1200:hinton_mlp_800", "--methods", "kd", "--limit", "64",
+    args = ["run", "--seeds", "0", "--pairs", "hinton_mlp_1200:hinton_mlp_800", "--methods", "kd", "--limit", "64",
             "--epochs", "2", "--quiet", "--no-report", "--throughput-batch", "16"]
     rows = []
     for d in ("a", "b"):
@@ -129,7 +129,7 @@ BAD = {
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input(case, tmp_path, capsys):
     extra, pattern = BAD[case]
-    args = ["run", "--methods", "kd", "--limit", "32", "--epochs", "1", "--quiet", "--results-dir", str(tmp_path)]
+    args = ["run", "--seeds", "0", "--methods", "kd", "--limit", "32", "--epochs", "1", "--quiet", "--results-dir", str(tmp_path)]
     if "--methods" in extra:
         args = args[:1] + args[3:]
     code, _, err = run_cli([*args, *extra], capsys)
@@ -140,7 +140,7 @@ def test_bad_input(case, tmp_path, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU, so --device cuda is valid here")
 def test_cuda_without_gpu(tmp_path, capsys):
-    code, _, err = run_cli(["run", "--device", "cuda", "--methods", "kd", "--limit", "32", "--results-dir",
+    code, _, err = run_cli(["run", "--seeds", "0", "--device", "cuda", "--methods", "kd", "--limit", "32", "--results-dir",
                             str(tmp_path), "--quiet"], capsys)
     assert code == 2 and "torch sees no CUDA GPU; use --device cpu" in err
     assert not (tmp_path / "runs").exists()
@@ -148,7 +148,7 @@ def test_cuda_without_gpu(tmp_path, capsys):
 
 def test_missing_dataset(tmp_path, capsys):
     empty = tmp_path / "nodata"
-    code, _, err = run_cli(["run", "--suite", "hinton_mnist", "--data-dir", str(empty), "--results-dir",
+    code, _, err = run_cli(["run", "--seeds", "0", "--suite", "hinton_mnist", "--data-dir", str(empty), "--results-dir",
                             str(tmp_path / "r"), "--quiet"], capsys)
     assert code == 2
     assert str(empty) in err and "--download" in err and "--data-dir" in err
@@ -157,7 +157,7 @@ def test_missing_dataset(tmp_path, capsys):
 
 def test_checkpoint_with_other_class_count(tmp_path, capsys):
     ckpt = _save("cifar_resnet8", tmp_path / "t100.pt", num_classes=100)
-    code, _, err = run_cli(["run", "--pairs", "cifar_resnet8:hinton_mlp_800", "--methods", "kd", "--limit", "32",
+    code, _, err = run_cli(["run", "--seeds", "0", "--pairs", "cifar_resnet8:hinton_mlp_800", "--methods", "kd", "--limit", "32",
                             "--teacher-checkpoint", str(ckpt), "--results-dir", str(tmp_path / "r"), "--quiet"], capsys)
     assert code == 2
     assert "trained for 100 classes" in err and "10" in err
@@ -166,7 +166,7 @@ def test_checkpoint_with_other_class_count(tmp_path, capsys):
 
 def test_checkpoint_of_another_architecture(tmp_path, capsys):
     ckpt = _save("cifar_resnet14", tmp_path / "r14.pt", num_classes=10)
-    code, _, err = run_cli(["run", "--pairs", "cifar_resnet8:hinton_mlp_800", "--methods", "kd", "--limit", "32",
+    code, _, err = run_cli(["run", "--seeds", "0", "--pairs", "cifar_resnet8:hinton_mlp_800", "--methods", "kd", "--limit", "32",
                             "--teacher-checkpoint", f"cifar_resnet8={ckpt}", "--results-dir", str(tmp_path / "r"),
                             "--quiet"], capsys)
     assert code == 2
@@ -177,7 +177,7 @@ def test_checkpoint_of_another_architecture(tmp_path, capsys):
 def test_teacher_checkpoint_is_used_not_retrained(tmp_path, capsys):
     ckpt = _save("cifar_resnet8", tmp_path / "t.pt", num_classes=10)
     res = tmp_path / "r"
-    code, _, err = run_cli(["run", "--pairs", "cifar_resnet8:hinton_mlp_800", "--methods", "kd", "--limit", "32",
+    code, _, err = run_cli(["run", "--seeds", "0", "--pairs", "cifar_resnet8:hinton_mlp_800", "--methods", "kd", "--limit", "32",
                             "--epochs", "1", "--teacher-checkpoint", str(ckpt), "--results-dir", str(res), "--quiet",
                             "--no-report", "--throughput-batch", "8"], capsys)
     assert code == 0, err
@@ -201,7 +201,7 @@ def test_readme_plugin_example_runs(tmp_path, capsys):
     code, out, _ = run_cli(["list", "methods", "--plugin", str(plugin)], capsys)
     assert code == 0 and "my_kd" in out
     res = tmp_path / "r"
-    code, out, err = run_cli(["run", "--plugin", str(plugin), "--methods", "my_kd", "--set", "my_kd.temperature=2",
+    code, out, err = run_cli(["run", "--seeds", "0", "--plugin", str(plugin), "--methods", "my_kd", "--set", "my_kd.temperature=2",
                               "--pairs", "hinton_mlp_1200:hinton_mlp_800", "--limit", "64", "--epochs", "1",
                               "--quiet", "--no-report", "--results-dir", str(res), "--throughput-batch", "8"], capsys)
     assert code == 0, err
@@ -237,7 +237,7 @@ def test_broken_plugin_is_refused_at_load(case, tmp_path, capsys):
 def test_hinton_mnist_suite_on_real_mnist(mnist_root, tmp_path, capsys):
     """The MNIST suite end to end on real MNIST (a shortened, limited smoke run: labelled as such)."""
     res = tmp_path / "r"
-    code, out, err = run_cli(["run", "--suite", "hinton_mnist", "--methods", "ce,kd,fitnets", "--data-dir", str(mnist_root),
+    code, out, err = run_cli(["run", "--seeds", "0", "--suite", "hinton_mnist", "--methods", "ce,kd,fitnets", "--data-dir", str(mnist_root),
                               "--limit", "512", "--epochs", "2", "--quiet", "--results-dir", str(res),
                               "--throughput-batch", "64"], capsys)
     assert code == 0, err
@@ -256,7 +256,7 @@ def test_interrupted_sweep_keeps_finished_runs_and_resumes(tmp_path):
     import time
 
     res = tmp_path / "r"
-    cmd = [sys.executable, "-m", "kdbench", "run", "--pairs", "hinton_mlp_1200:hinton_mlp_800", "--methods",
+    cmd = [sys.executable, "-m", "kdbench", "run", "--seeds", "0", "--pairs", "hinton_mlp_1200:hinton_mlp_800", "--methods",
            "ce,kd,rkd", "--limit", "256", "--epochs", "30", "--results-dir", str(res), "--throughput-batch", "16",
            "--no-report", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -256,7 +256,7 @@ def _cli(args: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-SWEEP = ["run", "--pairs", "cifar_resnet14:cifar_resnet8", "--limit", "96", "--epochs", "2", "--quiet",
+SWEEP = ["run", "--seeds", "0", "--pairs", "cifar_resnet14:cifar_resnet8", "--limit", "96", "--epochs", "2", "--quiet",
          "--throughput-batch", "16", "--no-report"]
 
 

@@ -131,7 +131,7 @@ def test_checkpoint_of_another_architecture_names_keys(tmp_path):
 
 
 # -- whole sweeps through the CLI ----------------------------------------------------------
-SWEEP = ["run", "--methods", "ce,kd", "--pairs", "cifar_resnet8:cifar_resnet8", "--limit", "256", "--epochs", "5",
+SWEEP = ["run", "--seeds", "0", "--methods", "ce,kd", "--pairs", "cifar_resnet8:cifar_resnet8", "--limit", "256", "--epochs", "5",
          "--throughput-batch", "8", "--no-report", "-q"]
 
 
@@ -260,7 +260,7 @@ def test_divergence_and_oom_stay_inside_their_run(tmp_path, capsys):
     plugin = tmp_path / "bad_methods.py"
     plugin.write_text(PLUGIN)
     d = tmp_path / "res"
-    args = ["run", "--methods", "ce,nan_at_one,oom", "--plugin", str(plugin), "--pairs", "cifar_resnet8:cifar_resnet8",
+    args = ["run", "--seeds", "0", "--methods", "ce,nan_at_one,oom", "--plugin", str(plugin), "--pairs", "cifar_resnet8:cifar_resnet8",
             "--limit", "64", "--epochs", "3", "--throughput-batch", "8", "-q", "--results-dir", str(d)]
     code = main(args)
     out, err = capsys.readouterr()
