@@ -40,7 +40,7 @@ def test_end_to_end_run_report_and_resume(tmp_path):
     assert "left out: method 'kd' takes 1 teacher; pair hinton_mlp_1200+cifar_resnet8→hinton_mlp_800 has 2" in proc.stdout
     for r in students:
         assert r["run_id"] + ".json" in {p.name for p in (results / "runs").iterdir()}
-        assert r["dataset"] == "digits[:96]" and r["shortened"] and "shortened: 2 of 30" in r["schedule"]
+        assert r["dataset"] == "digits[:96]" and r["shortened"] and "shortened: 2 of 20" in r["schedule"]
         assert 0 <= r["top1_last"] <= 100 and 0 <= r["top1_best"] <= 100 and r["top1_best"] >= r["top1_last"]
         assert r["top5_last"] >= r["top1_last"]
         assert r["params"] == 784 * 0 + (64 * 800 + 800) + (800 * 800 + 800) + (800 * 10 + 10)
@@ -121,8 +121,10 @@ BAD = {
     "unknown suite": (["--suite", "digit"], r"unknown suite 'digit'; did you mean 'digits'\?"),
     "model too big for the images": (["--pairs", "convnext_atto:cifar_resnet8"],
                                      r"model 'convnext_atto' cannot run on digits's 1x8x8 images"),
-    "stage the model lacks": (["--pairs", "hinton_mlp_1200:hinton_mlp_800", "--methods", "fitnets"],
-                              r"method 'fitnets': model 'hinton_mlp_800' has 2 stages .*stage 2 does not exist"),
+    "stage the model lacks": (["--pairs", "hinton_mlp_1200:hinton_mlp_800", "--methods", "fitnets", "--set",
+                               "fitnets.stage=2"],
+                              r"method 'fitnets' fits none of this run's pairs: method 'fitnets': model "
+                              r"'hinton_mlp_800' has 2 stages .*stage 2 does not exist"),
 }
 
 

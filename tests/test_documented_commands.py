@@ -132,7 +132,7 @@ def test_an_edited_method_is_a_new_run_not_a_skip(tmp_path, capsys):
     plugin, results = tmp_path / "probe_kd.py", tmp_path / "res"
     plugin.write_text(EDITABLE)
     command = ["run", "--plugin", str(plugin), "--methods", "ce,probe_kd", "--pairs", "cifar_resnet8:cifar_resnet8",
-               *TINY, "--results-dir", str(results)]
+               "--seeds", "0", *TINY, "--results-dir", str(results)]
     assert main(command) == 0
     first = [r for r in _rows(results) if r["method"] == "probe_kd"]
     assert len(first) == 1 and first[0]["method_source"].startswith("sha256:")

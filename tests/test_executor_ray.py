@@ -26,7 +26,7 @@ from kdbench.errors import KdbenchError
 from kdbench.executors.ray_executor import RayExecutor
 from kdbench.recipe import get_recipe
 from kdbench.suites import Pair
-from kdbench.sweep import Request, Sweep
+from kdbench.sweep import Request, ResultsStore, Sweep
 from kdbench.sweep.worker import do_task
 
 ray = pytest.importorskip("ray", reason='Ray is not installed (pip install -e ".[ray]" or ".[test]")')

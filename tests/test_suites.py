@@ -275,10 +275,12 @@ def test_committed_digits_results_are_the_default_suites_runs():
     fingerprint, ``method_source``, is part of the id, so an edited method runs again)."""
     rows = [json.loads(p.read_text()) for p in (REPO / "results" / "digits" / "runs").glob("*.json")]
     assert rows
+    from kdbench.cli.args import build_parser
+    from kdbench.cli.build import build_request
+
     s = get_suite("digits")
-    req = Request(methods=None, pairs=s.pairs, dataset=s.dataset, recipe=s.recipe, seeds=s.seeds, device="cpu",
-                  model_kwargs=s.model_kwargs, recipe_by_model=s.recipe_by_model)
-    plan = Sweep.prepare(req).plan
+    req = build_request(build_parser().parse_args(["run"]), s, dataset=s.dataset, recipe=s.recipe, pairs=list(s.pairs))
+    plan = Sweep.prepare(replace(req, device="cpu")).plan
     teachers = {t.run_id for spec in plan.specs for t in spec.teachers}
     assert {r["run_id"] for r in rows if r["kind"] == "teacher"} == teachers
     by_key = {(spec.method, spec.pair, spec.seed): spec for spec in plan.specs}
