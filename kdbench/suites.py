@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import csv
 import math
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
 from .errors import KdbenchError, suggest, unknown
 from .recipe import Recipe, get_recipe
-
 
 PAIR_ARROW = "→"
 

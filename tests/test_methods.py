@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
-
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,12 +18,12 @@ import torch.nn.functional as F
 from tiny import TINY, TINY_SHAPE, TINY_STUDENT, TINY_TEACHERS
 
 from kdbench import zoo
-from kdbench.train import freeze
 from kdbench.errors import KdbenchError
 from kdbench.features import FeatureCapture, probe
 from kdbench.method import Batch, Outputs, Probe
 from kdbench.registry import build_method, load_methods
 from kdbench.sweep.hparams import parse_cli
+from kdbench.train import freeze
 
 METHODS = load_methods()
 GOLDEN = Path(__file__).parent / "golden" / "method_losses.json"
@@ -307,16 +306,43 @@ def test_fitnets_regressor_is_built_from_probed_shapes():
 
 
 # -- golden values: protect every method's loss from silent change in a refactor ----------
+#: Stage shapes (C, H, W) the golden values use for methods that tap stages other than FitNets' stage 2:
+#: a 4-stage model as kdbench's CRD zoo has (stem, then three stages), student and teacher maps of
+#: the same spatial size and different channel counts. Negative indices count from the end.
+GOLDEN_STAGES = {"student": {0: (4, 8, 8), 1: (4, 8, 8), 2: (4, 4, 4), 3: (4, 2, 2)},
+                 "teacher": {0: (6, 8, 8), 1: (6, 8, 8), 2: (6, 4, 4), 3: (6, 2, 2)}}
+
+
+def golden_inputs(cls, taps):
+    """The fixed outputs and probes a method's golden value is computed on.
+
+    Methods that tap only stage 2 (FitNets) keep the shapes the golden file was first written with;
+    others get maps for exactly the stages they tap, drawn from a generator of their own.
+    """
+    s, ts, batch = fixed_outputs()
+    ts = ts[: min(cls.max_teachers, 2)]
+    if set(taps.stages) <= {2}:
+        return s, ts, batch, Probe("s", 5, {2: (4, 4, 4)}, (7,)), [Probe("t", 5, {2: (6, 2, 2)}, (9,)) for _ in ts]
+    g = torch.Generator().manual_seed(4321)
+    idx = {i: i % 4 for i in taps.stages}
+
+    def maps(role):
+        return {i: torch.randn(s.logits.shape[0], *GOLDEN_STAGES[role][j], generator=g) for i, j in idx.items()}
+
+    s = Outputs(s.logits, maps("student"), s.pooled)
+    ts = [Outputs(t.logits, maps("teacher"), t.pooled) for t in ts]
+    shapes = {role: {i: GOLDEN_STAGES[role][j] for i, j in idx.items()} for role in GOLDEN_STAGES}
+    return s, ts, batch, Probe("s", 5, shapes["student"], (7,)), [Probe("t", 5, shapes["teacher"], (9,)) for _ in ts]
+
+
 def golden_values() -> dict[str, dict[str, float]]:
     values = {}
     for name in sorted(METHODS):
         cls = METHODS[name]
         torch.manual_seed(0)  # adapters are initialised from the global RNG
         m = build_method(cls)
-        s, ts, batch = fixed_outputs()
-        ts = ts[: min(cls.max_teachers, 2)]
-        from kdbench.method import Probe
-        m.setup(Probe("s", 5, {2: (4, 4, 4)}, (7,)), [Probe("t", 5, {2: (6, 2, 2)}, (9,)) for _ in ts])
+        s, ts, batch, s_probe, t_probes = golden_inputs(cls, m.taps())
+        m.setup(s_probe, t_probes)
         values[name] = {k: round(v.item(), 6) for k, v in m(s, ts, batch).items()}
     return values
 

@@ -9,7 +9,13 @@ import pandas as pd
 import pytest
 
 from kdbench.errors import KdbenchError
-from kdbench.report.reproduce import COLUMNS, Cell, check_ordering, compare, write_reproduction
+from kdbench.report.reproduce import (
+    COLUMNS,
+    Cell,
+    check_ordering,
+    compare,
+    write_reproduction,
+)
 from kdbench.report.reproduce_markdown import NOT_REAL_WARNING
 from kdbench.report.reproduce_markdown import reproduction_markdown as markdown
 from kdbench.suites import Tolerance

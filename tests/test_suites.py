@@ -6,23 +6,29 @@ import csv
 import json
 import os
 import shutil
-from pathlib import Path
-
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from tiny import REPO
 
 from kdbench.data import NORMALISATION, load_dataset
-from kdbench.train import apply_max_norm, train
 from kdbench.errors import KdbenchError
 from kdbench.models.crd_names import timm_name
 from kdbench.recipe import get_recipe
 from kdbench.registry import build_method, load_methods
+from kdbench.suites import (
+    Pair,
+    all_suites,
+    builtin_dir,
+    builtin_names,
+    get_suite,
+    read_published,
+)
 from kdbench.sweep import Request, Sweep
 from kdbench.sweep.hparams import parse_table
-from kdbench.suites import Pair, all_suites, builtin_dir, builtin_names, get_suite, read_published
+from kdbench.train import apply_max_norm, train
 from kdbench.zoo import check_model_name, create
 
 SUITES_DIR = REPO / "benchmarks" / "suites"

@@ -10,7 +10,6 @@ from typing import Any
 
 from .. import __version__
 
-
 EXAMPLES = """\
 examples:
   kdbench run --methods all                      # embedded digits suite, every method (~5 min on 2 CPU cores)

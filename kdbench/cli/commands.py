@@ -9,7 +9,15 @@ from pathlib import Path
 from .. import distributed
 from ..errors import KdbenchError
 from ..recipe import get_recipe
-from ..suites import Pair, Suite, all_suites, builtin_dir, get_suite, pair_label, read_published
+from ..suites import (
+    Pair,
+    Suite,
+    all_suites,
+    builtin_dir,
+    get_suite,
+    pair_label,
+    read_published,
+)
 from ..sweep.driver import Sweep
 from ..sweep.plan import resolve_device
 from ..sweep.request import Request

@@ -25,7 +25,16 @@ from .aggregate import (
     setup_rows,
     throughput_setups,
 )
-from .rows import BASELINE, METRICS, TEACHER, Col, distinct, is_teacher, mean_of, numeric
+from .rows import (
+    BASELINE,
+    METRICS,
+    TEACHER,
+    Col,
+    distinct,
+    is_teacher,
+    mean_of,
+    numeric,
+)
 
 #: Marks a cell that averages several runs of one seed.
 DUP_MARK = "‡"

@@ -22,7 +22,16 @@ import pandas as pd
 
 from ..files import atomic_write
 from ..suites import PAIR_ARROW, pair_label
-from .aggregate import Benchmark, Entry, PairColumn, aggregate, method_order, pairs_of, slugify, throughput_setups
+from .aggregate import (
+    Benchmark,
+    Entry,
+    PairColumn,
+    aggregate,
+    method_order,
+    pairs_of,
+    slugify,
+    throughput_setups,
+)
 from .markdown import fmt
 from .rows import BASELINE, METRICS, TEACHER, Col
 

@@ -10,8 +10,24 @@ import numpy as np
 import pandas as pd
 
 from ..suites import Tolerance
-from .plots import MARKERS, RC, figure, method_colours, point, save_figure, side_legend, style
-from .published import METRIC_NAME, METRICS, NOT_REAL, is_shortened, rule_text, table_heading
+from .plots import (
+    MARKERS,
+    RC,
+    figure,
+    method_colours,
+    point,
+    save_figure,
+    side_legend,
+    style,
+)
+from .published import (
+    METRIC_NAME,
+    METRICS,
+    NOT_REAL,
+    is_shortened,
+    rule_text,
+    table_heading,
+)
 
 
 def plot_reproduction(table: pd.DataFrame, path: Path, *, title: str, tolerance: Tolerance) -> Path | None:

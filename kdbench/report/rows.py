@@ -17,7 +17,6 @@ from ..files import warn
 from ..sweep.columns import Col
 from ..sweep.store import ResultsStore
 
-
 #: Two method names are part of the contract: ``teacher`` (rows of kind ``teacher``: the teacher
 #: models themselves) and ``ce`` (the label-only baseline, one run of which serves every pair with
 #: its student). Every other method is treated alike.

@@ -35,7 +35,6 @@ from .request import Request
 from .spec import RunSpec, Spec, TeacherSpec
 from .store import Busy, ResultsStore
 
-
 #: On the CPU, --teacher-cache auto builds a cache only up to this size (host memory is shared).
 CPU_CACHE_BYTES = 1 << 30
 

@@ -29,7 +29,8 @@ from typing import Any
 
 from .. import distributed
 from ..errors import KdbenchError
-from ..files import disk_error, atomic_write_bytes, warn
+from ..files import atomic_write_bytes, disk_error, warn
+
 
 class Busy(Exception):
     """Another live process holds this run's lock (it is training it now)."""

@@ -2,7 +2,15 @@
 (:mod:`.checkpoint`), the loop and evaluation (:mod:`.engine`), and the teacher-output cache
 (:mod:`.teacher_cache`)."""
 
-from .engine import Diverged, EpochLog, TrainResult, evaluate, make_optimizer, predict, train
+from .engine import (
+    Diverged,
+    EpochLog,
+    TrainResult,
+    evaluate,
+    make_optimizer,
+    predict,
+    train,
+)
 from .options import PRECISIONS, EngineOptions, as_fp32, freeze
 from .step import TrainStep, apply_max_norm
 from .teacher_cache import ViewCache, build_view_cache, cacheable
