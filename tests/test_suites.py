@@ -26,7 +26,7 @@ from kdbench.suites import (
     get_suite,
     read_published,
 )
-from kdbench.sweep import Request, Sweep
+from kdbench.sweep import HParams, Request, Sweep
 from kdbench.sweep.hparams import parse_table
 from kdbench.train import apply_max_norm, train
 from kdbench.zoo import check_model_name, create
@@ -144,11 +144,34 @@ def suite_methods(suite_name: str) -> dict[str, object]:
 @pytest.mark.parametrize("suite", ["crd-table1", "crd-table2"])
 def test_crd_per_method_weights(suite):
     m = suite_methods(suite)
-    assert set(m) == {"ce", "kd", "fitnets", "rkd"}
+    assert set(m) == {"ce", "kd", "fitnets", "rkd", "at", "sp", "cc", "vid", "pkt", "nst"}
     kd, fit, rkd = m["kd"].config(), m["fitnets"].config(), m["rkd"].config()
     assert (kd["ce_weight"], kd["kd_weight"], kd["temperature"]) == (0.1, 0.9, 4.0)
     assert (fit["ce_weight"], fit["hint_weight"], fit["stage"], fit["schedule"]) == (1.0, 100.0, 2, "joint")
     assert (rkd["ce_weight"], rkd["distance_weight"], rkd["angle_weight"]) == (1.0, 25.0, 50.0)
+    # run_cifar_distill.sh's -b for the rest, all with CE weight 1 and no KD term
+    weights = {"at": 1000.0, "sp": 3000.0, "cc": 0.02, "vid": 1.0, "pkt": 30000.0, "nst": 50.0}
+    assert {n: (m[n].config()["ce_weight"], m[n].config()[f"{n}_weight"]) for n in weights} == \
+        {n: (1.0, w) for n, w in weights.items()}
+
+
+@pytest.mark.parametrize("suite", ["crd-table1", "crd-table2"])
+def test_crd_feature_methods_tap_repdistillers_stages(suite):
+    """AT, NST and VID use feat[1:-1]: the last three stages of 4-stage models, the last four of 5-stage ones."""
+    from kdbench.features import stage_count
+    from kdbench.sweep.hparams import settings
+
+    s = get_suite(suite)
+    methods = load_methods([])
+    req = Request(methods=None, pairs=s.pairs, dataset=s.dataset, recipe=s.recipe,
+                  hparams=HParams(pairs={p.label: parse_table(p.hparams, methods, s.name) for p in s.pairs}))
+    for pair in s.pairs:
+        stages = {stage_count(create(m, num_classes=100, in_chans=3, img_size=32)) for m in (*pair.teachers, pair.student)}
+        assert len(stages) == 1, pair.label  # RepDistiller pairs feat lists of equal length
+        want = tuple(range(-(stages.pop() - 1), 0))
+        for name in ("at", "nst", "vid"):
+            [hp] = settings(req.hparams, name, pair.label)
+            assert build_method(methods[name], hp).config()["stages"] == want, (pair.label, name)
 
 
 def test_hinton_suite_regularises_the_teacher_only():
