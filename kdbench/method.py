@@ -163,4 +163,24 @@ def check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-__all__ = ["Batch", "Method", "Outputs", "Probe", "Taps", "check_temperature", "check_weights"]
+def check_stages(stages: Sequence[float], method: str) -> tuple[int, ...]:
+    """The tapped stages as distinct ints (a suite may write them as TOML floats)."""
+    if not stages or not all(float(i).is_integer() for i in stages) or len(set(stages)) != len(stages):
+        raise ValueError(f"stages must be one or more distinct stage indices (negative counts from the end), "
+                         f"e.g. {method}.stages=-3,-2,-1; got {tuple(stages)}")
+    return tuple(int(i) for i in stages)
+
+
+def check_maps(stages: Sequence[int], student: Probe, teachers: Sequence[Probe], method: str) -> None:
+    """Refuse stages that are not C x H x W maps: a vector (an MLP's hidden layer) has no positions."""
+    for probe in (student, *teachers):
+        for i in stages:
+            shape = probe.stages[i]
+            if len(shape) != 3:
+                raise ValueError(f"{method} needs C x H x W stage maps, but stage {i} of {probe.model} has shape "
+                                 f"{shape} (a vector has no spatial positions); choose convolutional models or "
+                                 f"other stages (--set {method}.stages=...)")
+
+
+__all__ = ["Batch", "Method", "Outputs", "Probe", "Taps", "check_maps", "check_stages", "check_temperature",
+           "check_weights"]

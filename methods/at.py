@@ -7,41 +7,17 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdbench.method import Batch, Method, Outputs, Probe, Taps, check_weights
-
-
-def stage_indices(stages: Sequence[float], method: str) -> tuple[int, ...]:
-    """The tapped stages as distinct ints (a suite may write them as TOML floats)."""
-    if not stages or not all(float(i).is_integer() for i in stages) or len(set(stages)) != len(stages):
-        raise ValueError(f"stages must be one or more distinct stage indices (negative counts from the end), "
-                         f"e.g. {method}.stages=-3,-2,-1; got {tuple(stages)}")
-    return tuple(int(i) for i in stages)
-
-
-def spatial_shapes(stages: Sequence[int], student: Probe, teachers: Sequence[Probe], method: str) -> None:
-    """Refuse stages that are not C x H x W maps: a vector (an MLP's hidden layer) has no positions."""
-    for probe in (student, *teachers):
-        for i in stages:
-            shape = probe.stages[i]
-            if len(shape) != 3:
-                raise ValueError(f"{method} needs C x H x W stage maps, but stage {i} of {probe.model} has shape "
-                                 f"{shape} (a vector has no spatial positions); choose convolutional models or "
-                                 f"other stages (--set {method}.stages=...)")
-
-
-def same_size(f_s: Tensor, f_t: Tensor) -> tuple[Tensor, Tensor]:
-    """Average-pool the larger of two maps down to the smaller one's height and width.
-
-    RepDistiller's ``at_loss`` and ``nst_loss`` do this (with ``adaptive_avg_pool2d``) whenever the
-    heights differ, which every cross-family pair of CRD's Table 2 needs. Shapes are static, so the
-    branch is on Python ints and traces without a graph break.
-    """
-    h, w = min(f_s.shape[2], f_t.shape[2]), min(f_s.shape[3], f_t.shape[3])
-    if f_s.shape[2:] != (h, w):
-        f_s = F.adaptive_avg_pool2d(f_s, (h, w))
-    if f_t.shape[2:] != (h, w):
-        f_t = F.adaptive_avg_pool2d(f_t, (h, w))
-    return f_s, f_t
+from kdbench.losses import pool_to_common_size
+from kdbench.method import (
+    Batch,
+    Method,
+    Outputs,
+    Probe,
+    Taps,
+    check_maps,
+    check_stages,
+    check_weights,
+)
 
 
 def attention(f: Tensor, p: float) -> Tensor:
@@ -78,17 +54,17 @@ class AT(Method):
             raise ValueError(f"p must be > 0 (the attention map is mean_c |f|^p), got {p}")
         self.at_weight = at_weight
         self.p = p
-        self.stages = stage_indices(stages, self.name)
+        self.stages = check_stages(stages, self.name)
 
     def taps(self) -> Taps:
         return Taps(stages=self.stages)
 
     def setup(self, student: Probe, teachers: Sequence[Probe]) -> None:
-        spatial_shapes(self.stages, student, teachers, self.name)
+        check_maps(self.stages, student, teachers, self.name)
 
     def forward(self, student: Outputs, teachers: Sequence[Outputs], batch: Batch) -> dict[str, Tensor]:
         total = 0.0
         for i in self.stages:
-            f_s, f_t = same_size(student.stages[i], teachers[0].stages[i])
+            f_s, f_t = pool_to_common_size(student.stages[i], teachers[0].stages[i])
             total = total + (attention(f_s, self.p) - attention(f_t, self.p)).pow(2).mean()
         return {"at": self.at_weight * total}

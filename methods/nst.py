@@ -7,44 +7,17 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdbench.method import Batch, Method, Outputs, Probe, Taps, check_weights
-
-# The helpers below repeat methods/at.py's on purpose: a run's id fingerprints the method's own file
-# (kdbench.registry.method_source), so each method keeps the code it runs in that file.
-
-
-def stage_indices(stages: Sequence[float], method: str) -> tuple[int, ...]:
-    """The tapped stages as distinct ints (a suite may write them as TOML floats)."""
-    if not stages or not all(float(i).is_integer() for i in stages) or len(set(stages)) != len(stages):
-        raise ValueError(f"stages must be one or more distinct stage indices (negative counts from the end), "
-                         f"e.g. {method}.stages=-3,-2,-1; got {tuple(stages)}")
-    return tuple(int(i) for i in stages)
-
-
-def spatial_shapes(stages: Sequence[int], student: Probe, teachers: Sequence[Probe], method: str) -> None:
-    """Refuse stages that are not C x H x W maps: a vector (an MLP's hidden layer) has no positions."""
-    for probe in (student, *teachers):
-        for i in stages:
-            shape = probe.stages[i]
-            if len(shape) != 3:
-                raise ValueError(f"{method} needs C x H x W stage maps, but stage {i} of {probe.model} has shape "
-                                 f"{shape} (a vector has no spatial positions); choose convolutional models or "
-                                 f"other stages (--set {method}.stages=...)")
-
-
-def same_size(f_s: Tensor, f_t: Tensor) -> tuple[Tensor, Tensor]:
-    """Average-pool the larger of two maps down to the smaller one's height and width.
-
-    RepDistiller's ``nst_loss`` does this (with ``adaptive_avg_pool2d``) whenever the heights
-    differ, which every cross-family pair of CRD's Table 2 needs. Shapes are static, so the branch
-    is on Python ints and traces without a graph break.
-    """
-    h, w = min(f_s.shape[2], f_t.shape[2]), min(f_s.shape[3], f_t.shape[3])
-    if f_s.shape[2:] != (h, w):
-        f_s = F.adaptive_avg_pool2d(f_s, (h, w))
-    if f_t.shape[2:] != (h, w):
-        f_t = F.adaptive_avg_pool2d(f_t, (h, w))
-    return f_s, f_t
+from kdbench.losses import pool_to_common_size
+from kdbench.method import (
+    Batch,
+    Method,
+    Outputs,
+    Probe,
+    Taps,
+    check_maps,
+    check_stages,
+    check_weights,
+)
 
 
 def poly_kernel_mean(a: Tensor, b: Tensor) -> Tensor:
@@ -57,7 +30,7 @@ def poly_kernel_mean(a: Tensor, b: Tensor) -> Tensor:
 
 def nst_loss(f_s: Tensor, f_t: Tensor) -> Tensor:
     """Squared MMD, with the degree-2 polynomial kernel, between the two sets of channel patterns."""
-    f_s, f_t = same_size(f_s, f_t)
+    f_s, f_t = pool_to_common_size(f_s, f_t)
     s = F.normalize(f_s.flatten(2), dim=2)
     t = F.normalize(f_t.flatten(2), dim=2)
     # The teacher-teacher term is a constant; detached, as in RepDistiller (its value is kept so the
@@ -92,13 +65,13 @@ class NST(Method):
         super().__init__(ce_weight=ce_weight)
         check_weights(nst_weight=nst_weight)
         self.nst_weight = nst_weight
-        self.stages = stage_indices(stages, self.name)
+        self.stages = check_stages(stages, self.name)
 
     def taps(self) -> Taps:
         return Taps(stages=self.stages)
 
     def setup(self, student: Probe, teachers: Sequence[Probe]) -> None:
-        spatial_shapes(self.stages, student, teachers, self.name)
+        check_maps(self.stages, student, teachers, self.name)
 
     def forward(self, student: Outputs, teachers: Sequence[Outputs], batch: Batch) -> dict[str, Tensor]:
         total = 0.0
