@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdbench.method import Batch, Method, Outputs, Taps, check_weights
+from kdbench.method import Batch, Method, Outputs, Taps, check_stages, check_weights
 
 
 def similarity(features: Tensor) -> Tensor:
@@ -42,10 +42,8 @@ class SP(Method):
                  stages: tuple[int, ...] = (-1,)) -> None:
         super().__init__(ce_weight=ce_weight)
         check_weights(sp_weight=sp_weight)
-        if not stages or len(set(stages)) != len(stages):
-            raise ValueError(f"stages must name at least one stage, each once, got {stages!r}")
         self.sp_weight = sp_weight
-        self.stages = tuple(stages)
+        self.stages = check_stages(stages, self.name)
 
     def taps(self) -> Taps:
         return Taps(stages=self.stages)

@@ -9,7 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdbench.method import Batch, Method, Outputs, Probe, Taps, check_weights
+from kdbench.losses import pool_to_common_size
+from kdbench.method import (
+    Batch,
+    Method,
+    Outputs,
+    Probe,
+    Taps,
+    check_stages,
+    check_weights,
+)
 
 
 class GaussianRegressor(nn.Module):
@@ -50,12 +59,7 @@ class GaussianRegressor(nn.Module):
         if student.dim() == 2:  # vectors as 1x1 maps
             student, teacher = student[:, :, None, None], teacher[:, :, None, None]
         # RepDistiller pools whichever map is larger down to the other's size before regressing.
-        (s_h, s_w), (t_h, t_w) = student.shape[2:], teacher.shape[2:]
-        size = (min(s_h, t_h), min(s_w, t_w))
-        if (s_h, s_w) != size:
-            student = F.adaptive_avg_pool2d(student, size)
-        if (t_h, t_w) != size:
-            teacher = F.adaptive_avg_pool2d(teacher, size)
+        student, teacher = pool_to_common_size(student, teacher)
         mean = self.regressor(student)
         var = self.variance().view(1, -1, 1, 1)
         return (0.5 * ((mean - teacher).pow(2) / var + var.log())).mean()
@@ -81,14 +85,12 @@ class VID(Method):
                  stages: tuple[int, ...] = (-3, -2, -1), init_pred_var: float = 5.0, eps: float = 1e-5) -> None:
         super().__init__(ce_weight=ce_weight)
         check_weights(vid_weight=vid_weight)
-        if not stages or len(set(stages)) != len(stages):
-            raise ValueError(f"stages must name at least one stage, each once, got {stages!r}")
         if not (eps > 0 and math.isfinite(eps)):
             raise ValueError(f"eps (the variance floor) must be > 0, got {eps}")
         if not (init_pred_var > eps and math.isfinite(init_pred_var)):
             raise ValueError(f"init_pred_var must be finite and above eps ({eps}), got {init_pred_var}")
         self.vid_weight = vid_weight
-        self.stages = tuple(stages)
+        self.stages = check_stages(stages, self.name)
         self.init_pred_var = init_pred_var
         self.eps = eps
         self.regressors = nn.ModuleList()

@@ -108,8 +108,8 @@ def test_traces_as_one_graph():
     ({"sp_weight": -1.0}, "sp_weight must be >= 0"),
     ({"sp_weight": float("nan")}, "sp_weight"),
     ({"ce_weight": -0.5}, "ce_weight must be >= 0"),
-    ({"stages": ()}, "stages must name at least one stage"),
-    ({"stages": (-1, -1)}, "each once"),
+    ({"stages": ()}, "stages must be one or more distinct stage indices"),
+    ({"stages": (-1, -1)}, "distinct stage indices"),
     ({"stages": (1.5,)}, "stages"),
 ])
 def test_out_of_range_hyperparameters_are_refused(overrides, message):

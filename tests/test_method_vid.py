@@ -161,8 +161,8 @@ def test_traces_as_one_graph():
     ({"init_pred_var": 1e-6}, "init_pred_var must be"),  # below eps: no softplus gives it
     ({"init_pred_var": float("inf")}, "init_pred_var must be finite"),
     ({"eps": 0.0}, "eps"),
-    ({"stages": ()}, "stages must name at least one stage"),
-    ({"stages": (-2, -2)}, "each once"),
+    ({"stages": ()}, "stages must be one or more distinct stage indices"),
+    ({"stages": (-2, -2)}, "distinct stage indices"),
 ])
 def test_out_of_range_hyperparameters_are_refused(overrides, message):
     with pytest.raises(KdbenchError, match=message):
