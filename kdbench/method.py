@@ -66,10 +66,14 @@ class Probe:
 
 @dataclass
 class Batch:
-    """The batch being trained on, and where in the schedule it is."""
+    """The batch being trained on, and where in the schedule it is.
+
+    ``labels`` is None on an unlabelled transfer set (kdbench.data.transfer): the engine adds no
+    cross-entropy then, and a method that reads the labels is left out of such pairs with a note.
+    """
 
     images: Tensor
-    labels: Tensor
+    labels: Tensor | None
     epoch: int
     epochs: int
 

@@ -35,6 +35,12 @@ class Recipe:
     # weight vector (a row of a Linear weight, a conv filter) is rescaled to at most this L2
     # norm. 0 = off. Hinton et al. 2015 trained their MNIST teacher with it.
     max_norm: float = 0.0
+    # A stratified part of the training set (data.holdout, split seed 0) held out for validation:
+    # 0 = off, else in (0, 0.5]. The best epoch can then be chosen on it rather than on the test set.
+    val_fraction: float = 0.0
+    # Early stopping: end training after this many epochs without a new best validation top-1
+    # (0 = off; needs val_fraction > 0).
+    early_stop: int = 0
 
     def __post_init__(self) -> None:
         if self.full_epochs == 0:
@@ -45,9 +51,19 @@ class Recipe:
         for key in ("lr", "gamma"):
             if not getattr(self, key) > 0:
                 raise KdbenchError(f"recipe '{self.name}': {key} must be positive, got {getattr(self, key)}")
-        for key in ("momentum", "weight_decay", "crop_padding", "max_norm"):
+        for key in ("momentum", "weight_decay", "crop_padding", "max_norm", "early_stop"):
             if getattr(self, key) < 0:
                 raise KdbenchError(f"recipe '{self.name}': {key} must be >= 0, got {getattr(self, key)}")
+        self._check_validation()
+
+    def _check_validation(self) -> None:
+        """val_fraction and early_stop: refused before any training."""
+        if self.val_fraction != 0 and not 0 < self.val_fraction <= 0.5:
+            raise KdbenchError(f"recipe '{self.name}': val_fraction must be 0 (no validation split) or in "
+                               f"(0, 0.5], got {self.val_fraction}; use e.g. val_fraction = 0.1")
+        if self.early_stop > 0 and self.val_fraction == 0:
+            raise KdbenchError(f"recipe '{self.name}': early_stop = {self.early_stop} needs a validation split "
+                               "to watch; set val_fraction (e.g. 0.1) too, or early_stop = 0")
 
     @property
     def shortened(self) -> bool:
@@ -56,9 +72,14 @@ class Recipe:
     @property
     def label(self) -> str:
         """How the schedule is named in every table, plot and row."""
-        if self.shortened:
-            return f"{self.name}, shortened: {self.epochs} of {self.full_epochs} epochs"
-        return f"{self.name}, {self.epochs} epochs"
+        label = (f"{self.name}, shortened: {self.epochs} of {self.full_epochs} epochs" if self.shortened
+                 else f"{self.name}, {self.epochs} epochs")
+        # A validation split changes what a run trains on: the report must not average it with runs without.
+        if self.val_fraction:
+            label += f", {100 * self.val_fraction:g}% held out for validation"
+        if self.early_stop:
+            label += f", early stopping (patience {self.early_stop})"
+        return label
 
     @property
     def lr_milestones(self) -> tuple[int, ...]:
@@ -97,7 +118,7 @@ class Recipe:
         return without_later_fields(d, _LATER_FIELDS)  # run ids hash this dict
 
 
-_LATER_FIELDS: dict[str, Any] = {"max_norm": 0.0}
+_LATER_FIELDS: dict[str, Any] = {"max_norm": 0.0, "val_fraction": 0.0, "early_stop": 0}
 
 
 RECIPES: dict[str, Recipe] = {

@@ -18,6 +18,8 @@ from typing import Any
 
 import tomllib
 
+from .bias import Bias
+from .data.transfer import TransferSet
 from .errors import KdbenchError, suggest, unknown
 from .recipe import Recipe, get_recipe
 
@@ -44,6 +46,10 @@ class Pair:
     methods: tuple[str, ...] = ()  # only these methods run on this pair (a suite's choice; () = all)
     #: Hyperparameters for this pair only, as typed ``(method.name, value)`` (e.g. DKD's β per pair).
     hparams: tuple[tuple[str, Any], ...] = ()
+    #: The images the student distils on (default: the suite's training set; kdbench.data.transfer).
+    transfer: TransferSet = TransferSet()
+    #: Bias adjustments its student runs report (kdbench.bias); an evaluation option.
+    bias: Bias = Bias()
 
     def __post_init__(self) -> None:
         if not self.teacher_seeds:
@@ -55,7 +61,9 @@ class Pair:
 
     @property
     def label(self) -> str:
-        return pair_label(self.teacher_labels, self.student)
+        """'a+b→s', with its transfer set named: 'a→s (transfer: without 3)'."""
+        label = pair_label(self.teacher_labels, self.student)
+        return label + (f" (transfer: {self.transfer.label})" if not self.transfer.empty else "")
 
     @classmethod
     def parse(cls, text: str) -> Pair:
@@ -87,7 +95,7 @@ class Tolerance:
 
     def allowed(self, metric: str, published: float, std: float) -> float:
         """The largest |Δ| still within for one cell (``std``: kdbench's σ over seeds, or NaN)."""
-        if metric == "test_errors":
+        if metric in ("test_errors", "test_error_pct"):
             return self.relative * abs(published)
         # One seed has no σ: the floor alone applies (max() with NaN would return NaN).
         return self.points if math.isnan(std) else max(self.sigmas * std, self.points)
@@ -165,20 +173,23 @@ def _expect(value: Any, kind: type | tuple[type, ...], what: str, where: str) ->
 
 
 def _pair_item(item: Any, where: str) -> Pair:
-    """A pairs entry: "T:S", or a table { pair = "T:S", methods = [...], hparams = {...} } with this
-    pair's own methods and hyperparameters."""
+    """A pairs entry: "T:S", or a table { pair = "T:S", methods = [...], hparams = {...}, transfer = {...},
+    bias = ... } with this pair's own methods, hyperparameters, transfer set and bias adjustment."""
     try:
         if isinstance(item, str):
             return Pair.parse(item)
         _expect(item, dict, "pairs item", where)
-        _check_keys(item, {"pair", "methods", "hparams"}, f"{where} pairs item")
+        _check_keys(item, {"pair", "methods", "hparams", "transfer", "bias"}, f"{where} pairs item")
         pair = Pair.parse(_expect(item.get("pair", ""), str, "pair", where))
     except KdbenchError as exc:
         raise KdbenchError(f"{where}: {exc}" if where not in str(exc) else str(exc)) from None
     methods = tuple(_expect(m, str, "methods item", where) for m in _expect(item.get("methods", []), list, "methods", where))
     hparams = tuple((f"{m}.{k}", _frozen(v)) for m, hp in _expect(item.get("hparams", {}), dict, "hparams", where).items()
                     for k, v in _expect(hp, dict, f"hparams.{m}", where).items())
-    return Pair(pair.teachers, pair.student, pair.teacher_seeds, methods, hparams)
+    at = f"{where} pair {pair.label}"
+    transfer = TransferSet.from_table(item["transfer"], at) if "transfer" in item else TransferSet()
+    bias = Bias.parse(item["bias"], at) if "bias" in item else Bias()
+    return Pair(pair.teachers, pair.student, pair.teacher_seeds, methods, hparams, transfer, bias)
 
 
 def _published_file(name: str, suite_path: Path, where: str) -> Path:
@@ -301,12 +312,31 @@ def all_suites() -> list[Suite]:
 
 # -- published numbers ------------------------------------------------------------------------------
 
+#: A published CSV's value columns: top-1 %, a count of test errors, or test errors in percent.
+_VALUE_COLUMNS = ("top1", "test_errors", "test_error_pct")
+
+
+def _measured_on(rec: Mapping[str, str], where: str) -> dict[str, Any]:
+    """The optional columns saying what a cell was measured on: the student's transfer set (its label,
+    e.g. 'without 3'), a bias adjustment ('given' offsets, or 'val': searched on held-out images) and
+    one class's test images only (``of_class``: e.g. the errors on the 3s)."""
+    bias = (rec.get("bias") or "").strip()
+    if bias not in ("", "given", "val"):
+        raise KdbenchError(f"{where}: bias must be empty, 'given' or 'val', got '{bias}'")
+    of_class = (rec.get("of_class") or "").strip()
+    if of_class and not of_class.isdigit():
+        raise KdbenchError(f"{where}: of_class must be a class index (e.g. 3), got '{of_class}'")
+    return {"transfer": (rec.get("transfer") or "").strip(), "bias": bias,
+            "of_class": int(of_class) if of_class else None}
+
+
 def read_published(suite: Suite, model_name: Any) -> list[dict[str, Any]]:
     """The published cells of a suite's pairs, as dicts for ``kdbench.report.reproduce.Cell``.
 
     ``model_name`` maps a paper's model name to a timm name (``kdbench.models.timm_name``).
-    A CSV has columns table, teacher, student, method, a value column (``top1`` or
-    ``test_errors``), selection (``last_epoch``/``best_epoch``) and source, plus an optional note.
+    A CSV has columns table, teacher, student, method, a value column (``top1``, ``test_errors`` or
+    ``test_error_pct``), selection (``last_epoch``/``best_epoch``) and source, plus optional
+    ``note``, ``transfer``, ``bias`` and ``of_class`` (see :func:`_measured_on`).
     """
     if suite.reproduce is None:
         return []
@@ -320,9 +350,9 @@ def read_published(suite: Suite, model_name: Any) -> list[dict[str, Any]]:
                 where = f"{path}, line {i}"
                 if rep.tables and rec.get("table", "") not in rep.tables:
                     continue
-                metric = "top1" if rec.get("top1") else "test_errors" if rec.get("test_errors") else ""
+                metric = next((m for m in _VALUE_COLUMNS if rec.get(m)), "")
                 if not metric:
-                    raise KdbenchError(f"{where}: needs a top1 or test_errors value")
+                    raise KdbenchError(f"{where}: needs a value in one of the columns {', '.join(_VALUE_COLUMNS)}")
                 if rec[metric].strip().upper() == "N/A":
                     continue  # the paper reports no number for this cell (e.g. FSP on wrn_40_1)
                 teachers = tuple(model_name(t) for t in rec["teacher"].split("+"))
@@ -341,5 +371,6 @@ def read_published(suite: Suite, model_name: Any) -> list[dict[str, Any]]:
                     teachers=teachers, student=student, method=names.get(rec["method"], rec["method"]),
                     paper_method=rec["method"], metric=metric, value=value, selection=selection,
                     source=rec["source"], table=rec.get("table", ""), note=rec.get("note", "") or "",
+                    **_measured_on(rec, where),
                 ))
     return cells

@@ -330,3 +330,31 @@ def test_precisions_are_separate_tables_not_seeds(tmp_path):
     bf16 = tables[f"table_{FULL_SLUG}_bf16.md"]
     assert "| kd | 60.50 ± 0.71 |" in bf16 and bf16.splitlines()[0].split(" — ")[0].endswith("· bf16")
     assert "| kd | 80.50 ± 0.71 |" in tables[f"table_{FULL_SLUG.replace('cifar100', 'cifar10')}.md"]
+
+
+def test_a_one_hyperparameter_sweep_gets_its_curve_and_its_best_value(tmp_path):
+    """Runs of kd at several temperatures: one figure of error against T, one line per pair, and the
+    markdown names the temperature with the lowest mean error (from the numbers, not a label)."""
+    (tmp_path / "runs").mkdir()
+    curves = {W16: {1.0: 70.0, 4.0: 74.0, 8.0: 73.0}, R20: {1.0: 60.0, 4.0: 66.0, 8.0: 67.5}}
+    teachers = {W16: WRN, R20: R56}
+    for student, by_t in curves.items():
+        for t, top1 in by_t.items():
+            for seed in (0, 1):
+                r = row("kd", teachers[student], student, seed, top1 + seed * 0.2)
+                r.update(run_id=f"{r['run_id']}-t{t}", hparams=json.dumps({"temperature": t, "kd_weight": 0.9}))
+                (tmp_path / "runs" / f"{r['run_id']}.json").write_text(json.dumps(r))
+    r = row("ce", "", R20, 0, 65.0)
+    (tmp_path / "runs" / f"{r['run_id']}.json").write_text(json.dumps(r))
+    written = build_report(tmp_path)
+    sweeps = [p for p in written if p.name.startswith("sweep_kd_temperature_")]
+    assert len(sweeps) == 1 and sweeps[0].stat().st_size > 10_000
+    table = next(p for p in written if p.name.startswith("table_") and p.suffix == ".md").read_text()
+    assert f"kd on {WRN}→{W16}: lowest mean test error 25.90% at temperature = 4" in table
+    assert f"kd on {R56}→{R20}: lowest mean test error 32.40% at temperature = 8" in table
+    assert sweeps[0].name in table  # linked from the table
+
+
+def test_a_single_setting_draws_no_sweep(report):
+    _, written = report
+    assert not [p for p in written if p.name.startswith("sweep_")]

@@ -288,3 +288,60 @@ def test_test_errors_need_test_size():
     rows = MNIST.drop(columns="test_size")
     with pytest.raises(KdbenchError, match="test_size"):
         compare(rows, [CELLS[-1]], Tolerance())
+
+
+# -- transfer sets, bias offsets, one class's errors ---------------------------------------------
+def _transfer_rows() -> pd.DataFrame:
+    """kd on the full training set, and on the set without 3s with and without the 3's bias raised."""
+    full = runs("kd", BIG, SMALL, [99.20], [99.25], dataset="mnist")
+    no3 = [row("kd", BIG, SMALL, s, last, last + 0.1, dataset="mnist", transfer="without 3",
+               test_errors=errors, test_errors_bias_given=adjusted,
+               **{"class_errors.3": on3, "class_errors_bias_given.3": adj3})
+           for s, (last, errors, adjusted, on3, adj3) in enumerate([(97.90, 210, 110, 130, 16),
+                                                                      (97.96, 204, 104, 136, 12)])]
+    return pd.DataFrame(full + no3)
+
+
+def _no3(value, *, metric="test_errors", bias="", of_class=None) -> Cell:
+    return Cell((BIG,), SMALL, "kd", "soft_targets", metric, value, "last", HINTON, "no 3", "",
+                transfer="without 3", bias=bias, of_class=of_class)
+
+
+def test_a_transfer_set_cell_reads_only_the_runs_on_that_transfer_set():
+    out = compare(_transfer_rows(), [_no3(206), Cell((BIG,), SMALL, "kd", "kd", "test_errors", 74, "last", HINTON)],
+                  Tolerance())
+    no3, full = out.iloc[0], out.iloc[1]
+    assert (no3["kdbench"], no3["seeds"]) == (pytest.approx(207.0), 2)  # 210 and 204 from top-1 97.90/97.96
+    assert no3["measured_on"] == "transfer without 3"
+    assert (full["kdbench"], full["seeds"]) == (pytest.approx(80.0), 1)  # not averaged with the no-3 runs
+
+
+def test_bias_and_one_class_cells_read_the_measured_counts_at_the_last_epoch_only():
+    cells = [_no3(109, bias="given"), _no3(133, of_class=3), _no3(14, bias="given", of_class=3),
+             _no3(1.09, metric="test_error_pct", bias="given")]
+    out = compare(_transfer_rows(), cells, Tolerance())
+    assert out["kdbench"].tolist() == pytest.approx([107.0, 133.0, 14.0, 1.07])
+    assert out["other_rule"].isna().all()  # the offsets act on the last epoch's logits: no best-epoch value
+    assert out["measured_on"].tolist()[2] == "transfer without 3 · bias offsets given · on class 3"
+    text = markdown(out, title="t", tolerance=Tolerance())
+    assert "kd (soft_targets); transfer without 3 · bias offsets given · on class 3" in text
+
+
+def test_error_percent_cells_use_the_relative_tolerance():
+    out = compare(_transfer_rows(), [_no3(2.0, metric="test_error_pct")], Tolerance(relative=0.15))
+    line_ = out.iloc[0]
+    assert line_["kdbench"] == pytest.approx(2.07) and line_["tolerance"] == pytest.approx(0.3)
+    assert line_["verdict"] == "within"
+
+
+def test_runs_without_the_bias_counts_are_an_error_that_says_how_to_get_them():
+    rows = pd.DataFrame([row("kd", BIG, SMALL, 0, 97.9, 98.0, dataset="mnist", transfer="without 3")])
+    with pytest.raises(KdbenchError, match="record no test_errors_bias_given.*set the pair's bias"):
+        compare(rows, [_no3(109, bias="given")], Tolerance())
+
+
+def test_the_ordering_check_leaves_out_transfer_set_cells():
+    table = compare(_transfer_rows(), [Cell((BIG,), SMALL, "kd", "kd", "test_errors", 74, "last", HINTON),
+                                       _no3(206)], Tolerance())
+    assert check_ordering(table, ["kd"]) == []  # one method: nothing to order, and no-3 is not a second kd
+    assert len(check_ordering(table.assign(method=["kd", "ce"]), ["kd", "ce"])) == 0

@@ -132,20 +132,30 @@ def test_hinton_mnist_on_real_mnist(mnist_root, tmp_path, capsys):
     """A shortened, limited run on real MNIST: error counts, verdicts and the ordering line are produced."""
     res = tmp_path / "res"
     code, out, err = run_cli(["reproduce", "hinton-mnist", "--data-dir", str(mnist_root), "--limit", "1000",
-                              "--epochs", "1", "--throughput-batch", "8", "--results-dir", str(res), "-q"], capsys)
+                              "--epochs", "1", "--seeds", "0", "--throughput-batch", "8", "--results-dir", str(res),
+                              "-q"], capsys)
     assert code == 0, err
     assert "hinton_mlp_1200→hinton_mlp_800: teacher" in out and "test errors" in out
-    rows = {r["method"]: r for r in rows_of(res)}
+    everything = rows_of(res)
+    rows = {r["method"]: r for r in everything if not r.get("transfer")}
     assert rows["teacher"]["real_data"] is True and json.loads(rows["teacher"]["model_kwargs"]) == {
         "drop_rate": 0.5, "input_drop_rate": 0.2}
     assert json.loads(rows["teacher"]["recipe_config"])["max_norm"] == 3.5
     assert "max_norm" not in json.loads(rows["kd"]["recipe_config"])
-    table = pd.read_csv(res / "reproduce" / "hinton-mnist" / "reproduce_hinton-mnist.csv")
-    assert list(table["published"]) == [67, 146, 74]
+    table = pd.read_csv(res / "reproduce" / "hinton-mnist" / "reproduce_hinton-mnist.csv", keep_default_na=False)
+    assert list(table["published"]) == [67, 146, 74, 206, 133, 109, 14, 47.3, 13.2]
     for method, r in rows.items():
-        line = table[table["method"] == method].iloc[0]
+        line = table[(table["method"] == method) & (table["measured_on"] == "")].iloc[0]
         assert line["kdbench"] == round((100 - r["top1_last"]) * 1000 / 100)  # errors out of 1,000 test images
         assert line["verdict"] in ("within", "outside")
+    no3 = next(r for r in everything if r.get("transfer") == "without 3")
+    assert no3["transfer_train_size"] < 1000 and json.loads(no3["bias_given"]) == {"3": 3.5}
+    lines = table[table["measured_on"].str.startswith("transfer without 3")].set_index("measured_on")["kdbench"]
+    assert lines["transfer without 3 · bias offsets given · on class 3"] == no3["class_errors_bias_given.3"]
+    assert lines["transfer without 3 · bias offsets given"] == no3["test_errors_bias_given"]
+    seven = next(r for r in everything if r.get("transfer") == "only 7, 8")
+    pct = table[table["measured_on"] == "transfer only 7, 8"]["kdbench"].iloc[0]
+    assert pct == pytest.approx(100 - seven["top1_last"])  # test error %, from the same run
 
 
 def test_suite_sweep_and_teacher_seeds_make_an_ensemble_table(tmp_path, capsys):

@@ -49,7 +49,7 @@ def pairs_of(rows: list[dict[str, str]]) -> set[tuple[tuple[str, ...], str]]:
 def test_builtin_suites_are_the_installed_files():
     assert builtin_dir().resolve() == SUITES_DIR.resolve()
     assert builtin_names() == ["crd-table1", "crd-table2", "digits", "dkd-cifar100", "ensemble-mnist",
-                               "fashion-mnist", "hinton-mnist"]
+                               "fashion-mnist", "hinton-mnist", "hinton-mnist-temperature"]
     for suite in all_suites():
         assert suite.name == suite.path.stem
         for pair in suite.pairs:
@@ -177,7 +177,9 @@ def test_crd_feature_methods_tap_repdistillers_stages(suite):
 def test_hinton_suite_regularises_the_teacher_only():
     s = get_suite("hinton-mnist")
     teacher, student = "hinton_mlp_1200", "hinton_mlp_800"
-    assert [(p.teachers, p.student) for p in s.pairs] == [((teacher,), student)]
+    assert [(p.teachers, p.student) for p in s.pairs] == [((teacher,), student)] * 3  # full set, no 3s, 7s and 8s
+    assert [p.transfer.label for p in s.pairs] == ["", "without 3", "only 7, 8"]
+    assert [p.bias.offsets for p in s.pairs] == [{}, {3: 3.5}, {7: -7.6, 8: -7.6}]  # the paper's offsets
     req = Request(methods=None, pairs=s.pairs, dataset=s.dataset, recipe=s.recipe, recipe_by_model=s.recipe_by_model)
     t, st = req.recipe_for(teacher), req.recipe_for(student)
     assert (t.crop_padding, t.max_norm) == (2, 3.5)       # jittered by up to 2 pixels, max-norm
@@ -186,8 +188,15 @@ def test_hinton_suite_regularises_the_teacher_only():
     kd = suite_methods("hinton-mnist")["kd"].config()
     assert kd["temperature"] == 20.0
     cells = read_published(s, lambda n: n)
-    assert {c["method"]: c["value"] for c in cells} == {"teacher": 67.0, "ce": 146.0, "kd": 74.0}
-    assert {c["metric"] for c in cells} == {"test_errors"}
+    plain = [c for c in cells if not c["transfer"]]
+    assert {c["method"]: c["value"] for c in plain} == {"teacher": 67.0, "ce": 146.0, "kd": 74.0}
+    assert {c["metric"] for c in plain} == {"test_errors"}
+    transfer = {(c["transfer"], c["bias"], c["of_class"], c["metric"]): c["value"] for c in cells if c["transfer"]}
+    assert transfer == {("without 3", "", None, "test_errors"): 206.0, ("without 3", "", 3, "test_errors"): 133.0,
+                        ("without 3", "given", None, "test_errors"): 109.0, ("without 3", "given", 3, "test_errors"): 14.0,
+                        ("only 7, 8", "", None, "test_error_pct"): 47.3,
+                        ("only 7, 8", "given", None, "test_error_pct"): 13.2}
+    assert t.val_fraction == 0.0 and st.val_fraction == 0.05  # the teacher trains on all 60,000 images
     tol = s.reproduce.tolerance
     assert (tol.relative, tol.ordering) == (0.15, ("teacher", "kd", "ce"))
 
@@ -327,3 +336,16 @@ def test_model_arguments_a_model_does_not_take_are_refused_before_training(tmp_p
     err = capsys.readouterr().err
     assert code == 2 and "model 'cifar_resnet8' does not take the arguments {'dropout': 0.5}" in err
     assert not (tmp_path / "res").exists()
+
+
+def test_the_temperature_suite_distils_from_hinton_mnists_own_teacher():
+    """Run into one results folder, the two suites train the 784-1200-1200 teacher once: its model
+    arguments, recipe and seed must be the same, or the temperature curve would be of another teacher."""
+    main, temps = get_suite("hinton-mnist"), get_suite("hinton-mnist-temperature")
+    teacher = "hinton_mlp_1200"
+    assert main.model_kwargs[teacher] == temps.model_kwargs[teacher]
+    assert main.recipe.with_overrides(main.recipe_by_model[teacher], "") == \
+        temps.recipe.with_overrides(temps.recipe_by_model[teacher], "")
+    assert main.recipe == temps.recipe  # the students' schedule too: the T = 20 cell is comparable
+    assert {p.teacher_seeds for p in temps.pairs} == {(0,)}
+    assert dict(main.hparams)["kd.ce_weight"] == dict(temps.hparams)["kd.ce_weight"]

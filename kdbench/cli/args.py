@@ -107,9 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--results-dir", type=Path, default=None, help="results folder (default: $KDBENCH_RESULTS, "
                      "else ./kdbench-results)")
     rep.add_argument("--out", type=Path, default=None, help="where to write (default: RESULTS_DIR/report)")
-    rep.add_argument("--metric", default="top1_last", choices=["top1_last", "top1_best", "top5_last", "top5_best"],
+    rep.add_argument("--metric", default="top1_last",
+                     choices=["top1_last", "top1_best", "top5_last", "top5_best", "top1_val_best", "top5_val_best"],
                      help="accuracy shown (default top1_last: the CRD tables report the last epoch; "
-                          "the DKD tables the best)")
+                          "the DKD tables the best, chosen on the test set; *_val_best: at the epoch with the "
+                          "best validation top-1, for runs with a recipe val_fraction)")
 
     ls = sub.add_parser("list", help="list methods, models, suites, recipes or datasets")
     ls.add_argument("what", choices=["methods", "models", "suites", "recipes", "datasets"])
@@ -139,6 +141,16 @@ def _what_options(parser: argparse.ArgumentParser, reproduce: bool) -> None:
                       + (" (CRD names like resnet56:resnet20 work too), a subset of the suite's" if reproduce else
                          ", replacing the suite's (e.g. cifar_resnet56:cifar_resnet20); MODEL@N fixes a teacher's "
                          "seed"))
+    if not reproduce:
+        what.add_argument("--transfer", action="append", default=[], metavar="SPEC",
+                          help="the student distils on a transfer set instead of the training set, for every pair: "
+                               "exclude=3[,5] (without these classes), only=7,8, dataset=NAME (another dataset's "
+                               "training images, same classes), unlabelled (no labels: soft targets only); "
+                               "repeatable, e.g. --transfer dataset=fashion_mnist --transfer unlabelled")
+        what.add_argument("--bias", action="append", default=[], metavar="CLASS=OFFSET|val",
+                          help="also report test errors with OFFSET added to CLASS's logit (e.g. 3=3.5), or with "
+                               "one offset for the classes the transfer set leaves out, searched on held-out "
+                               "training images (val; needs --val-fraction); repeatable")
     what.add_argument("--seeds", type=_seeds, help="comma-separated seeds (default: the suite's, e.g. 0); tables "
                       "show mean ± std over them")
     what.add_argument("--set", dest="sets", action="append", default=[], metavar="METHOD.HP=VALUE",
@@ -177,6 +189,13 @@ def _training_options(parser: argparse.ArgumentParser, reproduce: bool) -> None:
     if reproduce:
         train.add_argument("--epochs-scale", type=_fraction, metavar="F", help="train for F × the recipe's epochs "
                            "(e.g. 0.1: 24 of CRD's 240), at least 1; labelled 'shortened' everywhere")
+    train.add_argument("--val-fraction", type=_nonnegative_float, metavar="F",
+                       help="hold out F (0 < F <= 0.5; 0: none) of the training set, stratified, the same images for "
+                            "every run, and evaluate it every epoch: top1_val_best is the test top-1 at the epoch "
+                            "with the best validation top-1 (default: the recipe's, 0). Part of each run's id")
+    train.add_argument("--early-stop", type=_nonnegative_int, metavar="N",
+                       help="end training after N epochs without a new best validation top-1 (needs a validation "
+                            "split; 0: off; default: the recipe's). Part of each run's id")
     train.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu or cuda[:N]")
     train.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                        help="auto: bf16 on a GPU, fp32 on the CPU. bf16 runs the forward passes under autocast; "

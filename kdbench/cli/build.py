@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+from ..bias import Bias
+from ..data.transfer import TransferSet
 from ..errors import KdbenchError, unknown
 from ..executors.base import Executor, worker_env
 from ..provenance import command_line
@@ -83,6 +87,7 @@ def build_request(args: argparse.Namespace, suite: Suite, *, dataset: str, recip
                   pairs: list[Pair]) -> Request:
     """The frozen request from the shared run/reproduce options and a suite's defaults."""
     methods = load_methods(args.plugins)
+    pairs = with_transfer(args, pairs)
     if args.methods is None or args.methods.strip() == "all":
         selected = tuple(suite.methods) if args.methods is None and suite.methods else None
         named = False
@@ -96,6 +101,7 @@ def build_request(args: argparse.Namespace, suite: Suite, *, dataset: str, recip
         plugins=tuple(str(Path(f).resolve()) for f in args.plugins),
         teacher_checkpoints=parse_checkpoints(args.teacher_ckpts, pairs),
         recipe_by_model={k: dict(v) for k, v in suite.recipe_by_model.items()},
+        epochs=args.epochs or 0, epochs_scale=getattr(args, "epochs_scale", None) or 0.0,
         model_kwargs={k: dict(v) for k, v in suite.model_kwargs.items()},
         results_dir=results_dir(args.results_dir), data_dir=args.data_dir, download=args.download,
         limit=args.limit, pad_to=suite.pad_to if args.pad_to is None else args.pad_to,
@@ -103,6 +109,17 @@ def build_request(args: argparse.Namespace, suite: Suite, *, dataset: str, recip
         command=command_line(), precision=args.precision, compile=args.compile,
         channels_last=args.channels_last, teacher_cache=args.teacher_cache,
     )
+
+
+def with_transfer(args: argparse.Namespace, pairs: Sequence[Pair]) -> list[Pair]:
+    """``--transfer`` and ``--bias`` (kdbench run): every pair's transfer set and bias adjustment,
+    replacing what a suite's pairs entry sets."""
+    changes: dict[str, Any] = {}
+    if getattr(args, "transfer", None):
+        changes["transfer"] = TransferSet.from_cli(args.transfer)
+    if getattr(args, "bias", None):
+        changes["bias"] = Bias.from_cli(args.bias)
+    return [replace(p, **changes) for p in pairs] if changes else list(pairs)
 
 
 def build_executor(args: argparse.Namespace, req: Request) -> Executor | None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import distributed
 from ..errors import KdbenchError
-from ..recipe import get_recipe
+from ..recipe import Recipe, get_recipe
 from ..suites import (
     Pair,
     Suite,
@@ -92,6 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     recipe = get_recipe(args.recipe) if args.recipe else suite.recipe
     if args.epochs:
         recipe = recipe.with_epochs(args.epochs)
+    recipe = with_validation(recipe, args)
     pairs = [Pair.parse(p) for p in _csv(args.pairs)] if args.pairs else list(suite.pairs)
     req = build_request(args, suite, dataset=args.dataset or suite.dataset, recipe=recipe, pairs=pairs)
     sweep, rc = plan_and_execute(req, args)
@@ -102,18 +103,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     return rc
 
 
+def with_validation(recipe: Recipe, args: argparse.Namespace) -> Recipe:
+    """The recipe with --val-fraction and --early-stop, checked now, before anything trains.
+
+    Like --epochs they set the sweep's recipe; a suite's [recipe.by_model.X] that sets them itself wins.
+    """
+    given = {k: v for k, v in (("val_fraction", args.val_fraction), ("early_stop", args.early_stop)) if v is not None}
+    return recipe.with_overrides(given, "--val-fraction/--early-stop") if given else recipe
+
+
 def _suite_pairs(suite: Suite, wanted: str | None) -> list[Pair]:
     """A subset of the suite's own pairs, which keep their teacher seeds, methods and hyperparameters."""
     if not wanted:
         return list(suite.pairs)
-    by_models = {(p.teachers, p.student): p for p in suite.pairs}
     pairs = []
     for w in (Pair.parse(p) for p in _csv(wanted)):
         key = (tuple(model_name(t) for t in w.teachers), model_name(w.student))
-        if key not in by_models:
+        # Every entry of these models: a suite may list one pair once per transfer set.
+        found = [p for p in suite.pairs if (p.teachers, p.student) == key]
+        if not found:
             raise KdbenchError(f"pair {pair_label(*key)} is not in suite '{suite.name}'; its pairs: "
                                f"{', '.join(p.label for p in suite.pairs)}")
-        pairs.append(by_models[key])
+        pairs += [p for p in found if p not in pairs]
     return pairs
 
 
@@ -131,6 +142,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         recipe = recipe.with_epochs(max(1, round(recipe.epochs * args.epochs_scale)))
     elif args.epochs:
         recipe = recipe.with_epochs(args.epochs)
+    recipe = with_validation(recipe, args)
     dataset = f"synthetic:{suite.dataset}" if args.synthetic else suite.dataset
     req = build_request(args, suite, dataset=dataset, recipe=recipe, pairs=pairs)
     sweep, rc = plan_and_execute(req, args)

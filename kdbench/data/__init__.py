@@ -15,10 +15,11 @@ from .loader import (
     view_index,
 )
 from .sources import NORMALISATION, digits_split_indices, resolve_data_dir
-from .splits import DatasetInfo, DataSplits, pad_images
+from .splits import DatasetInfo, DataSplits, holdout, holdout_indices, pad_images
 
 __all__ = [
-    "DATASETS", "NORMALISATION", "DatasetInfo", "DataSplits", "digits_split_indices", "load_dataset", "pad_images",
+    "DATASETS", "NORMALISATION", "DatasetInfo", "DataSplits", "digits_split_indices", "holdout", "holdout_indices",
+    "load_dataset", "pad_images",
     "resolve_data_dir", "Loader", "TrainBatch", "Views", "apply_views", "augment", "draw_views", "fixed_views",
     "normalize", "view_count", "view_index",
 ]

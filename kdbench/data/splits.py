@@ -91,3 +91,47 @@ def pad_images(splits: DataSplits, size: int) -> DataSplits:
     info = replace(splits.info, img_size=size)
     return DataSplits(info, F.pad(splits.train_images, pad), splits.train_labels,
                       F.pad(splits.test_images, pad), splits.test_labels)
+
+
+
+def holdout(splits: DataSplits, fraction: float, *, seed: int = 0) -> tuple[DataSplits, Tensor, Tensor]:
+    """Hold out a stratified part of the training set as a validation split.
+
+    Returns ``(train splits without the held-out images, val uint8 images, val int64 labels)``; the test
+    split is unchanged and ``info.train_size`` counts the remaining images, which keep their order.
+    Which images: :func:`holdout_indices`. ``seed`` is a fixed split seed (0), not a run's seed: the
+    teachers and every student of a sweep must hold out the same images, or a teacher would have trained
+    on a student's validation images and the students' validation numbers would not be comparable.
+    """
+    keep, val = holdout_indices(splits.train_labels, fraction, seed=seed)
+    device = splits.train_images.device
+    keep, val = keep.to(device), val.to(device)
+    info = replace(splits.info, train_size=len(keep))
+    train = DataSplits(info, splits.train_images[keep], splits.train_labels[keep],
+                       splits.test_images, splits.test_labels)
+    return train, splits.train_images[val], splits.train_labels[val]
+
+
+def holdout_indices(labels: Tensor, fraction: float, *, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """(kept, held-out) positions in ``labels``, each ascending, on the CPU: :func:`holdout`'s choice.
+
+    ``round(fraction × count)`` of each class are held out (at least one of each class present), chosen
+    by a seeded CPU permutation per class, so the split is deterministic and the same on every device.
+    """
+    if not 0 < fraction < 1:
+        raise KdbenchError(f"holdout fraction {fraction} must lie in (0, 1); use e.g. 0.1 to hold out 10%")
+    labels = labels.to("cpu")
+    gen = torch.Generator().manual_seed(seed)
+    held = [torch.zeros(0, dtype=torch.int64)]
+    for cls in torch.unique(labels).tolist():  # ascending classes: the generator's draws are in a fixed order
+        idx = (labels == cls).nonzero().flatten()
+        k = min(len(idx), max(1, round(fraction * len(idx))))
+        held.append(idx[torch.randperm(len(idx), generator=gen)[:k]])
+    val = torch.cat(held).sort().values
+    kept = torch.ones(len(labels), dtype=torch.bool)
+    kept[val] = False
+    keep = kept.nonzero().flatten()
+    if len(keep) == 0:
+        raise KdbenchError(f"holding out {fraction} of {len(labels)} training images leaves none to train on; "
+                           "use a smaller fraction or more images")
+    return keep, val

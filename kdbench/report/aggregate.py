@@ -32,13 +32,15 @@ class Benchmark:
     slug: str
     rows: pd.DataFrame
     precision: str = "fp32"
+    transfer: str = ""  # the students' transfer set ('without 3'); '' for the training set itself
 
     @property
     def title(self) -> str:
         """'dataset · schedule', with a shortened schedule always labelled as such (and a precision
-        other than fp32 named)."""
+        other than fp32 and a transfer set named)."""
         text = f"{self.dataset} · {schedule_label(self.rows)}"
-        return text + (f" · {self.precision}" if self.precision != "fp32" else "")
+        text += f" · {self.precision}" if self.precision != "fp32" else ""
+        return text + (f" · transfer: {self.transfer}" if self.transfer else "")
 
 
 def schedule_label(rows: pd.DataFrame) -> str:
@@ -60,20 +62,38 @@ def benchmarks(rows: pd.DataFrame) -> list[Benchmark]:
 
     bf16 and fp32 runs are separate tables: averaging them as seeds of one cell would hide the very
     difference a precision comparison looks for. Rows from before precision was recorded are fp32.
+    Students distilled on a transfer set (``transfer``) get a table of their own, with the teachers
+    they name: a student that never saw a 3 is no seed of one that did.
     """
     out: list[Benchmark] = []
     used: set[str] = set()
     precision = (rows[Col.PRECISION].fillna("fp32") if Col.PRECISION in rows
                  else pd.Series("fp32", index=rows.index))
-    for (dataset, _, prec), group in rows.groupby([Col.DATASET, Col.SCHEDULE, precision], sort=True):
-        slug = base = f"{slugify(dataset)}_{slugify(schedule_label(group))}" + (f"_{prec}" if prec != "fp32" else "")
+    transfer = (rows[Col.TRANSFER].fillna("").astype(str) if Col.TRANSFER in rows
+                else pd.Series("", index=rows.index))
+    for (dataset, schedule, prec, tr), group in rows.groupby([Col.DATASET, Col.SCHEDULE, precision, transfer],
+                                                             sort=True):
+        slug = base = f"{slugify(dataset)}_{slugify(schedule_label(group))}" + (f"_{prec}" if prec != "fp32" else "") \
+            + (f"_{slugify(tr)}" if tr else "")
         k = 2
         while slug in used:
             slug, k = f"{base}-{k}", k + 1
         used.add(slug)
+        if tr:
+            same = (rows[Col.DATASET] == dataset) & (rows[Col.SCHEDULE] == schedule) & (precision == prec)
+            group = with_their_teachers(group, rows[same])
         out.append(Benchmark(dataset, str(group[Col.SCHEDULE].iloc[0]), slug,
-                             label_teacher_seeds(label_code(label_variants(group))), str(prec)))
+                             label_teacher_seeds(label_code(label_variants(group))), str(prec), str(tr)))
     return out
+
+
+def with_their_teachers(students: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """``students`` and the teacher rows among ``rows`` that they name (``teacher_ids``)."""
+    if Col.TEACHER_IDS not in students:
+        return students
+    ids = {i for v in students[Col.TEACHER_IDS].fillna("").astype(str) for i in v.split("+") if i}
+    teachers = rows[is_teacher(rows) & rows[Col.RUN_ID].isin(ids)]
+    return pd.concat([students, teachers[~teachers.index.isin(students.index)]])
 
 
 def label_teacher_seeds(rows: pd.DataFrame) -> pd.DataFrame:

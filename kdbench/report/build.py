@@ -19,7 +19,8 @@ from ..executors.base import OK
 from ..sweep.store import ResultsStore
 from .aggregate import Benchmark, aggregate, benchmarks
 from .markdown import benchmark_markdown, csv_frame, write_text
-from .plots import method_colours, plot_benchmark
+from .plots import method_colours, plot_benchmark, style
+from .sweep_plot import plot_sweeps, sweep_lines
 from .rows import METRICS, Col, finished, load_rows
 
 
@@ -28,8 +29,13 @@ def build_benchmark(bench: Benchmark, metric: str, colours: dict[str, str],
     """Write one benchmark's plots, CSV and markdown table; return their paths."""
     entries = aggregate(bench.rows, metric)
     plots = plot_benchmark(bench, entries, metric, colours, out_dir)
+    with style():
+        plots += plot_sweeps(bench, metric, out_dir)
     csv = write_text(out_dir / f"table_{bench.slug}.csv", csv_frame(bench, entries, metric).to_csv(index=False))
-    md = write_text(out_dir / f"table_{bench.slug}.md", benchmark_markdown(bench, entries, metric, plots))
+    text = benchmark_markdown(bench, entries, metric, plots)
+    if lines := sweep_lines(bench, metric):
+        text = text.rstrip("\n") + "\n\nSweeps (test error = 100 − " + metric + "):\n\n" + "\n".join(lines) + "\n"
+    md = write_text(out_dir / f"table_{bench.slug}.md", text)
     return [md, csv, *plots]
 
 

@@ -35,6 +35,7 @@ from .rows import (
     mean_of,
     numeric,
 )
+from .transfer import errors_table
 
 #: Marks a cell that averages several runs of one seed.
 DUP_MARK = "‡"
@@ -212,6 +213,9 @@ def benchmark_markdown(bench: Benchmark, entries: Sequence[Entry], metric: str,
     if papers:
         parts += ["", "Methods: " + "; ".join(f"`{m}`: {p}" for m, p in sorted(papers))]
     parts += ensemble_section(rows)
+    if errors := errors_table(rows):  # a transfer set's absent classes, bias adjustment
+        header, lines, notes = errors
+        parts += ["", "## Test errors per class", "", md_table(header, lines), ""] + [f"- {n}" for n in notes]
     parts += ["", "## Models", ""] + [f"- {n}" for n in cost_notes] + ["", costs]
     if plots:
         parts += ["", "Plots: " + ", ".join(f"[{p.stem}]({p.name})" for p in plots)]
@@ -229,7 +233,7 @@ def csv_frame(bench: Benchmark, entries: Sequence[Entry], metric: str) -> pd.Dat
     """
     schedule = schedule_label(bench.rows)
     return pd.DataFrame([{
-        "dataset": bench.dataset, "schedule": schedule,
+        "dataset": bench.dataset, "schedule": schedule, "transfer": bench.transfer,
         "shortened": bool(bench.rows[Col.SHORTENED].any()),
         "method": e.method, "pair": e.pair.key, "teachers": "+".join(e.pair.teachers),
         "student": e.pair.student, "model": e.model, "metric": metric,

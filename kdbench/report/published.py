@@ -13,12 +13,15 @@ from ..suites import pair_label
 from .markdown import fmt
 
 #: What a cell may report: top-1 (percent) or the count of misclassified test images.
-METRICS = ("top1", "test_errors")
-METRIC_NAME = {"top1": "top-1 %", "test_errors": "test errors"}
-#: Which epoch's accuracy a cell reports: the last, or the best over training.
-SELECTIONS = ("last", "best")
-RULE_NAME = {"last": "last epoch", "best": "best epoch"}
-OTHER_RULE = {"last": "best", "best": "last"}
+METRICS = ("top1", "test_errors", "test_error_pct")
+METRIC_NAME = {"top1": "top-1 %", "test_errors": "test errors", "test_error_pct": "test error %"}
+#: Metrics where fewer is better.
+ERROR_METRICS = ("test_errors", "test_error_pct")
+#: Which epoch's accuracy a cell reports: the last; the best over training, chosen on the test set (the
+#: DKD tables' rule); or the one with the best validation top-1 (runs whose recipe has a val_fraction).
+SELECTIONS = ("last", "best", "val_best")
+RULE_NAME = {"last": "last epoch", "best": "best epoch", "val_best": "best validation epoch"}
+OTHER_RULE = {"last": "best", "best": "last", "val_best": "best"}
 
 #: Verdicts: within / outside the tolerance; ``not run`` (no kdbench run matches the cell, also
 #: when kdbench has no such method); ``not real data`` (the runs used synthetic stand-in images:
@@ -36,10 +39,21 @@ class Cell:
     paper_method: str  # the paper's own name for it ("fitnet", "student_ce", ...)
     metric: str  # "top1" (percent) or "test_errors" (count of misclassified test images)
     value: float
-    selection: str  # "last" (last-epoch accuracy) or "best" (best-epoch accuracy)
+    selection: str  # "last" (last-epoch accuracy), "best" (best epoch on the test set) or "val_best"
     source: str  # citation, e.g. "CRD (Tian et al., ICLR 2020) Table 1"
     table: str = ""  # which paper table, e.g. "1"; may be ""
     note: str = ""  # e.g. "mean of 5 runs"
+    transfer: str = ""  # the student's transfer set, by its label ("without 3"); "" = the training set
+    bias: str = ""  # "" (as trained), "given" (the suite's bias offsets), "val" (offsets searched on held-out images)
+    of_class: int | None = None  # count only the test images of this class (errors on the 3s)
+
+    @property
+    def measured_on(self) -> str:
+        """What besides the pair the cell is about: 'transfer without 3 · bias given · on class 3'."""
+        parts = [f"transfer {self.transfer}" if self.transfer else "",
+                 {"given": "bias offsets given", "val": "bias searched on held-out images"}.get(self.bias, ""),
+                 f"on class {self.of_class}" if self.of_class is not None else ""]
+        return " · ".join(p for p in parts if p)
 
     @property
     def pair(self) -> str:
@@ -53,6 +67,8 @@ def fmt_value(x: float, metric: str) -> str:
         return "—"
     if metric == "test_errors":
         return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
+    if metric == "test_error_pct":
+        return f"{x:.1f}%"
     return fmt(x)
 
 

@@ -25,6 +25,8 @@ from ..suites import Tolerance
 from .aggregate import Stat, schedule_label, slugify
 from .markdown import write_text
 from .published import (
+    ERROR_METRICS,
+    METRIC_NAME,
     METRICS,
     NOT_REAL,
     NOT_RUN,
@@ -42,7 +44,7 @@ from .reproduce_plot import plot_reproduction
 from .rows import BASELINE, TEACHER, Col, numeric
 
 #: The comparison table's columns, in order.
-COLUMNS = ("table", "pair", "method", "paper_method", "metric", "selection", "published",
+COLUMNS = ("table", "pair", "method", "paper_method", "measured_on", "metric", "selection", "published",
            "kdbench", "kdbench_std", "other_rule", "other_rule_name", "seeds", "delta",
            "tolerance", "verdict", "schedule", "real_data", "source", "note")
 
@@ -83,10 +85,11 @@ def _normalised(rows: pd.DataFrame) -> pd.DataFrame:
                            "as returned by kdbench.report.load_rows")
     rows = rows.copy()
     # Rows written before a column existed: no teachers, full schedule, real data.
-    defaults = {Col.TEACHERS: "", Col.SCHEDULE: "", Col.SHORTENED: False, Col.REAL_DATA: True}
+    defaults = {Col.TEACHERS: "", Col.SCHEDULE: "", Col.SHORTENED: False, Col.REAL_DATA: True, Col.TRANSFER: ""}
     for col, default in defaults.items():
         rows[col] = rows[col].where(rows[col].notna(), default) if col in rows else default
-    for col, kind in ((Col.TEACHERS, str), (Col.SCHEDULE, str), (Col.SHORTENED, bool), (Col.REAL_DATA, bool)):
+    for col, kind in ((Col.TEACHERS, str), (Col.SCHEDULE, str), (Col.SHORTENED, bool), (Col.REAL_DATA, bool),
+                      (Col.TRANSFER, str)):
         rows[col] = rows[col].astype(kind)
     return rows
 
@@ -102,7 +105,7 @@ def matching_rows(rows: pd.DataFrame, cell: Cell) -> pd.DataFrame:
     mask = ~teacher & (rows[Col.METHOD] == cell.method) & (rows[Col.STUDENT] == cell.student)
     if cell.method != BASELINE:  # ce runs serve every pair with their student
         mask &= rows[Col.TEACHERS] == "+".join(cell.teachers)
-    return rows[mask]
+    return rows[mask & (rows[Col.TRANSFER] == cell.transfer)]
 
 
 def _line(rows: pd.DataFrame, cell: Cell, tolerance: Tolerance) -> dict:
@@ -111,8 +114,8 @@ def _line(rows: pd.DataFrame, cell: Cell, tolerance: Tolerance) -> dict:
     runs = matching_rows(rows, cell)
     other = OTHER_RULE[cell.selection]
     line = {
-        "table": cell.table, "pair": cell.pair, "method": cell.method,
-        "paper_method": cell.paper_method, "metric": cell.metric, "selection": cell.selection,
+        "table": cell.table, "pair": cell.pair, "method": cell.method, "paper_method": cell.paper_method,
+        "measured_on": cell.measured_on, "metric": cell.metric, "selection": cell.selection,
         "published": float(cell.value), "kdbench": math.nan, "kdbench_std": math.nan,
         "other_rule": math.nan, "other_rule_name": RULE_NAME[other], "seeds": 0,
         "delta": math.nan, "tolerance": math.nan, "verdict": NOT_RUN, "schedule": "",
@@ -146,6 +149,9 @@ def _check_cell(cell: Cell) -> None:
     if cell.selection not in SELECTIONS:
         raise KdbenchError(f"published cell {cell.method} on {cell.pair} ({cell.source}) has the "
                            f"selection rule '{cell.selection}'; use one of {', '.join(SELECTIONS)}")
+    if cell.metric == "top1" and (cell.bias or cell.of_class is not None):
+        raise KdbenchError(f"published cell {cell.method} on {cell.pair} ({cell.source}): a bias-adjusted or "
+                           "one-class cell is a count or percent of test errors; give test_errors or test_error_pct")
 
 
 def _check_runs(runs: pd.DataFrame, cell: Cell) -> None:
@@ -170,17 +176,38 @@ def _run_ids(runs: pd.DataFrame) -> str:
 
 
 def _values(runs: pd.DataFrame, cell: Cell, selection: str) -> pd.Series:
-    """Per run, the cell's metric at ``selection``: top-1 %, or the count of test errors."""
+    """Per run, the cell's metric at ``selection``: top-1 %, the count of test errors, or their percent.
+
+    A cell with a bias adjustment or on one class's images reads the counts the run measured on its
+    last epoch's predictions (the bias is an offset on those logits): at the best epoch it has none.
+    """
+    if cell.bias or cell.of_class is not None:
+        if selection != "last":
+            return pd.Series(math.nan, index=runs.index)
+        suffix = f"_bias_{cell.bias}" if cell.bias else ""
+        column = f"{Col.CLASS_ERRORS}{suffix}.{cell.of_class}" if cell.of_class is not None \
+            else f"{Col.TEST_ERRORS}{suffix}"
+        errors = numeric(runs, column)
+        if errors.isna().any():
+            raise KdbenchError(f"the runs of {cell.method} on {cell.pair} ({cell.measured_on}) record no "
+                               f"{column} ({_run_ids(runs)}); set the pair's bias in the suite and re-run them")
+        return errors if cell.metric == "test_errors" else 100.0 * errors / _test_size(runs, cell)
     top1 = numeric(runs, Col.top1(selection))
     if cell.metric == "top1":
         return top1
+    if cell.metric == "test_error_pct":
+        return 100.0 - top1
+    # Accuracy is a rounded percentage of a whole number of images: round back to that count.
+    return np.round((100.0 - top1) * _test_size(runs, cell) / 100.0)
+
+
+def _test_size(runs: pd.DataFrame, cell: Cell) -> pd.Series:
     size = numeric(runs, Col.TEST_SIZE)
     if size.isna().any():
         raise KdbenchError(f"the runs of {cell.method} on {cell.pair} do not record test_size "
                            f"({_run_ids(runs)}), which the test-error count needs; re-run them "
                            "with this kdbench")
-    # Accuracy is a rounded percentage of a whole number of images: round back to that count.
-    return np.round((100.0 - top1) * size / 100.0)
+    return size
 
 
 # -- the ordering check -------------------------------------------------------------------------
@@ -196,12 +223,16 @@ def check_ordering(table: pd.DataFrame, ordering: Sequence[str]) -> list[str]:
     if len(ordering) < 2:
         return []
     out = []
+    # The paper's order is about models on the full training set, as trained: not about transfer
+    # sets, bias offsets or one class's errors.
+    if "measured_on" in table:
+        table = table[table["measured_on"].fillna("") == ""]
     for (pair, metric), group in table.groupby(["pair", "metric"], sort=False):
         means = group.drop_duplicates("method").set_index("method")["kdbench"]
         if any(m not in means or pd.isna(means[m]) for m in ordering):
             continue
         values = [float(means[m]) for m in ordering]
-        better = (lambda a, b: a < b) if metric == "test_errors" else (lambda a, b: a > b)
+        better = (lambda a, b: a < b) if metric in ERROR_METRICS else (lambda a, b: a > b)
         holds = all(better(a, b) for a, b in pairwise(values))
         text = f"{ordering[0]} {fmt_value(values[0], metric)}"
         for method, prev, value in zip(ordering[1:], values, values[1:]):
@@ -210,7 +241,7 @@ def check_ordering(table: pd.DataFrame, ordering: Sequence[str]) -> list[str]:
         rows = group[group["method"].isin(ordering)]
         # Each mean is at its own cell's rule: a pair's cells normally share one.
         rule = rule_text(set(rows["selection"])) or "each cell's rule"
-        unit = "test errors" if metric == "test_errors" else f"top-1 % ({rule})"
+        unit = METRIC_NAME[metric] if metric in ERROR_METRICS else f"top-1 % ({rule})"
         synthetic = " (not real data)" if (rows["verdict"] == NOT_REAL).any() else ""
         out.append(f"{pair}: {text} {unit} — {'holds' if holds else 'does not hold'}{synthetic}")
     return out

@@ -75,6 +75,8 @@ def _md_line(line: pd.Series, per_cell_rule: bool, mixed_metrics: bool) -> list[
     method = line["method"]
     if line["paper_method"] and line["paper_method"] != method:
         method += f" ({line['paper_method']})"
+    if isinstance(line.get("measured_on"), str) and line["measured_on"]:
+        method += f"; {line['measured_on']}"
     if line["seeds"]:
         kdbench = fmt_value(line["kdbench"], metric)
         if not pd.isna(line["kdbench_std"]):
@@ -133,7 +135,7 @@ def reproduction_markdown(table: pd.DataFrame, *, title: str, tolerance: Toleran
     parts = [f"# {md_escape(title)}", "", *_warnings(table), f"**{summary(table)}.**", ""]
     parts += [
         ("- published: the paper's number at its selection rule (last epoch, or best epoch: "
-         "the best test accuracy over training)."),
+         "the best test accuracy over training, chosen on the test set as the DKD tables do)."),
         ("- kdbench: mean ± sample standard deviation over n seeds, at the same rule as the "
          "published number; beside it the mean at the other rule."),
         ("- Δ = kdbench − published: positive means kdbench is higher (for test errors: more "

@@ -26,9 +26,12 @@ BASELINE = "ce"
 #: Metrics (columns) a report can be built on, and how titles name them.
 METRICS: dict[str, str] = {
     "top1_last": "top-1 at the last epoch",
-    "top1_best": "top-1 at the best epoch",
+    "top1_best": "top-1 at the best epoch on the test set (the DKD tables' rule)",
     "top5_last": "top-5 at the last epoch",
-    "top5_best": "top-5 at the best epoch",
+    "top5_best": "top-5 at the best epoch on the test set",
+    # Runs whose recipe holds out a validation split (val_fraction); empty for the others.
+    "top1_val_best": "top-1 at the epoch with the best validation top-1",
+    "top5_val_best": "top-5 at the epoch with the best validation top-1",
 }
 
 #: Columns every row must have (the rest may be missing and show as blanks).

@@ -74,6 +74,30 @@ class Col:
     DIVERGED_AT = "diverged_at_epoch"
     TRAINED_BY_KDBENCH = "trained_by_kdbench"
     CHECKPOINT_SHA256 = "checkpoint_sha256"
+    # A validation split: the recipe's val_fraction and early_stop (always written, 0 = off), and the
+    # split's results, empty (NaN, '') for runs without one.
+    VAL_FRACTION = "val_fraction"
+    EARLY_STOP = "early_stop"  # patience in epochs, 0 = off
+    HISTORY_VAL_TOP1 = "history_val_top1"
+    VAL_BEST_EPOCH = "val_best_epoch"  # the first epoch with the best validation top-1
+    VAL_TOP1_BEST = "val_top1_best"  # that validation top-1
+    TOP1_VAL_BEST, TOP5_VAL_BEST = "top1_val_best", "top5_val_best"  # test accuracy there: Col.top1("val_best")
+    STOPPED_AT = "stopped_at_epoch"  # the epoch early stopping ended training after
+    # Test errors at the last epoch: a count, and per class (class_errors.<i>: errors on the test images
+    # of class i); every row has them.
+    TEST_ERRORS = "test_errors"
+    CLASS_ERRORS = "class_errors"
+    # Transfer sets (kdbench.data.transfer) and bias adjustment (kdbench.bias), in student rows.
+    TRANSFER = "transfer"  # its label ('without 3'); '' for the suite's own training set
+    TRANSFER_ABSENT = "transfer_absent"  # JSON list of the classes it has no image of
+    TRANSFER_TRAIN_SIZE = "transfer_train_size"  # the images the student was given to train on
+    BIAS_GIVEN = "bias_given"  # JSON {class: offset} as given; '' for none
+    BIAS_VAL = "bias_val"  # JSON {class: offset} searched on held-out training images; '' for none
+    TEST_ERRORS_BIAS_GIVEN, TEST_ERRORS_BIAS_VAL = "test_errors_bias_given", "test_errors_bias_val"
+    # class_errors_bias_given.<i>, class_errors_bias_val.<i>: per class with each adjustment
+    BIAS_VAL_IMAGES = "bias_val_images"  # held-out images the offset was searched on
+    BIAS_VAL_ERRORS_BEFORE = "bias_val_errors_before"  # errors on them without the offset
+    BIAS_VAL_ERRORS_AFTER = "bias_val_errors_after"  # and with it
     HP_PREFIX, LOSS_PREFIX, CLASS_PREFIX = "hp.", "loss.", "class_"  # hp.<name>, loss.<term>, class_f1.<i>
 
     @staticmethod

@@ -22,6 +22,7 @@ from .. import metrics, zoo
 
 if TYPE_CHECKING:
     from .driver import Sweep
+    from .spec import RunSpec
 
 _EVAL_BATCH = 500  # as kdbench.train.predict
 
@@ -97,9 +98,14 @@ def estimate(sweep: Sweep) -> tuple[list[str], float]:
         step += sum(times(ts.model, ts.model_kwargs, r.batch_size)[1] for ts in spec.teachers)
         seconds += r.epochs * (steps * step + eval_s(spec.student, spec.student_kwargs, r.batch_size))
         total += seconds
-        lines.append(f"  {spec.run_id}  {spec.method:<12} {spec.pair:<45} seed {spec.seed}  "
+        lines.append(f"  {spec.run_id}  {spec.method:<12} {_pair(spec):<45} seed {spec.seed}  "
                      f"{r.epochs} epochs  ~{seconds / 60:.1f} min")
     for spec in plan.specs:
         if store.has(spec.run_id):
-            lines.append(f"  {spec.run_id}  {spec.method:<12} {spec.pair:<45} seed {spec.seed}  done (in the store)")
+            lines.append(f"  {spec.run_id}  {spec.method:<12} {_pair(spec):<45} seed {spec.seed}  done (in the store)")
     return lines, total
+
+
+def _pair(spec: RunSpec) -> str:
+    """The pair, with its transfer set named ('a→s (transfer: without 3)')."""
+    return spec.pair + (f" (transfer: {spec.transfer.label})" if not spec.transfer.empty else "")

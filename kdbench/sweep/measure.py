@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import metrics
+from ..bias import error_counts
 from ..data import DataSplits
 from ..train import TrainResult, predict
 from .columns import Col
@@ -30,6 +31,8 @@ class Measurements:
     per_class: dict[str, list[float]] = field(default_factory=dict)  # precision, recall, f1
     agreement: float = float("nan")            # top-1 agreement with the teacher(s)
     teacher_ensemble_top1: float | None = None  # the teachers' ensemble itself, with 2+ teachers
+    test_errors: int | float = float("nan")    # misclassified test images (last epoch); NaN: not evaluated
+    class_errors: list[int] = field(default_factory=list)  # of them, those of each class
 
 
 class Measurer:
@@ -69,6 +72,7 @@ class Measurer:
             return m
         pred = result.test_logits.argmax(1)
         m.per_class = metrics.per_class_prf(pred, labels, self.data.info.num_classes)
+        m.test_errors, m.class_errors = error_counts(result.test_logits, labels, self.data.info.num_classes)
         if teacher_probs:
             probs = torch.stack(list(teacher_probs)).mean(0)
             m.agreement = metrics.agreement(pred, probs.argmax(1))

@@ -21,6 +21,7 @@ from ..suites import Pair, pair_label
 from .hparams import settings
 from .request import Request
 from .spec import RunSpec, TeacherSpec
+from .transfer import check_pairs, load_sources, unlabelled_refusal
 
 
 @dataclass
@@ -31,6 +32,8 @@ class Plan:
     skipped: list[str]                # notes on method × pair combinations left out
     checkpoints: dict[str, str]       # teacher model -> checkpoint file
     probes: dict[tuple[str, Taps], Probe] = field(default_factory=dict)  # shapes, per (model, taps)
+    #: Other datasets transfer sets take their images from, loaded and checked (sweep/transfer.py).
+    sources: dict[str, DataSplits] = field(default_factory=dict)
 
     def run_ids(self) -> set[str]:
         """The ids of every planned run, the teachers' included."""
@@ -99,6 +102,8 @@ def build_plan(req: Request, methods: Mapping[str, type[Method]], data: DataSpli
     """Turn a request into run specs, checking everything before any training."""
     names = check_request(req, methods)
     sha = check_models(req, data)
+    sources = load_sources(req, data)
+    check_pairs(req, data, sources)
     device = req.device.split(":")[0] if req.remote else resolve_device(req.device).type
     world = distributed.world_size()  # a DDP run (torchrun) is another run than a single-process one
     label = dataset_label(data.info.name, req.limit, req.pad_to)
@@ -128,9 +133,9 @@ def build_plan(req: Request, methods: Mapping[str, type[Method]], data: DataSpli
                         student=pair.student, dataset=label, recipe=req.recipe_for(pair.student), seed=seed,
                         device=device, data_limit=req.limit, student_kwargs=req.kwargs_for(pair.student),
                         world_size=world, precision=precision, method_source=method_source(methods[name]),
-                        pair=pair_label(labels, pair.student))
+                        pair=pair_label(labels, pair.student), transfer=pair.transfer, bias=pair.bias)
                     specs.setdefault(spec.run_id, spec)
-    return Plan(list(specs.values()), skipped, dict(req.teacher_checkpoints), probes)
+    return Plan(list(specs.values()), skipped, dict(req.teacher_checkpoints), probes, sources)
 
 
 class CannotDistil(KdbenchError):
@@ -163,7 +168,8 @@ def fitting(req: Request, names: Sequence[str], methods: Mapping[str, type[Metho
             teachers = pair.teachers if cls.max_teachers > 0 else ()
             try:
                 for hp in ([] if why else settings(req.hparams, name, pair.label)):
-                    check_setup(build_method(cls, hp), teachers, pair.student, data, probes)
+                    check_setup(build_method(cls, hp), teachers, pair.student, data, probes,
+                                unlabelled=pair.transfer.unlabelled)
             except CannotDistil as exc:
                 why = str(exc)
             if why:
@@ -201,8 +207,9 @@ def probed(name: str, taps: Taps, data: DataSplits, probes: dict[tuple[str, Taps
 
 
 def check_setup(method: Method, teachers: Sequence[str], student: str, data: DataSplits,
-                probes: dict[tuple[str, Taps], Probe]) -> None:
-    """Run the method's setup on a copy with probed shapes: shape problems surface before training."""
+                probes: dict[tuple[str, Taps], Probe], *, unlabelled: bool = False) -> None:
+    """Run the method's setup on a copy with probed shapes: shape problems surface before training.
+    With ``unlabelled`` (an unlabelled transfer set), also its forward without labels."""
     taps = method.taps()
     try:
         s = probed(student, taps, data, probes)
@@ -211,11 +218,15 @@ def check_setup(method: Method, teachers: Sequence[str], student: str, data: Dat
         raise CannotDistil(f"method '{method.name}': {exc}") from None
     except KdbenchError as exc:
         raise KdbenchError(f"method '{method.name}': {exc}") from None
+    copy = type(method)(**method.config())
     try:
-        type(method)(**method.config()).setup(s, ts)
+        copy.setup(s, ts)
     except (ValueError, KeyError) as exc:
         raise CannotDistil(f"method '{method.name}' cannot distil {'+'.join(teachers)} into {student}: {exc}") from None
     for t in ts:
         if t.num_classes != s.num_classes:
             raise KdbenchError(f"teacher {t.model} outputs {t.num_classes} classes but student {student} "
                                f"outputs {s.num_classes}; both must predict the dataset's {data.info.num_classes}")
+    if unlabelled and (why := unlabelled_refusal(copy, s, ts, (data.info.in_chans, data.info.img_size,
+                                                               data.info.img_size))):
+        raise CannotDistil(why)

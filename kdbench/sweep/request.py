@@ -42,6 +42,10 @@ class Request:
     plugins: tuple[str, ...] = ()                        # --plugin files (absolute paths)
     teacher_checkpoints: Mapping[str, str] = field(default_factory=dict)  # teacher model -> file
     recipe_by_model: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # --epochs N / --epochs-scale F as given (0 = not given): a model whose suite recipe sets its own
+    # length (a 150-epoch teacher beside 60-epoch students) is shortened by them too.
+    epochs: int = 0
+    epochs_scale: float = 0.0
     model_kwargs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     results_dir: Path = Path("kdbench-results")
     data_dir: str | None = None
@@ -70,7 +74,14 @@ class Request:
     def recipe_for(self, model: str) -> Recipe:
         """The recipe ``model`` trains with: the sweep's, with the suite's fields for that model."""
         extra = self.recipe_by_model.get(model)
-        return self.recipe.with_overrides(dict(extra), f"recipe for {model}") if extra else self.recipe
+        if not extra:
+            return self.recipe
+        recipe = self.recipe.with_overrides(dict(extra), f"recipe for {model}")
+        if "epochs" in extra and self.epochs:
+            return recipe.with_epochs(self.epochs)
+        if "epochs" in extra and self.epochs_scale:
+            return recipe.with_epochs(max(1, round(recipe.epochs * self.epochs_scale)))
+        return recipe
 
     def kwargs_for(self, model: str) -> tuple[tuple[str, Any], ...]:
         return tuple(sorted(self.model_kwargs.get(model, {}).items()))

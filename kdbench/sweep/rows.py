@@ -65,9 +65,29 @@ def common(ctx: Context, *, run_id: str, kind: str, method: str, model: str, pai
         Col.COMPILED: ctx.options.compile,
         Col.HISTORY_TOP1: json.dumps([round(h.top1, 4) for h in result.history]),
         Col.HISTORY_LOSS: json.dumps([{k: round(v, 6) for k, v in h.losses.items()} for h in result.history]),
+        **validation_columns(recipe, result, ok),
         **{f"{Col.CLASS_PREFIX}{k}.{i}": v for k, vals in measured.per_class.items() for i, v in enumerate(vals)},
+        Col.TEST_ERRORS: measured.test_errors,
+        **{f"{Col.CLASS_ERRORS}.{i}": n for i, n in enumerate(measured.class_errors)},
         **ctx.provenance,
         Col.FINISHED_AT: provenance.now(),
+    }
+
+
+def validation_columns(recipe: Recipe, result: TrainResult, ok: bool) -> dict[str, Any]:
+    """The validation split's settings, and its results (NaN and '' for a run without one)."""
+    val = result.val_best_epoch is not None
+
+    def number(x: float | None) -> float:
+        return x if val and x is not None else NAN
+
+    return {
+        Col.VAL_FRACTION: recipe.val_fraction, Col.EARLY_STOP: recipe.early_stop,
+        Col.HISTORY_VAL_TOP1: json.dumps([round(h.val_top1, 4) for h in result.history]) if val else "",
+        Col.VAL_BEST_EPOCH: number(result.val_best_epoch), Col.VAL_TOP1_BEST: number(result.val_best_top1),
+        Col.TOP1_VAL_BEST: number(result.top1_val_best) if ok else NAN,
+        Col.TOP5_VAL_BEST: number(result.top5_val_best) if ok else NAN,
+        Col.STOPPED_AT: number(result.stopped_epoch),
     }
 
 
@@ -93,7 +113,8 @@ def student_row(ctx: Context, spec: RunSpec, *, paper: str, extra_params: int, r
         row["teacher_ensemble_top1"] = measured.teacher_ensemble_top1
     if error:
         row.update({Col.STATUS: DIVERGED, Col.ERROR: error, Col.DIVERGED_AT: len(result.history),
-                    Col.TOP1_LAST: NAN, Col.TOP5_LAST: NAN, Col.TOP1_BEST: NAN, Col.TOP5_BEST: NAN})
+                    Col.TOP1_LAST: NAN, Col.TOP5_LAST: NAN, Col.TOP1_BEST: NAN, Col.TOP5_BEST: NAN,
+                    Col.TOP1_VAL_BEST: NAN, Col.TOP5_VAL_BEST: NAN})
     elif result.history:
         row.update({f"{Col.LOSS_PREFIX}{k}": v for k, v in result.last.losses.items()})
     return row

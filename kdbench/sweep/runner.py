@@ -21,10 +21,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed, metrics, provenance, train, zoo
-from ..data import DataSplits, view_count
+from ..data import DataSplits, holdout_indices, view_count
 from ..errors import DiskFull
 from ..executors.base import BUSY, DONE, OK, Outcome
 from ..files import atomic_torch_save, warn
+from ..ids import digest
 from ..method import Method, Taps
 from ..registry import build_method
 from ..train import EngineOptions, ViewCache, build_view_cache, cacheable
@@ -34,6 +35,7 @@ from .plan import Plan, dataset_label, probed
 from .request import Request
 from .spec import RunSpec, Spec, TeacherSpec
 from .store import Busy, ResultsStore
+from .transfer import bias_columns, student_data, transfer_columns, validation_split
 
 #: On the CPU, --teacher-cache auto builds a cache only up to this size (host memory is shared).
 CPU_CACHE_BYTES = 1 << 30
@@ -57,6 +59,7 @@ class Runner:
         self._teachers: dict[str, nn.Module] = {}
         self._trained_here: set[str] = set()               # teachers this process trained
         self._caches: dict[tuple, ViewCache] = {}          # the last teachers' view caches (large: one set kept)
+        self._student_data: dict[tuple, DataSplits] = {}   # per (transfer set, val_fraction)
 
     # -- one task -------------------------------------------------------------------------
     def attempt(self, spec: Spec, *, wait: bool = False) -> Outcome:
@@ -206,15 +209,17 @@ class Runner:
         method.setup(probed(spec.student, taps, self.data, self.plan.probes),
                      [probed(n, taps, self.data, self.plan.probes) for n in spec.teacher_names])
         method.to(self.device)
+        data = self.student_data(spec)
         caches = self.view_caches(spec, taps)
         bar = self.bar(spec.recipe.epochs, spec.label)
         error = ""
         with metrics.PeakMemory(self.device) as peak:
             try:
-                result = train.train(student, self.data, spec.recipe, seed=spec.seed, method=method,
+                result = train.train(student, data, spec.recipe, seed=spec.seed, method=method,
                                      teachers=teachers, teacher_names=spec.teacher_names, model_name=spec.student,
                                      progress=bar, state_path=self.store.checkpoint_path(spec.run_id),
-                                     state_key=spec.run_id, options=self.options, teacher_caches=caches)
+                                     state_key=spec.run_id, options=self.options, teacher_caches=caches,
+                                     labelled=not spec.transfer.unlabelled)
             except train.Diverged as exc:
                 result, error = exc.result, str(exc)
         bar.close()
@@ -226,8 +231,34 @@ class Runner:
         row = rows.student_row(self.context, spec, paper=method.paper, extra_params=method.extra_parameters(),
                                result=result, measured=measured, peak=peak,
                                cache_build_s=[c.build_time_s for c in caches], error=error)
+        row.update(self._transfer_columns(spec, student, data, None if error else result.test_logits))
         self.store.write(row)
         return row
+
+    # -- transfer sets and bias adjustment (sweep/transfer.py) --------------------------------
+    def student_data(self, spec: RunSpec) -> DataSplits:
+        """The data ``spec``'s student trains on: the suite's, or its transfer set (made once per sweep)."""
+        key = (spec.transfer, spec.recipe.val_fraction)
+        if key not in self._student_data:
+            self._student_data[key] = student_data(self.data, spec.transfer, self.plan.sources,
+                                                   val_fraction=spec.recipe.val_fraction)
+        return self._student_data[key]
+
+    def _transfer_columns(self, spec: RunSpec, student: nn.Module, data: DataSplits,
+                          logits: torch.Tensor | None) -> dict[str, Any]:
+        """The row's transfer and bias columns; ``logits`` None for a diverged run (no errors then)."""
+        f = spec.recipe.val_fraction
+        trained_on = len(holdout_indices(data.train_labels, f)[0]) if f else len(data.train_labels)
+        cols = transfer_columns(spec.transfer, train_size=trained_on, num_classes=self.info.num_classes)
+        val = None
+        if logits is not None and spec.bias.search:
+            images, labels = validation_split(self.data, f)
+            val = (train.predict(student, images, self.data, options=self.options), labels)
+        cols.update(bias_columns(spec.transfer, spec.bias, logits, self.data.test_labels, val))
+        if spec.transfer.unlabelled and f:  # its held-out images have no labels to score: no validation numbers
+            cols.update(dict.fromkeys((rows.Col.VAL_BEST_EPOCH, rows.Col.VAL_TOP1_BEST, rows.Col.TOP1_VAL_BEST,
+                                       rows.Col.TOP5_VAL_BEST), float("nan")), **{rows.Col.HISTORY_VAL_TOP1: ""})
+        return cols if logits is not None else {**cols, rows.Col.TEST_ERRORS: float("nan")}
 
     # -- the teacher-output cache ---------------------------------------------------------
     def wants_cache(self, spec: RunSpec, taps: Taps) -> bool:
@@ -257,28 +288,33 @@ class Runner:
             return math.prod(shape) if shape else 0
 
         per_view = sum(self.info.num_classes + pooled(ts.model) for ts in spec.teachers)
-        return len(self.data.train_labels) * views * per_view * 4
+        return len(self.student_data(spec).train_labels) * views * per_view * 4
 
     def view_caches(self, spec: RunSpec, taps: Taps) -> list[ViewCache]:
         """One view cache per teacher of ``spec``, or [] to run the teachers online.
 
         Built once and kept in the results folder (``cache/``), so every run of these teachers,
-        in this process or any worker, reuses it; in memory only the last set is kept.
+        in this process or any worker, reuses it; in memory only the last set is kept. It is built on
+        the images the student trains on and indexed by them: a transfer set's own images, with the
+        transfer set (and the validation split it was drawn beside) in its file name.
         """
         if not self.wants_cache(spec, taps):
             return []
-        keys = [(ts.run_id, spec.recipe.crop_padding, spec.recipe.flip, taps.pooled, self.options)
+        on = "" if spec.transfer.empty else \
+            f"-t{digest({'transfer': spec.transfer.items(), 'val': spec.recipe.val_fraction})[:8]}"
+        keys = [(ts.run_id, spec.recipe.crop_padding, spec.recipe.flip, taps.pooled, self.options, on)
                 for ts in spec.teachers]
         if any(k not in self._caches for k in keys):
             self._caches = {k: v for k, v in self._caches.items() if k in keys}  # free the others first
-            self._caches.update({k: self._view_cache(ts, k) for ts, k in zip(spec.teachers, keys)
+            data = self.student_data(spec)
+            self._caches.update({k: self._view_cache(ts, k, data) for ts, k in zip(spec.teachers, keys)
                                  if k not in self._caches})
         return [self._caches[k] for k in keys]
 
-    def _view_cache(self, ts: TeacherSpec, key: tuple) -> ViewCache:
-        _, pad, flip, pooled, opts = key
+    def _view_cache(self, ts: TeacherSpec, key: tuple, data: DataSplits) -> ViewCache:
+        _, pad, flip, pooled, opts, on = key
         name = f"{ts.run_id}-p{pad}{'f' if flip else ''}-{opts.precision}{'-cl' if opts.channels_last else ''}" \
-               f"{'-pooled' if pooled else ''}"
+               f"{'-pooled' if pooled else ''}{on}"
         path = self.store.cache_path(name)
         teacher = self.teacher(ts)
         try:
@@ -293,7 +329,7 @@ class Runner:
                 bar = tqdm(total=views, desc=f"teacher cache {ts.model} ({views} views)", position=1, leave=False,
                            unit="view", disable=self.req.quiet or not distributed.is_main(), file=sys.stderr)
                 recipe = replace(ts.recipe, crop_padding=pad, flip=flip)
-                cache = build_view_cache(teacher, self.data, recipe, pooled=pooled, options=opts, progress=bar)
+                cache = build_view_cache(teacher, data, recipe, pooled=pooled, options=opts, progress=bar)
                 bar.close()
                 if distributed.is_main():
                     atomic_torch_save(path, cache.state_dict())

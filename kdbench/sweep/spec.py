@@ -5,13 +5,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..bias import Bias
+from ..data.transfer import TransferSet
 from ..ids import digest, without_later_fields
 from ..recipe import Recipe
 
 # Fields added after the first release, with their defaults: left out of the hash at the default,
-# so existing run ids (and the results stored under them) stay valid.
+# so existing run ids (and the results stored under them) stay valid. A transfer set and a bias
+# adjustment are hashed as their non-default items (() for none).
 _LATER_FIELDS: dict[str, Any] = {"model_kwargs": (), "student_kwargs": (), "world_size": 1, "precision": "fp32",
-                                 "method_source": ""}
+                                 "method_source": "", "transfer": (), "bias": ()}
 
 
 def _id(kind: str, fields: dict[str, Any]) -> str:
@@ -63,6 +66,12 @@ class RunSpec:
     #: is a new run, never a skip.
     method_source: str = ""
     pair: str = ""  # the pair label this run was planned for (not part of the id: ce serves all)
+    #: The images the student distils on (kdbench.data.transfer); the default is the suite's training set.
+    transfer: TransferSet = TransferSet()
+    #: Bias adjustments the row reports (kdbench.bias). It changes no training, yet it is part of the id:
+    #: the row holds the numbers with and without it, so one run per transfer set serves both, and a
+    #: changed offset is a new row rather than a stale one.
+    bias: Bias = Bias()
 
     @property
     def run_id(self) -> str:
@@ -70,11 +79,13 @@ class RunSpec:
         d.pop("pair")
         d["recipe"] = self.recipe.to_dict()
         d["teachers"] = [t.run_id for t in self.teachers]
+        d["transfer"], d["bias"] = self.transfer.items(), self.bias.items()
         return _id("student", d)
 
     @property
     def label(self) -> str:
-        return f"{self.method} {self.pair} seed {self.seed}"
+        on = f" on {self.transfer.label}" if not self.transfer.empty else ""
+        return f"{self.method} {self.pair}{on} seed {self.seed}"
 
     @property
     def teacher_names(self) -> tuple[str, ...]:

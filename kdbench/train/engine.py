@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from ..data import DataSplits, Loader
+from ..data import DataSplits, Loader, holdout, holdout_indices
 from ..errors import KdbenchError
 from ..method import Method
 from ..metrics import topk_accuracy
@@ -41,6 +41,7 @@ class EpochLog:
     losses: dict[str, float]  # mean of each named, weighted term over the epoch's batches
     top1: float
     top5: float
+    val_top1: float | None = None  # on the held-out validation split (None: the recipe holds out none)
 
 
 @dataclass
@@ -56,6 +57,13 @@ class TrainResult:
     eval_time_s: float = 0.0
     resumed_from: int = 0  # the epoch training resumed at from a checkpoint (0: it started fresh)
     checkpoint_time_s: float = 0.0  # writing epoch checkpoints, excluded from train_time_s
+    # With a validation split (recipe.val_fraction): the first epoch with the best validation top-1,
+    # that top-1, and the test accuracy at that epoch; the epoch early stopping ended training after.
+    val_best_epoch: int | None = None
+    val_best_top1: float | None = None
+    top1_val_best: float | None = None
+    top5_val_best: float | None = None
+    stopped_epoch: int | None = None  # None: training ran all the recipe's epochs
 
     @property
     def last(self) -> EpochLog:
@@ -68,11 +76,19 @@ class TrainResult:
         return cls([EpochLog(-1, 0.0, {}, top1, top5)], logits, -1, top1, top5)
 
     def add(self, log: EpochLog, test_logits: Tensor) -> None:
-        """Record an epoch; the best epoch is the first with the highest top-1."""
+        """Record an epoch; the best epoch is the first with the highest test top-1 (the DKD tables' rule),
+        the best validation epoch the first with the highest validation top-1."""
         self.history.append(log)
         if log.top1 > self.best_top1:
             self.best_epoch, self.best_top1, self.best_top5 = log.epoch, log.top1, log.top5
+        if log.val_top1 is not None and (self.val_best_top1 is None or log.val_top1 > self.val_best_top1):
+            self.val_best_epoch, self.val_best_top1 = log.epoch, log.val_top1
+            self.top1_val_best, self.top5_val_best = log.top1, log.top5
         self.test_logits = test_logits
+
+    def patience_spent(self, patience: int) -> bool:
+        """Whether the last ``patience`` epochs brought no new best validation top-1 (early stopping)."""
+        return self.val_best_epoch is not None and self.last.epoch - self.val_best_epoch >= patience
 
     def state_dict(self) -> dict[str, Any]:
         """Plain values (a checkpoint holds them)."""
@@ -112,13 +128,17 @@ def evaluate(model: nn.Module, data: DataSplits, *, shard: bool = False,
     With ``shard`` (DDP: call it on every rank) each rank predicts its part of the test set and
     they exchange the logits: the ranks hold identical weights, so the parts make the whole.
     """
-    images = data.test_images
+    logits = _predict_all(model, data.test_images, data, shard=shard, options=options)
+    return logits, topk_accuracy(logits, data.test_labels, 1), topk_accuracy(logits, data.test_labels, 5)
+
+
+def _predict_all(model: nn.Module, images: Tensor, data: DataSplits, *, shard: bool,
+                 options: EngineOptions) -> Tensor:
+    """Logits for all of ``images``; with ``shard`` each DDP rank predicts its part and they exchange them."""
     if shard and distributed.world_size() > 1:
         part = distributed.shard(len(images))
-        logits = distributed.gather_shards(predict(model, images[part], data, options=options), len(images))
-    else:
-        logits = predict(model, images, data, options=options)
-    return logits, topk_accuracy(logits, data.test_labels, 1), topk_accuracy(logits, data.test_labels, 5)
+        return distributed.gather_shards(predict(model, images[part], data, options=options), len(images))
+    return predict(model, images, data, options=options)
 
 
 def make_optimizer(params: list[nn.Parameter], recipe: Recipe
@@ -132,7 +152,8 @@ def make_optimizer(params: list[nn.Parameter], recipe: Recipe
 def train(model: nn.Module, data: DataSplits, recipe: Recipe, *, seed: int, method: Method | None = None,
           teachers: Sequence[nn.Module] = (), teacher_names: Sequence[str] = (), model_name: str = "",
           progress: Any | None = None, state_path: Path | None = None, state_key: str = "",
-          options: EngineOptions = EngineOptions(), teacher_caches: Sequence[ViewCache] = ()) -> TrainResult:
+          options: EngineOptions = EngineOptions(), teacher_caches: Sequence[ViewCache] = (),
+          labelled: bool = True) -> TrainResult:
     """Train ``model`` on ``data`` with ``recipe``; distil from ``teachers`` through ``method``.
 
     With no method, the model trains on cross-entropy alone (how kdbench trains teachers).
@@ -145,19 +166,23 @@ def train(model: nn.Module, data: DataSplits, recipe: Recipe, *, seed: int, meth
 
     Under torchrun every rank calls this with the same arguments and trains its slice of each
     batch (:mod:`kdbench.train.step`); rank 0 alone writes the checkpoint, every rank resumes it.
+    A recipe's ``val_fraction`` and ``early_stop``: :func:`_split`, :meth:`TrainResult.patience_spent`.
+    ``labelled=False`` (an unlabelled transfer set) trains without labels: no cross-entropy, and the
+    method gets ``batch.labels = None``.
     """
     device = data.train_images.device
+    data, val, teacher_caches = _split(data, recipe, teacher_caches)
     _check_run(recipe, data, teachers, teacher_names, teacher_caches)
     _prepare(model, teachers, method, options, device)
     opt, sched = make_optimizer(trainable_parameters(model, method), recipe)
     step = TrainStep(model, method, teachers, opt, recipe=recipe, device=device, options=options,
-                     caches=teacher_caches, model_name=model_name, teacher_names=teacher_names)
+                     caches=teacher_caches, model_name=model_name, teacher_names=teacher_names, labelled=labelled)
     gen = torch.Generator(device=device).manual_seed(seed)
     loader = Loader(data.train_images, data.train_labels, data.info, batch_size=recipe.batch_size, shuffle=True,
                     generator=gen, crop_padding=recipe.crop_padding, flip=recipe.flip)
     checkpoint = (Checkpoint(state_path, state_key, model, method, opt, sched, gen, model_name)
                   if state_path is not None else None)
-    first, result = _resume(checkpoint, progress)
+    first, result = _resume(checkpoint, progress, recipe.epochs)
     step.prepare_distributed()  # after resuming: DDP starts every rank from rank 0's weights
     if options.compile:
         step.compile()
@@ -170,18 +195,48 @@ def train(model: nn.Module, data: DataSplits, recipe: Recipe, *, seed: int, meth
                            "lower the learning rate or the term's weight", epoch, result)
         lr = opt.param_groups[0]["lr"]
         sched.step()
-        t_eval = time.perf_counter()
-        logits, top1, top5 = evaluate(model, data, shard=True, options=options)
-        result.add(EpochLog(epoch, lr, losses, top1, top5), logits)
-        result.eval_time_s += time.perf_counter() - t_eval
+        _evaluate_epoch(model, data, val, result, EpochLog(epoch, lr, losses, 0.0, 0.0), options)
+        if recipe.early_stop and result.patience_spent(recipe.early_stop):
+            result.stopped_epoch = epoch  # before the checkpoint: a resumed run knows it has stopped
         if checkpoint is not None and distributed.is_main():
             _save(checkpoint, epoch, result, start)
         if progress is not None:
-            progress.set_postfix(loss=f"{sum(losses.values()):.3f}", top1=f"{top1:.2f}", refresh=False)
+            progress.set_postfix(loss=f"{sum(losses.values()):.3f}", top1=f"{result.last.top1:.2f}", refresh=False)
             progress.update(1)
+        if result.stopped_epoch is not None:
+            break
     step.check_in_sync()
     _stop_clock(result, start)
     return result
+
+
+def _split(data: DataSplits, recipe: Recipe, caches: Sequence[ViewCache]
+           ) -> tuple[DataSplits, tuple[Tensor, Tensor] | None, Sequence[ViewCache]]:
+    """The training data, the validation (images, labels) or None, and caches that index the training data.
+
+    The split seed is fixed (0, :func:`~kdbench.data.holdout`), so teachers and students hold out the
+    same images. A cache built on the whole training set (as the runner builds and shares them) is
+    restricted to the kept images, so that image i of the training data looks up its own outputs.
+    """
+    if recipe.val_fraction == 0:
+        return data, None, caches
+    train, val_images, val_labels = holdout(data, recipe.val_fraction)
+    if any(c.size == len(data.train_labels) for c in caches):
+        keep, _ = holdout_indices(data.train_labels, recipe.val_fraction)
+        caches = [c.restricted(keep) if c.size == len(data.train_labels) else c for c in caches]
+    return train, (val_images, val_labels), caches
+
+
+def _evaluate_epoch(model: nn.Module, data: DataSplits, val: tuple[Tensor, Tensor] | None, result: TrainResult,
+                    log: EpochLog, options: EngineOptions) -> None:
+    """Fill ``log``'s test (and validation) accuracy and add it to ``result``; the time counts as evaluation."""
+    t_eval = time.perf_counter()
+    logits, log.top1, log.top5 = evaluate(model, data, shard=True, options=options)
+    if val is not None:
+        val_logits = _predict_all(model, val[0], data, shard=True, options=options)
+        log.val_top1 = topk_accuracy(val_logits, val[1], 1)
+    result.add(log, logits)
+    result.eval_time_s += time.perf_counter() - t_eval
 
 
 def _check_run(recipe: Recipe, data: DataSplits, teachers: Sequence[nn.Module], names: Sequence[str],
@@ -219,14 +274,19 @@ def _prepare(model: nn.Module, teachers: Sequence[nn.Module], method: Method | N
         torch.set_flush_denormal(True)
 
 
-def _resume(checkpoint: Checkpoint | None, progress: Any | None) -> tuple[int, TrainResult]:
-    """The epoch to start at and the result so far: from the run's checkpoint when there is one."""
+def _resume(checkpoint: Checkpoint | None, progress: Any | None, epochs: int) -> tuple[int, TrainResult]:
+    """The epoch to start at and the result so far: from the run's checkpoint when there is one.
+
+    An early-stopped run's checkpoint is a finished run: it starts at ``epochs``, training nothing.
+    """
     loaded = checkpoint.load() if checkpoint is not None else None
     if loaded is None:
         return 0, TrainResult()
     first, state = loaded
     result = TrainResult.from_state_dict(state)
     result.resumed_from = first
+    if result.stopped_epoch is not None:
+        first = epochs
     if progress is not None:
         progress.update(first)
     return first, result

@@ -101,12 +101,14 @@ class TrainStep:
         options: precision and memory format of the forward.
         caches: one :class:`ViewCache` per teacher, looked up instead of running the teachers.
         model_name, teacher_names: for error messages about stages.
+        labelled: False for an unlabelled transfer set: no cross-entropy term, whatever the method's
+            ``ce_weight``, and ``batch.labels`` is None for the method.
     """
 
     def __init__(self, model: nn.Module, method: Method | None, teachers: Sequence[nn.Module],
                  optimizer: torch.optim.Optimizer, *, recipe: Recipe, device: torch.device,
                  options: EngineOptions = EngineOptions(), caches: Sequence[ViewCache] = (),
-                 model_name: str = "", teacher_names: Sequence[str] = ()) -> None:
+                 model_name: str = "", teacher_names: Sequence[str] = (), labelled: bool = True) -> None:
         taps = method.taps() if method is not None else Taps()
         names = teacher_names or [""] * len(teachers)
         self.forward = _Forward(FeatureCapture(model, taps, model_name), method,
@@ -118,6 +120,10 @@ class TrainStep:
         self.who = f"method '{method.name}'" if method is not None else "training"
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.distributed = self.compiled = False
+        self.labelled = labelled
+        if not labelled and method is None:
+            raise KdbenchError("training without labels needs a method with teachers to learn from; "
+                               "train teachers on labelled data")
 
     @property
     def uses_cache(self) -> bool:
@@ -167,7 +173,10 @@ class TrainStep:
         if self.compiled:
             self._mark_step(images, labels, cached)
         ce_weight = self.method.ce_weight_at(epoch, self.epochs) if self.method is not None else 1.0
-        own, extra = self.net(images, labels, cached, Batch(images, labels, epoch, self.epochs), ce_weight)
+        if not self.labelled:  # an unlabelled transfer set: the engine's label term is dropped
+            ce_weight = 0.0
+        seen = Batch(images, labels if self.labelled else None, epoch, self.epochs)  # what the method sees
+        own, extra = self.net(images, labels, cached, seen, ce_weight)
         terms = self._merge(own, extra, epoch)
         self._update(sum(terms.values()), share)
         return {k: v.detach() * share for k, v in terms.items()}

@@ -15,7 +15,7 @@ stage maps of 162 views are not): :func:`cacheable`. For CIFAR-100 the logits ta
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +42,21 @@ class ViewCache:
     crop_padding: int
     flip: bool
     build_time_s: float = 0.0
+    # Training image i's row in the tensors above, when they hold a larger set (a cache of the whole
+    # training set used by a run that holds out a validation split): None = row i.
+    rows: Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        """How many training images this cache answers for."""
+        return len(self.rows) if self.rows is not None else len(self.logits)
+
+    def restricted(self, rows: Tensor) -> ViewCache:
+        """The same cache for a subset of its images: image i of the subset is row ``rows[i]``, no copy."""
+        rows = rows.to(self.logits.device)
+        if self.rows is not None:
+            rows = self.rows[rows]
+        return replace(self, rows=rows)
 
     @property
     def views(self) -> int:
@@ -57,23 +72,27 @@ class ViewCache:
             raise KdbenchError(f"teacher cache built for crop padding {self.crop_padding}, flip {self.flip}, but "
                                f"recipe '{recipe.name}' has {recipe.crop_padding}, {recipe.flip}; build the cache "
                                "for it")
-        if len(self.logits) != len(data.train_labels):
-            raise KdbenchError(f"teacher cache holds {len(self.logits)} images, the training set "
+        if self.size != len(data.train_labels):
+            raise KdbenchError(f"teacher cache holds {self.size} images, the training set "
                                f"{len(data.train_labels)}; build the cache for this dataset and --limit")
 
     def lookup(self, index: Tensor, view: Tensor) -> Outputs:
         """The teacher's outputs for training images ``index`` seen through views ``view``."""
+        if self.rows is not None:
+            index = self.rows[index]
         pooled = self.pooled[index, view] if self.pooled is not None else None
         return Outputs(self.logits[index, view], pooled=pooled)
 
     def state_dict(self) -> dict:
         return {"logits": self.logits, "pooled": self.pooled, "crop_padding": self.crop_padding,
-                "flip": self.flip, "build_time_s": self.build_time_s}
+                "flip": self.flip, "build_time_s": self.build_time_s, "rows": self.rows}
 
     @classmethod
     def from_state_dict(cls, state: dict, device: torch.device) -> ViewCache:
         pooled = state["pooled"].to(device) if state["pooled"] is not None else None
-        return cls(state["logits"].to(device), pooled, state["crop_padding"], state["flip"], state["build_time_s"])
+        rows = state.get("rows")  # absent in files written before restricted caches existed
+        return cls(state["logits"].to(device), pooled, state["crop_padding"], state["flip"], state["build_time_s"],
+                   rows.to(device) if rows is not None else None)
 
 
 @torch.inference_mode()
