@@ -66,3 +66,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
 
 def warn(message: str) -> None:
     print(f"kdbench: warning: {message}", file=sys.stderr)
+
+
+def output_folder(path: Path, what: str) -> Path:
+    """``path`` when it can be a folder to write into: an error when it, or a folder above it, is a file."""
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            raise KdbenchError(f"{what} {path}: {p} is an existing file, not a folder; give a folder (a new one is "
+                               "created), or move the file away")
+    return path

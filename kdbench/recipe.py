@@ -54,7 +54,20 @@ class Recipe:
         for key in ("momentum", "weight_decay", "crop_padding", "max_norm", "early_stop"):
             if getattr(self, key) < 0:
                 raise KdbenchError(f"recipe '{self.name}': {key} must be >= 0, got {getattr(self, key)}")
+        self._check_milestones()
         self._check_validation()
+
+    def _check_milestones(self) -> None:
+        """Increasing, each after epoch 0 and before the recipe's full length (else it never lowers the lr)."""
+        ms = tuple(self.milestones)
+        if list(ms) != sorted(set(ms)):
+            raise KdbenchError(f"recipe '{self.name}': milestones must be increasing, got {list(ms)}; write "
+                               f"them in order, once each, e.g. milestones = {sorted(set(ms))}")
+        if late := [m for m in ms if not 0 < m < self.full_epochs]:
+            raise KdbenchError(f"recipe '{self.name}': milestone {late[0]} is not within its {self.full_epochs} "
+                               "epochs, so it would never lower the learning rate; give milestones from 1 to "
+                               f"{self.full_epochs - 1}, or milestones = [] for a constant rate (changing epochs, "
+                               "change milestones with it)")
 
     def _check_validation(self) -> None:
         """val_fraction and early_stop: refused before any training."""

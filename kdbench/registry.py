@@ -84,8 +84,10 @@ def load_plugin_file(path: str | Path) -> list[type[Method]]:
         raise PluginError(f"plugin file '{path}' not found; pass the path of a .py file that defines a "
                           "kdbench.method.Method subclass")
     module_name = f"kdbench_plugin_{path.stem}_{abs(hash(str(path.resolve()))):x}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    assert spec is not None and spec.loader is not None
+    spec = importlib.util.spec_from_file_location(module_name, path) if path.suffix == ".py" else None
+    if spec is None or spec.loader is None:
+        raise PluginError(f"plugin file '{path}' is not a Python file (its name does not end in .py); pass the "
+                          ".py file that defines the kdbench.method.Method subclass, or rename it to end in .py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
     try:

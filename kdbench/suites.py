@@ -24,6 +24,14 @@ from .errors import KdbenchError, suggest, unknown
 from .recipe import Recipe, get_recipe
 
 PAIR_ARROW = "→"
+MAX_SEED = 2**63 - 1  # seeds are whole numbers in 0..2**63-1: what torch takes as distinct seeds
+
+
+def check_seed(seed: int, where: str) -> int:
+    if not 0 <= seed <= MAX_SEED:
+        raise KdbenchError(f"{where}: seed {seed} is out of range; a seed is a whole number from 0 to 2**63-1 "
+                           f"({MAX_SEED}), e.g. 0,1,2")
+    return seed
 
 
 def pair_label(teachers: Sequence[str], student: str) -> str:
@@ -68,19 +76,21 @@ class Pair:
     @classmethod
     def parse(cls, text: str) -> Pair:
         left, sep, student = text.strip().rpartition(":")
-        items = [t.strip() for t in left.split("+") if t.strip()]
-        if not sep or not student or not items:
-            raise KdbenchError(f"pair '{text}' is not of the form TEACHER[+TEACHER...]:STUDENT "
-                               "(e.g. cifar_resnet56:cifar_resnet20 or "
+        items = [t.strip() for t in left.split("+")]
+        empty = " has an empty teacher name" if sep and left.strip() and not all(
+            t.partition("@")[0].strip() for t in items) else ""
+        if not sep or not student.strip() or not left.strip() or empty:
+            raise KdbenchError(f"pair '{text}'{empty or ' is not of the form TEACHER[+TEACHER...]:STUDENT'} "
+                               "(write e.g. cifar_resnet56:cifar_resnet20 or "
                                "cifar_resnet56+cifar_wrn_40_2:cifar_resnet20; model@N fixes a teacher's seed)")
         teachers, seeds = [], []
         for item in items:
             model, at, seed = item.partition("@")
-            if at and not seed.strip().isdigit():
+            if at and not (seed.strip().isascii() and seed.strip().isdigit()):
                 raise KdbenchError(f"pair '{text}': teacher '{item}' must be MODEL or MODEL@SEED with an "
                                    "integer seed (e.g. cifar_resnet56@1)")
             teachers.append(model.strip())
-            seeds.append(int(seed) if at else None)
+            seeds.append(check_seed(int(seed), f"pair '{text}'") if at else None)
         return cls(tuple(teachers), student.strip(), tuple(seeds))
 
 
@@ -230,6 +240,16 @@ def _reproduction(table: Any, path: Path, where: str) -> Reproduction:
     )
 
 
+def _suite_name(value: Any, where: str) -> str:
+    """A suite's ``name``, also a folder name (RESULTS_DIR/reproduce/NAME): no path parts, not empty."""
+    name = _expect(value, str, "name", where)
+    if name.strip() in ("", ".", "..") or any(c in name for c in "/\\") or not name.isprintable():
+        raise KdbenchError(f"{where}: name {name!r} cannot name a folder (kdbench reproduce writes into "
+                           "RESULTS_DIR/reproduce/NAME); use letters, digits, '-', '_' and '.', e.g. "
+                           "name = \"my-suite\"")
+    return name
+
+
 def parse_suite(data: Mapping[str, Any], path: Path) -> Suite:
     """Build a Suite from a parsed TOML document; every mistake is reported with the file's name."""
     where = f"suite file {path}"
@@ -237,7 +257,7 @@ def parse_suite(data: Mapping[str, Any], path: Path) -> Suite:
     for key in ("name", "dataset", "pairs", "recipe"):
         if key not in data:
             raise KdbenchError(f"{where}: missing required key '{key}'")
-    name = _expect(data["name"], str, "name", where)
+    name = _suite_name(data["name"], where)
     recipe_table = dict(_expect(data["recipe"], dict, "recipe", where))
     try:
         base = get_recipe(_expect(recipe_table.pop("base", ""), str, "recipe.base", where) or "crd")
@@ -251,7 +271,8 @@ def parse_suite(data: Mapping[str, Any], path: Path) -> Suite:
     pairs = tuple(_pair_item(p, where) for p in _expect(data["pairs"], list, "pairs", where))
     if not pairs:
         raise KdbenchError(f"{where}: 'pairs' is empty; list at least one \"TEACHER:STUDENT\"")
-    seeds = tuple(_expect(s, int, "seeds item", where) for s in _expect(data.get("seeds", [0]), list, "seeds", where))
+    seeds = tuple(check_seed(_expect(s, int, "seeds item", where), f"{where} seeds")
+                  for s in _expect(data.get("seeds", [0]), list, "seeds", where))
     hparams = _expect(data.get("hparams", {}), dict, "hparams", where)
     overrides = tuple((f"{m}.{k}", _frozen(v)) for m, hp in hparams.items()
                       for k, v in _expect(hp, dict, f"hparams.{m}", where).items())
@@ -286,6 +307,9 @@ def load_suite_file(path: Path) -> Suite:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise KdbenchError(f"cannot read suite file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise KdbenchError(f"suite file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                           f"{exc.start}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise KdbenchError(f"suite file {path} is not valid TOML: {exc}; see benchmarks/suites/README.md "
                            "for the format") from None

@@ -280,3 +280,160 @@ def test_a_good_checkpoint_still_runs(weights, tmp_path, capsys):
     """The checks above refuse bad files only: the same command with a real checkpoint trains."""
     assert main([*with_checkpoint(weights), "--results-dir", str(tmp_path)]) == 0
     assert len(list((tmp_path / "runs").glob("*.json"))) == 2  # the student and its teacher's row
+
+
+# -- the results folder, suite names and files, report folders ------------------------------------
+@pytest.mark.parametrize("how", ["option", "env"])
+def test_empty_results_folder(how, tmp_path, monkeypatch, capsys):
+    """An empty --results-dir or KDBENCH_RESULTS would write runs/, teachers/ and report/ into the current folder."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KDBENCH_RESULTS", "" if how == "env" else str(tmp_path / "unused"))
+    given = ["--results-dir", ""] if how == "option" else []
+    for args in ([*RUN, "--methods", "ce", "--pairs", PAIR, *given], ["report", *given]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("kdbench: error: ") and "Traceback" not in err, err
+        assert re.search(r"(--results-dir|KDBENCH_RESULTS) is (set but )?empty, which would write results into "
+                         r"the current folder", err), err
+    assert not list(tmp_path.iterdir())  # nothing written here
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "a/b", "..", "", "back\\\\slash"])
+def test_suite_name_with_path_parts(name, finished, tmp_path, capsys):
+    """`kdbench reproduce` writes into RESULTS_DIR/reproduce/NAME: a name may not lead out of it."""
+    path = tmp_path / "mine.toml"
+    path.write_text(SUITE.replace('name = "mine"', f'name = "{name}"'))
+    for args in (run("--methods", "kd", "--suite", str(path)), ["reproduce", str(path), "--limit", "64", "-q"]):
+        refused(args, finished, capsys, rf"suite file {path}: name '.*' cannot name a folder", r"e\.g\. name = ")
+    assert not (tmp_path / "escaped").exists()
+
+
+def test_suite_file_that_is_not_utf8(finished, tmp_path, capsys):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(SUITE.replace("mine", "caf\u00e9").encode("latin-1"))
+    refused(run("--methods", "kd", "--suite", str(path)), finished, capsys,
+            rf"suite file {path} is not UTF-8 text \(byte 0xe9 at offset \d+\); save it as UTF-8")
+
+
+def test_plugin_file_that_is_not_python(finished, tmp_path, capsys):
+    path = tmp_path / "my_kd.txt"
+    path.write_text("from kdbench.method import Method\n")
+    refused(run("--methods", "kd", "--pairs", PAIR, "--plugin", str(path)), finished, capsys,
+            rf"plugin file '{path}' is not a Python file \(its name does not end in \.py\)")
+
+
+def test_report_folder_that_is_a_file(finished, tmp_path, capsys):
+    out = tmp_path / "report.md"
+    out.write_text("mine\n")
+    refused(["report", "--out", str(out)], finished, capsys,
+            rf"report folder {out}: {out} is an existing file, not a folder; give a folder")
+    refused(["reproduce", "hinton-mnist", "--out", str(out / "sub"), "--limit", "64", "-q"], finished, capsys,
+            rf"--out {out / 'sub'}: {out} is an existing file, not a folder")  # before training, not after
+    assert out.read_text() == "mine\n"
+
+
+# -- seeds, methods, pairs, recipes, executors ------------------------------------------------------
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--seeds", "99999999999999999999"], r"--seeds: seed 99999999999999999999 is out of range; .* 0 to 2\*\*63-1"),
+    (["--seeds=-1"], r"--seeds: seed -1 is out of range"),
+    (["--pairs", "cifar_resnet8@99999999999999999999:cifar_resnet8"], r"pair '.*': seed 9+ is out of range"),
+], ids=["too-big", "negative", "teacher-seed"])
+def test_seed_out_of_range(args, expected, finished, capsys):
+    refused(run("--methods", "kd", *(["--pairs", PAIR] if "--pairs" not in args else []), *args), finished, capsys,
+            expected)
+
+
+def test_suite_seed_out_of_range(finished, tmp_path, capsys):
+    path = tmp_path / "mine.toml"
+    path.write_text("seeds = [0, -3]\n" + SUITE)
+    refused(run("--methods", "kd", "--suite", str(path)), finished, capsys,
+            rf"suite file {path} seeds: seed -3 is out of range")
+
+
+@pytest.mark.parametrize("methods", ["", ","])
+def test_no_methods(methods, finished, capsys):
+    refused(run("--methods", methods, "--pairs", PAIR), finished, capsys,
+            r"--methods '.*' names no method, so nothing would run", r"--methods kd,dkd")
+
+
+@pytest.mark.parametrize("pair", ["cifar_resnet8+:cifar_resnet8", "+cifar_resnet8:cifar_resnet8",
+                                  "@1:cifar_resnet8"])
+def test_empty_teacher_name(pair, finished, capsys):
+    refused(run("--methods", "kd", "--pairs", pair), finished, capsys,
+            rf"pair '{re.escape(pair)}' has an empty teacher name", r"e\.g\. cifar_resnet56:cifar_resnet20")
+
+
+@pytest.mark.parametrize(("recipe", "expected"), [
+    ("milestones = [25, 20]", r"milestones must be increasing, got \[25, 20\]; .* milestones = \[20, 25\]"),
+    ("milestones = [20, 20]", r"milestones must be increasing"),
+    ("milestones = [20, 30]", r"milestone 30 is not within its 30 epochs"),
+    ("epochs = 10", r"milestone 20 is not within its 10 epochs, .* milestones = \[\] for a constant rate"),
+], ids=["unsorted", "repeated", "at-the-end", "epochs-without-milestones"])
+def test_bad_milestones(recipe, expected, finished, tmp_path, capsys):
+    path = tmp_path / "mine.toml"
+    path.write_text(SUITE + recipe + "\n")
+    refused(run("--methods", "kd", "--suite", str(path)), finished, capsys,
+            rf"suite file {path} \[recipe\]: recipe 'digits': " + expected)
+
+
+def test_slurm_option_with_another_executor(finished, capsys):
+    refused(run("--methods", "kd", "--pairs", PAIR, "--slurm-extra", "constraint=h100"), finished, capsys,
+            r"--slurm-extra is for --executor slurm, and this run uses the local executor, which would ignore it")
+
+
+# -- a method's forward -----------------------------------------------------------------------------
+@pytest.mark.parametrize(("returns", "expected"), [
+    ("[F.mse_loss(student.logits, teachers[0].logits)]",
+     r"method 'odd' \(Odd\.forward\) returned list, not a dict of loss terms; forward must return \{name: "),
+    ("{'mse': F.mse_loss(student.logits, teachers[0].logits, reduction='none')}",
+     r"method 'odd' returned loss term 'mse' that is not a scalar tensor \(\(4, 10\)\)"),
+    ("{}", r"method 'odd' returned no loss terms \(an empty dict\): its runs would train on cross-entropy alone"),
+], ids=["list", "not-scalar", "no-terms"])
+def test_method_forward_of_the_wrong_form(returns, expected, finished, tmp_path, capsys):
+    """Found while planning, from one forward on random outputs: not in the first training step."""
+    path = tmp_path / "odd.py"
+    path.write_text("import torch.nn.functional as F\nfrom kdbench.method import Method\n\n\nclass Odd(Method):\n"
+                    "    name = 'odd'\n    paper = 'a test'\n\n    def forward(self, student, teachers, batch):\n"
+                    f"        return {returns}\n")
+    refused(run("--methods", "odd", "--pairs", PAIR, "--plugin", str(path)), finished, capsys, expected)
+
+
+# -- rows the report and the sweep must not trust ---------------------------------------------------
+def test_copied_row_file_is_no_second_seed(finished, tmp_path, capsys):
+    import shutil
+
+    from kdbench.report.rows import load_rows
+
+    root = tmp_path / "results"
+    shutil.copytree(finished / "runs", root / "runs")
+    (row,) = (root / "runs").glob("*.json")
+    shutil.copy(row, root / "runs" / f"{row.stem} copy.json")
+    assert len(load_rows(root)) == 1
+    err = capsys.readouterr().err
+    assert re.search(rf"warning: skipping run file .*{re.escape(row.stem)} copy\.json: it holds run "
+                     rf"{row.stem}, whose file is {row.stem}\.json", err), err
+    assert main(["report", "--results-dir", str(root), "--out", str(tmp_path / "out")]) == 0
+
+
+@pytest.mark.parametrize("top1", ["high", float("nan"), None])
+def test_finished_row_without_a_number(top1, finished, tmp_path, capsys):
+    """A row of status ok whose top1_last is not a number: the report skips it, naming the file, and the
+    sweep counts the run as not done (so re-running the command redoes it)."""
+    import json
+    import shutil
+
+    from kdbench.errors import KdbenchError
+    from kdbench.report.rows import load_rows
+    from kdbench.sweep.store import ResultsStore
+
+    root = tmp_path / "results"
+    shutil.copytree(finished / "runs", root / "runs")
+    (path,) = (root / "runs").glob("*.json")
+    row = json.loads(path.read_text())
+    assert ResultsStore(root).has(row["run_id"])
+    path.write_text(json.dumps({**row, "top1_last": top1}))
+    assert not ResultsStore(root).has(row["run_id"])
+    with pytest.raises(KdbenchError, match="no finished runs"):
+        load_rows(root)
+    err = capsys.readouterr().err
+    assert re.search(rf"run file {re.escape(str(path))} has status ok but top1_last .*, not a number", err), err

@@ -248,8 +248,9 @@ def test_hinton_mnist_suite_on_real_mnist(mnist_root, tmp_path, capsys):
     rows = [json.loads(p.read_text()) for p in (res / "runs").glob("*.json")]
     assert {r["method"] for r in rows} == {"teacher", "ce", "kd", "fitnets"}
     for r in rows:
-        assert r["dataset"] == "mnist[:512]" and r["test_size"] == 512 and r["schedule"] == ("mnist_mlp, shortened: 2 of 150 epochs" if r["kind"] == "teacher" else "mnist_mlp, shortened: 2 of 60 epochs")
-        assert r["top1_last"] > 15  # above chance (10%) after 8 SGD steps (kd learns from a 49% teacher)
+        assert r["dataset"] == "mnist[:512]" and r["test_size"] == 512 and r["schedule"] == ("mnist_mlp, shortened: 2 of 150 epochs" if r["kind"] == "teacher" else "mnist_mlp, shortened: 2 of 60 epochs, 5% held out for validation")
+        if r.get("transfer") != "only 7, 8":  # a student that saw only 7s and 8s can predict little else
+            assert r["top1_last"] > 15  # above chance (10%) after 8 SGD steps (kd learns from a 49% teacher)
     fit = next(r for r in rows if r["method"] == "fitnets")
     assert fit["hp.stage"] == 1  # the suite's own override: the MLPs have two stages
 

@@ -303,7 +303,7 @@ def test_hyperparameter_variants_are_separate_rows_not_seeds(tmp_path):
             (runs / f"{r['run_id']}.json").write_text(json.dumps(r))
     r = row("ce", "", R20, 0, 65.0)
     r["hparams"] = json.dumps({"ce_weight": 1.0})
-    (runs / "ce.json").write_text(json.dumps(r))
+    (runs / f"{r['run_id']}.json").write_text(json.dumps(r))
     md = next(p for p in build_report(tmp_path, tmp_path / "out") if p.suffix == ".md" and p.name.startswith("table"))
     text = md.read_text()
     assert "| kd[temperature=4.0] | 70.50 ± 0.71 (+5.50) |" in text

@@ -290,7 +290,8 @@ def test_max_norm_bounds_every_units_incoming_weights():
 
 def test_engine_applies_the_recipes_max_norm():
     data = load_dataset("digits", limit=128)
-    recipe = get_recipe("digits").with_overrides({"epochs": 1, "lr": 0.5, "max_norm": 0.3}, "test")
+    recipe = get_recipe("digits").with_overrides({"epochs": 1, "milestones": [], "lr": 0.5, "max_norm": 0.3},
+                                                    "test")
     free = recipe.with_overrides({"max_norm": 0.0}, "test")
     norms = {}
     for r in (recipe, free):

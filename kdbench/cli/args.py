@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..errors import KdbenchError
 
 EXAMPLES = """\
 examples:
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="derive tables and plots from a results folder",
                          description="Derive markdown/CSV tables and PNG plots from the rows in a results folder.")
-    rep.add_argument("--results-dir", type=Path, default=None, help="results folder (default: $KDBENCH_RESULTS, "
+    rep.add_argument("--results-dir", default=None, help="results folder (default: $KDBENCH_RESULTS, "
                      "else ./kdbench-results)")
     rep.add_argument("--out", type=Path, default=None, help="where to write (default: RESULTS_DIR/report)")
     rep.add_argument("--metric", default="top1_last",
@@ -249,7 +250,7 @@ def _executor_options(parser: argparse.ArgumentParser) -> None:
 
 def _output_options(parser: argparse.ArgumentParser, reproduce: bool) -> None:
     out = parser.add_argument_group("output")
-    out.add_argument("--results-dir", type=Path, default=None, help="results folder (default: $KDBENCH_RESULTS, "
+    out.add_argument("--results-dir", default=None, help="results folder (default: $KDBENCH_RESULTS, "
                      "else ./kdbench-results)")
     if reproduce:
         out.add_argument("--out", type=Path, default=None, help="where the comparison goes (default: "
@@ -263,5 +264,19 @@ def _output_options(parser: argparse.ArgumentParser, reproduce: bool) -> None:
     out.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
-def results_dir(arg: Path | None) -> Path:
-    return arg or Path(os.environ.get("KDBENCH_RESULTS", "kdbench-results"))
+def results_dir(arg: str | Path | None) -> Path:
+    """--results-dir, else $KDBENCH_RESULTS, else ./kdbench-results. An empty one is refused: it would
+    scatter runs/, teachers/ and report/ into the current folder (write '.' to mean that)."""
+    if arg is None:
+        env = os.environ.get("KDBENCH_RESULTS")
+        if env is None:
+            return Path("kdbench-results")
+        if not env.strip():
+            raise KdbenchError("KDBENCH_RESULTS is set but empty, which would write results into the current "
+                               "folder; set it to a folder (export KDBENCH_RESULTS=~/kdbench-results), or unset "
+                               "it for the default ./kdbench-results")
+        return Path(env)
+    if not str(arg).strip():
+        raise KdbenchError("--results-dir is empty, which would write results into the current folder; give a "
+                           "folder (e.g. --results-dir kdbench-results, or '.' if you mean this folder)")
+    return Path(arg)

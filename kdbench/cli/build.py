@@ -13,10 +13,11 @@ from ..bias import Bias
 from ..data.transfer import TransferSet
 from ..errors import KdbenchError, unknown
 from ..executors.base import Executor, worker_env
+from ..files import output_folder
 from ..provenance import command_line
 from ..recipe import Recipe
 from ..registry import load_methods
-from ..suites import Pair, Suite
+from ..suites import Pair, Suite, check_seed
 from ..sweep.hparams import HParams, parse_cli, parse_sweeps, parse_table
 from ..sweep.request import Request
 from ..sweep.worker import do_task
@@ -70,6 +71,11 @@ def _where_runs(args: argparse.Namespace) -> tuple[str, bool, float | None]:
     (a login node may have no GPU); --gpus-per-run defaults to 1 for CUDA runs there."""
     if args.executor not in EXECUTORS:
         raise unknown("executor", args.executor, EXECUTORS, fix="See `kdbench run --help`, section 'where runs happen'.")
+    if args.executor != "slurm" and (given := _slurm_options(args)):
+        raise KdbenchError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for --executor slurm, and this "
+                           f"run uses the {args.executor} executor, which would ignore "
+                           f"{'it' if len(given) == 1 else 'them'}; drop {'it' if len(given) == 1 else 'them'}, "
+                           "or add --executor slurm")
     device, gpus = args.device, args.gpus_per_run
     if args.executor == "local":
         return device, False, gpus
@@ -83,6 +89,12 @@ def _where_runs(args: argparse.Namespace) -> tuple[str, bool, float | None]:
     return device, True, gpus
 
 
+def _slurm_options(args: argparse.Namespace) -> list[str]:
+    """The Slurm-only options given on the command line (those whose default is "not given")."""
+    names = ("extra", "partition", "account", "qos", "mem", "max_concurrent", "folder")
+    return [f"--slurm-{n.replace('_', '-')}" for n in names if getattr(args, f"slurm_{n}", None) not in (None, [])]
+
+
 def build_request(args: argparse.Namespace, suite: Suite, *, dataset: str, recipe: Recipe,
                   pairs: list[Pair]) -> Request:
     """The frozen request from the shared run/reproduce options and a suite's defaults."""
@@ -93,10 +105,16 @@ def build_request(args: argparse.Namespace, suite: Suite, *, dataset: str, recip
         named = False
     else:
         selected, named = tuple(_csv(args.methods)), True
+        if not selected:
+            raise KdbenchError(f"--methods '{args.methods}' names no method, so nothing would run; give method "
+                               "names (e.g. --methods kd,dkd), 'all', or leave it out for the suite's methods")
+    if getattr(args, "out", None) is not None:  # kdbench reproduce --out: refused now, not after training
+        output_folder(args.out, "--out")
     chosen = set(methods) if selected is None else set(selected)
     device, remote, _ = _where_runs(args)
     return Request(
-        methods=selected, pairs=tuple(pairs), dataset=dataset, recipe=recipe, seeds=tuple(args.seeds or suite.seeds),
+        methods=selected, pairs=tuple(pairs), dataset=dataset, recipe=recipe,
+        seeds=tuple(check_seed(s, "--seeds") for s in args.seeds) if args.seeds else suite.seeds,
         named=named, hparams=_hparams(args, suite, pairs, chosen, methods),
         plugins=tuple(str(Path(f).resolve()) for f in args.plugins),
         teacher_checkpoints=parse_checkpoints(args.teacher_ckpts, pairs),

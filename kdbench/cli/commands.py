@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 from .. import distributed
 from ..errors import KdbenchError
 from ..recipe import Recipe, get_recipe
@@ -175,7 +177,7 @@ def write_comparison(suite: Suite, sweep: Sweep, out: Path) -> int:
     title = f"{suite.name}: published vs kdbench, {data}, schedule {req.recipe.label}"
     notes = [*suite.reproduce.notes, f"Suite file: {suite_file(suite)}."]
     paths = write_reproduction(table, out, suite=suite.name, title=title, ordering_lines=ordering,
-                               extra_notes=notes)
+                               extra_notes=notes, sections=transfer_sections(rows))
     judged = table[table["verdict"].isin(["within", "outside"])]
     print(f"kdbench reproduce: {int((judged['verdict'] == 'within').sum())} of {len(judged)} cells within tolerance"
           + ("; NOT REAL DATA" if (table["verdict"] == "not real data").any() else ""))
@@ -184,6 +186,23 @@ def write_comparison(suite: Suite, sweep: Sweep, out: Path) -> int:
     for path in paths:
         print(f"  {path}")
     return 0
+
+
+def transfer_sections(rows: pd.DataFrame) -> list[str]:
+    """Markdown per transfer set: errors overall and on the absent classes, as trained, with the given
+    bias offsets and with kdbench's own offsets searched on held-out images (which no paper reports)."""
+    from ..report.markdown import md_table
+    from ..report.transfer import errors_table
+
+    if "transfer" not in rows:
+        return []
+    parts = []
+    for label, group in rows[rows["transfer"].fillna("") != ""].groupby("transfer", sort=False):
+        if errors := errors_table(group):
+            header, lines, notes = errors
+            parts += ["", f"## Transfer set {label}: test errors per class, all bias adjustments", "",
+                      md_table(header, lines), ""] + [f"- {n}" for n in notes]
+    return parts
 
 
 def report(root: Path, out: Path | None, metric: str) -> int:

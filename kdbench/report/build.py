@@ -16,6 +16,7 @@ import pandas as pd
 
 from ..errors import KdbenchError, unknown
 from ..executors.base import OK
+from ..files import output_folder
 from ..sweep.store import ResultsStore
 from .aggregate import Benchmark, aggregate, benchmarks
 from .markdown import benchmark_markdown, csv_frame, write_text
@@ -77,7 +78,7 @@ def build_report(results_dir: str | os.PathLike[str],
     rows = finished(everything, runs)
     if metric not in rows:
         raise KdbenchError(f"no run in {runs} records the metric '{metric}'")
-    out = Path(out_dir) if out_dir is not None else results
+    out = output_folder(Path(out_dir) if out_dir is not None else results, "report folder")
     out.mkdir(parents=True, exist_ok=True)
     benches = benchmarks(rows)
     # After benchmarks(): variant labels (kd[temperature=8.0]) get colours of their own.

@@ -250,7 +250,7 @@ def check_ordering(table: pd.DataFrame, ordering: Sequence[str]) -> list[str]:
 # -- writing ------------------------------------------------------------------------------------
 def write_reproduction(table: pd.DataFrame, out_dir: Path, *, suite: str, title: str,
                        ordering_lines: Sequence[str] = (), extra_notes: Sequence[str] = (),
-                       tolerance: Tolerance | None = None) -> list[Path]:
+                       tolerance: Tolerance | None = None, sections: Sequence[str] = ()) -> list[Path]:
     """Write the markdown, CSV and plot of one reproduction; return the written paths.
 
     Args:
@@ -262,6 +262,7 @@ def write_reproduction(table: pd.DataFrame, out_dir: Path, *, suite: str, title:
         extra_notes: further lines for the notes section.
         tolerance: the rule the verdicts used; defaults to the one ``compare`` stored in
             ``table.attrs``, else ``Tolerance()``.
+        sections: further markdown lines, after the tables (e.g. per-class errors of transfer sets).
 
     Returns:
         The markdown, CSV and (when any cell has a kdbench value) PNG paths.
@@ -274,7 +275,8 @@ def write_reproduction(table: pd.DataFrame, out_dir: Path, *, suite: str, title:
     csv = write_text(out / f"reproduce_{slug}.csv", table.to_csv(index=False))
     md = write_text(out / f"reproduce_{slug}.md",
                     reproduction_markdown(table, title=title, tolerance=tolerance,
-                                          ordering_lines=ordering_lines, extra_notes=extra_notes, plot=png))
+                                          ordering_lines=ordering_lines, extra_notes=extra_notes, plot=png,
+                                          sections=sections))
     return [md, csv] + ([png] if png is not None else [])
 
 

@@ -130,7 +130,7 @@ def _warnings(table: pd.DataFrame) -> list[str]:
 
 def reproduction_markdown(table: pd.DataFrame, *, title: str, tolerance: Tolerance,
                           ordering_lines: Sequence[str] = (), extra_notes: Sequence[str] = (),
-                          plot: Path | None = None) -> str:
+                          plot: Path | None = None, sections: Sequence[str] = ()) -> str:
     """The reproduction report: warnings, summary, legend, one table per paper table, notes."""
     parts = [f"# {md_escape(title)}", "", *_warnings(table), f"**{summary(table)}.**", ""]
     parts += [
@@ -150,6 +150,7 @@ def reproduction_markdown(table: pd.DataFrame, *, title: str, tolerance: Toleran
         listed = ", ".join(f"{m} ({n})" for m, n in missing.items())
         parts += ["", "Published cells of methods not run here (no kdbench plugin, or not among the methods run): "
                   f"{md_escape(listed)}."]
+    parts += list(sections)
     if ordering_lines:
         parts += ["", "## Ordering (kdbench means)", ""]
         parts += [f"- {md_escape(line)}" for line in ordering_lines]

@@ -15,7 +15,7 @@ from ..errors import KdbenchError
 from ..executors.base import OK
 from ..files import warn
 from ..sweep.columns import Col
-from ..sweep.store import ResultsStore
+from ..sweep.store import ResultsStore, bad_result
 
 #: Two method names are part of the contract: ``teacher`` (rows of kind ``teacher``: the teacher
 #: models themselves) and ``ce`` (the label-only baseline, one run of which serves every pair with
@@ -68,12 +68,14 @@ def load_rows(results_dir: str | os.PathLike[str], *, finished_only: bool = True
 
 
 def _complete(row: dict, store: ResultsStore) -> bool:
-    """True when ``row`` has every ``REQUIRED`` column; else a warning naming its file."""
+    """True when ``row`` has every ``REQUIRED`` column and, if its run finished, a top1_last that is a
+    number; else a warning naming its file."""
+    path = store.row_path(str(row[Col.RUN_ID]))  # the store names each file by its run id
     missing = [c for c in REQUIRED if c not in row]
-    if missing:
-        path = store.row_path(str(row[Col.RUN_ID]))  # the store names each file by its run id
-        warn(f"skipping run file {path}: it lacks {', '.join(missing)}; delete it or re-run that run")
-    return not missing
+    why = f"lacks {', '.join(missing)}" if missing else bad_result(row)
+    if why:
+        warn(f"skipping run file {path}: it {why}; delete it, or re-run the sweep to redo that run")
+    return not why
 
 
 def finished(rows: pd.DataFrame, where: os.PathLike[str]) -> pd.DataFrame:

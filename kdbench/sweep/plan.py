@@ -15,7 +15,7 @@ from .. import distributed, zoo
 from ..data import DataSplits
 from ..errors import KdbenchError, unknown
 from ..features import NoSuchStage, probe
-from ..method import Method, Probe, Taps
+from ..method import Batch, Method, Outputs, Probe, Taps
 from ..registry import build_method, method_source
 from ..suites import Pair, pair_label
 from .hparams import settings
@@ -169,7 +169,7 @@ def fitting(req: Request, names: Sequence[str], methods: Mapping[str, type[Metho
             try:
                 for hp in ([] if why else settings(req.hparams, name, pair.label)):
                     check_setup(build_method(cls, hp), teachers, pair.student, data, probes,
-                                unlabelled=pair.transfer.unlabelled)
+                                unlabelled=pair.transfer.unlabelled, epochs=req.recipe_for(pair.student).epochs)
             except CannotDistil as exc:
                 why = str(exc)
             if why:
@@ -207,7 +207,7 @@ def probed(name: str, taps: Taps, data: DataSplits, probes: dict[tuple[str, Taps
 
 
 def check_setup(method: Method, teachers: Sequence[str], student: str, data: DataSplits,
-                probes: dict[tuple[str, Taps], Probe], *, unlabelled: bool = False) -> None:
+                probes: dict[tuple[str, Taps], Probe], *, unlabelled: bool = False, epochs: int = 1) -> None:
     """Run the method's setup on a copy with probed shapes: shape problems surface before training.
     With ``unlabelled`` (an unlabelled transfer set), also its forward without labels."""
     taps = method.taps()
@@ -227,6 +227,47 @@ def check_setup(method: Method, teachers: Sequence[str], student: str, data: Dat
         if t.num_classes != s.num_classes:
             raise KdbenchError(f"teacher {t.model} outputs {t.num_classes} classes but student {student} "
                                f"outputs {s.num_classes}; both must predict the dataset's {data.info.num_classes}")
+    check_terms(copy, s, ts, data, epochs)
     if unlabelled and (why := unlabelled_refusal(copy, s, ts, (data.info.in_chans, data.info.img_size,
                                                                data.info.img_size))):
         raise CannotDistil(why)
+
+
+def check_terms(method: Method, student: Probe, teachers: Sequence[Probe], data: DataSplits, epochs: int) -> None:
+    """Run the set-up method on random outputs of the probed shapes, at the first and the last epoch.
+
+    A forward that returns anything but a dict of scalar tensors, or a method with teachers that
+    returns no term at either epoch (its runs would be plain cross-entropy under its name), is
+    refused now, naming the method. A forward that raises on random outputs is left to training.
+    """
+    info, n = data.info, 4
+    gen = torch.Generator().manual_seed(0)
+
+    def outputs(p: Probe) -> Outputs:
+        return Outputs(torch.randn(n, p.num_classes, generator=gen),
+                       {i: torch.randn(n, *shape, generator=gen) for i, shape in p.stages.items()},
+                       torch.randn(n, *p.pooled, generator=gen) if p.pooled else None)
+
+    images = torch.zeros(n, info.in_chans, info.img_size, info.img_size)
+    labels = torch.randint(info.num_classes, (n,), generator=gen)
+    found = []
+    for epoch in sorted({0, max(epochs - 1, 0)}):
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):  # planning leaves the global RNG alone
+                terms = method(outputs(student), [outputs(t) for t in teachers], Batch(images, labels, epoch, epochs))
+        except Exception:  # noqa: BLE001 - not this check's to judge; the first training step reports it
+            return
+        if not isinstance(terms, dict):
+            raise KdbenchError(f"method '{method.name}' ({type(method).__name__}.forward) returned "
+                               f"{type(terms).__name__}, not a dict of loss terms; forward must return "
+                               "{name: weighted scalar tensor}, e.g. {'kd': self.kd_weight * loss}")
+        for name, value in terms.items():
+            if not isinstance(value, torch.Tensor) or value.dim() != 0:
+                what = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise KdbenchError(f"method '{method.name}' returned loss term '{name}' that is not a scalar "
+                                   f"tensor ({what}); each term must be one already-weighted number per batch")
+        found.append(bool(terms))
+    if method.max_teachers > 0 and not any(found):
+        raise KdbenchError(f"method '{method.name}' returned no loss terms (an empty dict): its runs would train "
+                           "on cross-entropy alone under its name; return its weighted terms from forward, e.g. "
+                           "{'kd': self.kd_weight * loss}")

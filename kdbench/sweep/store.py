@@ -29,7 +29,9 @@ from typing import Any
 
 from .. import distributed
 from ..errors import KdbenchError
+from ..executors.base import OK
 from ..files import atomic_write_bytes, disk_error, warn
+from .columns import Col
 
 
 class Busy(Exception):
@@ -57,6 +59,16 @@ def read_row_file(path: Path) -> dict[str, Any] | None:
     return row
 
 
+def bad_result(row: dict[str, Any]) -> str:
+    """Why a row that says its run finished (status ok) has no usable result ('' when it has one)."""
+    if row.get(Col.STATUS, OK) != OK:
+        return ""
+    top1 = row.get(Col.TOP1_LAST)
+    if isinstance(top1, bool) or not isinstance(top1, (int, float)) or not math.isfinite(top1):
+        return f"has status ok but top1_last {top1!r}, not a number"
+    return ""
+
+
 class ResultsStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -68,9 +80,14 @@ class ResultsStore:
         return self.runs / f"{run_id}.json"
 
     def has(self, run_id: str) -> bool:
-        """True when the run's row exists and is readable; a damaged row counts as not done."""
+        """True when the run's row exists and is readable; a damaged row counts as not done, and so does
+        a row of a finished run (status ok) whose top1_last is not a number: it is run again."""
         path = self.row_path(run_id)
-        return path.is_file() and read_row_file(path) is not None
+        row = read_row_file(path) if path.is_file() else None
+        if row is not None and (why := bad_result(row)):
+            warn(f"run file {path} {why}; that run counts as not done and is run again")
+            return False
+        return row is not None
 
     def read(self, run_id: str) -> dict[str, Any]:
         return json.loads(self.row_path(run_id).read_text())
@@ -82,9 +99,17 @@ class ResultsStore:
         return path
 
     def rows(self) -> list[dict[str, Any]]:
-        """Every readable row; damaged files are reported by name and skipped."""
+        """Every readable row; damaged files, and files not named <run_id>.json (a copy of a row would
+        count as another seed), are reported by name and skipped."""
         files = sorted(p for p in self.runs.glob("*.json") if not p.name.startswith("."))
-        return [row for row in map(read_row_file, files) if row is not None]
+        rows = []
+        for path, row in zip(files, map(read_row_file, files)):
+            if row is not None and path.name != f"{row['run_id']}.json":
+                warn(f"skipping run file {path}: it holds run {row['run_id']}, whose file is "
+                     f"{row['run_id']}.json (a copy?); delete or rename it")
+            elif row is not None:
+                rows.append(row)
+        return rows
 
     def teacher_path(self, teacher_id: str) -> Path:
         return self.teachers / f"{teacher_id}.pt"

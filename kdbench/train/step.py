@@ -216,6 +216,9 @@ class TrainStep:
     def _merge(self, own: dict[str, Tensor], extra: dict[str, Tensor], epoch: int) -> dict[str, Tensor]:
         """The engine's terms, then the method's, after checking the method's are scalars with free names."""
         if self.method is not None:
+            if not isinstance(extra, dict):
+                raise KdbenchError(f"{self.who} returned {type(extra).__name__}, not a dict of loss terms; its "
+                                   "forward must return {name: weighted scalar tensor}")
             for name, value in extra.items():
                 if not isinstance(value, Tensor) or value.dim() != 0:
                     shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
