@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from kdbench import provenance, train, zoo
 from kdbench.data import load_dataset, normalize
-from kdbench.files import atomic_write
+from kdbench.files import atomic_write_bytes
 from kdbench.losses import kd_loss
 from kdbench.registry import build_method, load_methods
 from kdbench.suites import get_suite, load_suite_file
@@ -126,6 +126,7 @@ def main() -> None:
     ap.add_argument("--suite", default="hinton-mnist", help="the suite whose student, recipe and kd settings to use")
     ap.add_argument("--epochs", type=int, default=5, help="epochs of kd training before the second measurement")
     ap.add_argument("--images", type=int, default=4096, help="training images the gradients are measured on")
+    ap.add_argument("--lr", type=float, default=None, help="the students' learning rate (default: the suite's)")
     ap.add_argument("--out", type=Path, default=None, help="write the markdown here (else print it)")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -147,9 +148,14 @@ def main() -> None:
     by_model = suite.recipe_by_model.get(pair.student)
     recipe = suite.recipe.with_overrides(by_model, pair.student) if by_model else suite.recipe
     recipe = recipe.with_epochs(args.epochs) if args.epochs < recipe.epochs else recipe
-    train.train(student, data, recipe, seed=0, method=method.train(), teachers=[teacher], model_name=pair.student)
-    grad_rows.append({"student": f"after {args.epochs} epoch(s) of kd ({recipe.label})",
-                      **gradients(student, ts, xs, ys, **w)})
+    recipe = recipe.with_overrides({"lr": args.lr}, "--lr") if args.lr else recipe
+    try:
+        train.train(student, data, recipe, seed=0, method=method.train(), teachers=[teacher], model_name=pair.student)
+        grad_rows.append({"student": f"after {args.epochs} epoch(s) of kd, lr {recipe.lr} ({recipe.label})",
+                          **gradients(student, ts, xs, ys, **w)})
+    except train.Diverged as exc:  # what a too-large step does: the row says so instead of a number
+        grad_rows.append({"student": f"kd, lr {recipe.lr} ({recipe.label}): diverged at epoch {exc.epoch}", **{
+            k: float("nan") for k in grad_rows[0] if k != "student"}})
     md = [f"# Soft targets in `{suite.name}`: the teacher's scale, the terms' gradients, the step size",
           "", f"Teacher: run `{trow['run_id']}` ({pair.teachers[0]}, {trow['schedule']}, "
           f"top-1 {trow['top1_last']:.2f}, {round((100 - trow['top1_last']) * trow['test_size'] / 100)} test errors). "
@@ -160,12 +166,13 @@ def main() -> None:
           f"## 3. Gradients on {args.images} training images (per-image norms w.r.t. the student's logits)", "",
           _table(grad_rows), "",
           f"Command: `python benchmarks/hinton_soft_targets.py --results-dir {args.results_dir} "
-          f"--suite {args.suite} --epochs {args.epochs} --images {args.images}`; "
+          f"--suite {args.suite} --epochs {args.epochs} --images {args.images}"
+          f"{f' --lr {args.lr}' if args.lr else ''}`; "
           f"commit {provenance.git_commit()}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads; "
           f"wall {time.perf_counter() - t0:.0f} s."]
     text = "\n".join(md) + "\n"
     if args.out:
-        atomic_write(args.out, text)
+        atomic_write_bytes(args.out, text.encode())
     print(text)
 
 

@@ -1,10 +1,19 @@
-"""Shared fixtures: a fixed seed, and real offline datasets."""
+"""Shared fixtures: a fixed seed, and real offline datasets; every test on the CPU unless it asks for CUDA."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 from datasets_offline import fashion_root, mnist_root  # noqa: F401  (fixtures, re-exported)
+
+# The tests mean the same on a machine with a GPU: --device auto (the CLI's default) is the CPU here and in
+# every process a test starts (torchrun, workers, Ray), as the bitwise resume tests, golden values and 2-rank
+# gloo DDP tests assume. Tests meant for CUDA ask for it explicitly (--device cuda, .to("cuda")).
+# KDBENCH_TEST_DEVICE=auto (or cuda) runs the --device auto tests on the GPU instead; an exported
+# KDBENCH_DEVICE meant for real sweeps does not leak in.
+os.environ["KDBENCH_DEVICE"] = os.environ.get("KDBENCH_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(autouse=True)

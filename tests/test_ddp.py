@@ -24,7 +24,9 @@ from kdbench.train import train
 # 151 images: batches of 64, 64 and 23, so the last batch splits unevenly (12 + 11) and the
 # slices' losses must be weighted by their size. FitNets' two-stage schedule leaves the head
 # unused in its hint epoch (DDP's find_unused_parameters) and trains a regressor of its own.
-SWEEP = ["run", "--seeds", "0", "--dataset", "digits", "--pairs", "hinton_mlp_1200:hinton_mlp_800", "--limit", "151",
+# --device cpu: both ranks on the CPU with gloo, on a machine with GPUs too (NCCL would need two GPUs,
+# and the comparison with the single-process run assumes fp32 eager).
+SWEEP = ["run", "--device", "cpu", "--seeds", "0", "--dataset", "digits", "--pairs", "hinton_mlp_1200:hinton_mlp_800", "--limit", "151",
          "--epochs", "2", "--methods", "ce,kd,fitnets", "--set", "fitnets.stage=1",
          "--set", "fitnets.schedule=two_stage", "--throughput-batch", "8", "-q", "--no-report"]
 

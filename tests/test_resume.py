@@ -22,6 +22,7 @@ from kdbench.data import load_dataset
 from kdbench.recipe import get_recipe
 from kdbench.registry import load_methods
 from kdbench.train import train
+from kdbench.train.checkpoint import cuda_rng_to_restore
 
 RECIPE = get_recipe("digits").with_epochs(4)
 
@@ -128,6 +129,46 @@ def test_checkpoint_of_another_architecture_names_keys(tmp_path):
         _train(data, None, state, progress=StopAfter(1))
     with pytest.raises(Exception, match=r"does not fit model 'cifar_resnet14'.*(missing|unexpected|shapes)"):
         _train(data, None, state, model="cifar_resnet14")
+
+
+
+def test_cuda_rng_choice_keeps_the_runs_own_gpu():
+    # This version saves one state (the run's own GPU): restored whatever index the GPU has now.
+    own = torch.arange(4, dtype=torch.uint8)
+    assert cuda_rng_to_restore(own, 0) == (own, "")
+    assert cuda_rng_to_restore(own, 5)[0] is own
+    assert cuda_rng_to_restore(None, 0) == (None, "")  # a CPU run
+    assert cuda_rng_to_restore([], 0) == (None, "")  # an older CPU run
+    # Older versions saved every visible GPU's state: the entry of this process's device index.
+    eight = [torch.full((4,), i, dtype=torch.uint8) for i in range(8)]
+    assert cuda_rng_to_restore(eight, 3)[0] is eight[3]
+    state, why = cuda_rng_to_restore(eight[:1], 3)  # written by a process that saw 1 GPU, resumed on GPU 3
+    assert state is None and "none for GPU 3" in why
+
+
+def test_old_all_gpus_checkpoint_resumes_on_a_worker_with_one_gpu(tmp_path, monkeypatch, capsys):
+    """A checkpoint holding 8 GPUs' states, resumed where the run's device is cuda:0 of 1 or cuda:3 of 2:
+    no IndexError, the entry of its own index or a warning. CUDA itself is faked (no GPU needed)."""
+    from kdbench.train import checkpoint as ck_module
+
+    data = load_dataset("digits", limit=96)
+    state = tmp_path / "checkpoint.pt"
+    with pytest.raises(KeyboardInterrupt):
+        _train(data, None, state, progress=StopAfter(1))
+    saved = torch.load(state, weights_only=False)
+    assert saved["cuda_rng"] is None  # a CPU run saves no CUDA state
+    saved["cuda_rng"] = [torch.full((4,), i, dtype=torch.uint8) for i in range(8)]  # as older versions wrote it
+    torch.save(saved, state)
+    restored: list = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": restored.append((int(s[0]), device)))
+    for index in (0, 3, 9):
+        ck_module._restore_cuda_rng(saved["cuda_rng"], torch.device("cuda", index), state)
+    assert restored == [(0, torch.device("cuda", 0)), (3, torch.device("cuda", 3))]
+    assert "none for GPU 9" in capsys.readouterr().err
+    # The whole load path (on the CPU: CUDA's state is left alone) still resumes such a file.
+    _, _, res = _train(data, None, state)
+    assert res.resumed_from == 1
 
 
 # -- whole sweeps through the CLI ----------------------------------------------------------

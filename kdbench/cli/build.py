@@ -19,6 +19,7 @@ from ..recipe import Recipe
 from ..registry import load_methods
 from ..suites import Pair, Suite, check_seed
 from ..sweep.hparams import HParams, parse_cli, parse_sweeps, parse_table
+from ..sweep.plan import device_override
 from ..sweep.request import Request
 from ..sweep.worker import do_task
 from .args import _csv, results_dir
@@ -79,6 +80,8 @@ def _where_runs(args: argparse.Namespace) -> tuple[str, bool, float | None]:
     device, gpus = args.device, args.gpus_per_run
     if args.executor == "local":
         return device, False, gpus
+    if device == "auto":  # $KDBENCH_DEVICE, when set, is what auto means, on the workers too
+        device = device_override() or device
     if gpus is None:
         gpus = 1.0 if device.startswith("cuda") or (device == "auto" and _has_cuda()) else 0.0
     if device == "auto":

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..distributed import RankFailed
-from ..errors import DiskFull
+from ..errors import DiskFull, KdbenchError
 from .base import FAILED, Executor, Outcome, Task, TaskFunction
 
 
@@ -44,6 +44,44 @@ class InlineExecutor(Executor):
         return outcomes
 
 
+def physical_gpus(requested: Sequence[str], parent_mask: str | None) -> list[str]:
+    """What each worker's ``CUDA_VISIBLE_DEVICES`` must be for the GPUs ``--gpus`` names.
+
+    ``--gpus`` indices count the GPUs this process sees, as torch does. Under a mask
+    (``CUDA_VISIBLE_DEVICES=4,5,6,7``) GPU 0 is physical GPU 4, and a worker's own mask replaces the
+    parent's, so the index is mapped through the parent's entries (ids or ``GPU-``/``MIG-`` UUIDs,
+    passed on as written). A UUID given to ``--gpus`` is passed on as is. Pure: ``parent_mask`` is
+    the parent's ``CUDA_VISIBLE_DEVICES`` (None when unset).
+    """
+    visible = _mask_entries(parent_mask) if parent_mask is not None else None
+    out = []
+    for gpu in (g.strip() for g in requested):
+        if not (gpu.isascii() and gpu.isdigit()):
+            if not gpu.startswith(("GPU-", "MIG-")):
+                raise KdbenchError(f"--gpus '{gpu}': give GPU indices (e.g. 0,1), 'all', or GPU-/MIG- UUIDs "
+                                   "(see nvidia-smi -L)")
+            out.append(gpu)
+        elif visible is None:
+            out.append(gpu)
+        elif int(gpu) < len(visible):
+            out.append(visible[int(gpu)])
+        else:
+            raise KdbenchError(f"--gpus {gpu}: CUDA_VISIBLE_DEVICES={parent_mask} leaves {len(visible)} GPU(s) "
+                               f"visible, numbered 0 to {len(visible) - 1} (--gpus counts those); give one of them, "
+                               "or change CUDA_VISIBLE_DEVICES")
+    return out
+
+
+def _mask_entries(mask: str) -> list[str]:
+    # CUDA reads the list up to its first invalid entry; -1 (or an empty entry) is the usual way to hide the rest.
+    entries = []
+    for entry in (e.strip() for e in mask.split(",")):
+        if not entry or entry.startswith("-"):
+            break
+        entries.append(entry)
+    return entries
+
+
 def _worker(do_task: TaskFunction, gpu: str | None, inbox: Any, outbox: Any) -> None:
     """A worker process: pins itself to one GPU, then runs tasks until it gets None."""
     if gpu is not None:
@@ -66,6 +104,9 @@ def _worker(do_task: TaskFunction, gpu: str | None, inbox: Any, outbox: Any) -> 
 class LocalExecutor(Executor):
     """One worker process per GPU (``--gpus 0,1``) or ``workers`` CPU processes, fed from one queue.
 
+    ``gpus`` are numbered as this process sees them (under its ``CUDA_VISIBLE_DEVICES``, if set);
+    :func:`physical_gpus` gives each worker the matching mask.
+
     Each process loads the data once and keeps its teachers; a failed run is reported and its
     worker goes on with the next. A full disk stops the sweep.
     """
@@ -74,7 +115,9 @@ class LocalExecutor(Executor):
 
     def __init__(self, do_task: TaskFunction, *, workers: int = 0, gpus: Sequence[str] = ()) -> None:
         self.do_task = do_task
-        self.slots: list[str | None] = list(gpus) if gpus else [None] * max(1, workers)
+        # Each worker's CUDA_VISIBLE_DEVICES: the GPUs as this process numbers them, mapped through its own mask.
+        self.slots: list[str | None] = (physical_gpus(gpus, os.environ.get("CUDA_VISIBLE_DEVICES")) if gpus
+                                        else [None] * max(1, workers))
 
     def execute(self, tasks: Sequence[Task], on_outcome: Callable[[Outcome], None]) -> list[Outcome]:
         if not tasks:

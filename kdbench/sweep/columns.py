@@ -57,6 +57,11 @@ class Col:
     BEST_EPOCH = "best_epoch"
     AGREEMENT = "agreement"
     TRAIN_TIME = "train_time_s"
+    # Per-epoch training time (steps only): the run's first epoch, which includes torch.compile and CUDA-graph
+    # recording, and the median of the steady-state epochs (those after the first this process trained; NaN
+    # when there is none). first_epoch_s - epoch_time_s is about what compiling and warming up cost.
+    FIRST_EPOCH_TIME = "first_epoch_s"
+    EPOCH_TIME = "epoch_time_s"
     EVAL_TIME = "eval_time_s"
     CHECKPOINT_TIME = "checkpoint_time_s"
     RESUMED_FROM = "resumed_from_epoch"
@@ -65,7 +70,8 @@ class Col:
     PEAK_MEM_KIND = "peak_mem_kind"
     FLUSH_DENORMAL = "flush_denormal"
     CHANNELS_LAST = "channels_last"
-    COMPILED = "compiled"
+    COMPILED = "compiled"  # whether the run trained compiled (false after a fallback to eager)
+    COMPILE_ERROR = "compile_error"  # why torch.compile failed under --compile auto ('' when it did not)
     HISTORY_TOP1 = "history_top1"
     HISTORY_LOSS = "history_loss"
     MODEL_KWARGS = "model_kwargs"

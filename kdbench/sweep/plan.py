@@ -6,6 +6,8 @@ here; the data has been loaded by then (its shape decides the models' shapes).
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -15,7 +17,7 @@ from .. import distributed, zoo
 from ..data import DataSplits
 from ..errors import KdbenchError, unknown
 from ..features import NoSuchStage, probe
-from ..method import Batch, Method, Outputs, Probe, Taps
+from ..method import Method, Probe, Taps
 from ..registry import build_method, method_source
 from ..suites import Pair, pair_label
 from .hparams import settings
@@ -40,12 +42,32 @@ class Plan:
         return {s.run_id for s in self.specs} | {t.run_id for s in self.specs for t in s.teachers}
 
 
+#: What ``--device auto`` means where it is set (cpu, cuda or cuda:N); unset or "auto": a GPU when torch
+#: sees one. The test suite sets cpu, so that its tests mean the same on a machine with a GPU.
+DEVICE_ENV = "KDBENCH_DEVICE"
+
+
+def device_override() -> str | None:
+    """The device ``$KDBENCH_DEVICE`` names for ``--device auto``; None when it is unset or "auto"."""
+    value = os.environ.get(DEVICE_ENV, "").strip()
+    if value in ("", "auto"):
+        return None
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        raise KdbenchError(f"{DEVICE_ENV}={value!r} is not a device; set it to cpu, cuda or cuda:N (what --device "
+                           "auto then means), or unset it")
+    return value
+
+
 def resolve_device(name: str) -> torch.device:
-    """``auto`` (a GPU when there is one), ``cpu`` or ``cuda[:N]`` as a torch device, or a clear error."""
+    """``auto`` (``$KDBENCH_DEVICE``, else a GPU when there is one), ``cpu`` or ``cuda[:N]`` as a torch
+    device, or a clear error."""
+    given = f"--device {name}"
+    if name == "auto" and (forced := device_override()):
+        name, given = forced, f"--device auto with {DEVICE_ENV}={forced}"
     if name == "auto":
         return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise KdbenchError(f"--device {name} asked for, but torch sees no CUDA GPU; use --device cpu")
+        raise KdbenchError(f"{given} asked for, but torch sees no CUDA GPU; use --device cpu")
     try:
         return distributed.local_device(torch.device(name))
     except RuntimeError:
@@ -169,7 +191,7 @@ def fitting(req: Request, names: Sequence[str], methods: Mapping[str, type[Metho
             try:
                 for hp in ([] if why else settings(req.hparams, name, pair.label)):
                     check_setup(build_method(cls, hp), teachers, pair.student, data, probes,
-                                unlabelled=pair.transfer.unlabelled, epochs=req.recipe_for(pair.student).epochs)
+                                unlabelled=pair.transfer.unlabelled)
             except CannotDistil as exc:
                 why = str(exc)
             if why:
@@ -207,7 +229,7 @@ def probed(name: str, taps: Taps, data: DataSplits, probes: dict[tuple[str, Taps
 
 
 def check_setup(method: Method, teachers: Sequence[str], student: str, data: DataSplits,
-                probes: dict[tuple[str, Taps], Probe], *, unlabelled: bool = False, epochs: int = 1) -> None:
+                probes: dict[tuple[str, Taps], Probe], *, unlabelled: bool = False) -> None:
     """Run the method's setup on a copy with probed shapes: shape problems surface before training.
     With ``unlabelled`` (an unlabelled transfer set), also its forward without labels."""
     taps = method.taps()
@@ -227,47 +249,6 @@ def check_setup(method: Method, teachers: Sequence[str], student: str, data: Dat
         if t.num_classes != s.num_classes:
             raise KdbenchError(f"teacher {t.model} outputs {t.num_classes} classes but student {student} "
                                f"outputs {s.num_classes}; both must predict the dataset's {data.info.num_classes}")
-    check_terms(copy, s, ts, data, epochs)
     if unlabelled and (why := unlabelled_refusal(copy, s, ts, (data.info.in_chans, data.info.img_size,
                                                                data.info.img_size))):
         raise CannotDistil(why)
-
-
-def check_terms(method: Method, student: Probe, teachers: Sequence[Probe], data: DataSplits, epochs: int) -> None:
-    """Run the set-up method on random outputs of the probed shapes, at the first and the last epoch.
-
-    A forward that returns anything but a dict of scalar tensors, or a method with teachers that
-    returns no term at either epoch (its runs would be plain cross-entropy under its name), is
-    refused now, naming the method. A forward that raises on random outputs is left to training.
-    """
-    info, n = data.info, 4
-    gen = torch.Generator().manual_seed(0)
-
-    def outputs(p: Probe) -> Outputs:
-        return Outputs(torch.randn(n, p.num_classes, generator=gen),
-                       {i: torch.randn(n, *shape, generator=gen) for i, shape in p.stages.items()},
-                       torch.randn(n, *p.pooled, generator=gen) if p.pooled else None)
-
-    images = torch.zeros(n, info.in_chans, info.img_size, info.img_size)
-    labels = torch.randint(info.num_classes, (n,), generator=gen)
-    found = []
-    for epoch in sorted({0, max(epochs - 1, 0)}):
-        try:
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):  # planning leaves the global RNG alone
-                terms = method(outputs(student), [outputs(t) for t in teachers], Batch(images, labels, epoch, epochs))
-        except Exception:  # noqa: BLE001 - not this check's to judge; the first training step reports it
-            return
-        if not isinstance(terms, dict):
-            raise KdbenchError(f"method '{method.name}' ({type(method).__name__}.forward) returned "
-                               f"{type(terms).__name__}, not a dict of loss terms; forward must return "
-                               "{name: weighted scalar tensor}, e.g. {'kd': self.kd_weight * loss}")
-        for name, value in terms.items():
-            if not isinstance(value, torch.Tensor) or value.dim() != 0:
-                what = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise KdbenchError(f"method '{method.name}' returned loss term '{name}' that is not a scalar "
-                                   f"tensor ({what}); each term must be one already-weighted number per batch")
-        found.append(bool(terms))
-    if method.max_teachers > 0 and not any(found):
-        raise KdbenchError(f"method '{method.name}' returned no loss terms (an empty dict): its runs would train "
-                           "on cross-entropy alone under its name; return its weighted terms from forward, e.g. "
-                           "{'kd': self.kd_weight * loss}")

@@ -69,7 +69,8 @@ class Request:
         return EngineOptions(
             precision=fast.precision if self.precision == _AUTO else self.precision,
             channels_last=fast.channels_last if self.channels_last == _AUTO else self.channels_last == "on",
-            compile=fast.compile if self.compile == _AUTO else self.compile == "on")
+            compile=fast.compile if self.compile == _AUTO else self.compile == "on",
+            compile_fallback=self.compile == _AUTO and fast.compile)
 
     def recipe_for(self, model: str) -> Recipe:
         """The recipe ``model`` trains with: the sweep's, with the suite's fields for that model."""

@@ -8,6 +8,7 @@ fields; each kind adds its own. The report reads rows back through the store
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +63,8 @@ def common(ctx: Context, *, run_id: str, kind: str, method: str, model: str, pai
         Col.PEAK_MEM: peak.mb if peak else NAN, Col.PEAK_MEM_KIND: peak.kind if peak else "",
         Col.FLUSH_DENORMAL: ctx.device_type == "cpu",
         Col.PRECISION: ctx.options.precision, Col.CHANNELS_LAST: ctx.options.channels_last,
-        Col.COMPILED: ctx.options.compile,
+        Col.COMPILED: ctx.options.compile and not result.compile_error, Col.COMPILE_ERROR: result.compile_error,
+        **epoch_time_columns(result),
         Col.HISTORY_TOP1: json.dumps([round(h.top1, 4) for h in result.history]),
         Col.HISTORY_LOSS: json.dumps([{k: round(v, 6) for k, v in h.losses.items()} for h in result.history]),
         **validation_columns(recipe, result, ok),
@@ -72,6 +74,15 @@ def common(ctx: Context, *, run_id: str, kind: str, method: str, model: str, pai
         **ctx.provenance,
         Col.FINISHED_AT: provenance.now(),
     }
+
+
+def epoch_time_columns(result: TrainResult) -> dict[str, float]:
+    """The run's first epoch's training time and the median of its steady-state epochs' (NaN where unknown:
+    an evaluated checkpoint, a one-epoch run, epochs from a checkpoint of an older version)."""
+    first = result.epoch_train_s.get(0)
+    steady = [t for epoch, t in result.epoch_train_s.items() if epoch not in result.warm_up_epochs]
+    return {Col.FIRST_EPOCH_TIME: NAN if first is None else first,
+            Col.EPOCH_TIME: statistics.median(steady) if steady else NAN}
 
 
 def validation_columns(recipe: Recipe, result: TrainResult, ok: bool) -> dict[str, Any]:

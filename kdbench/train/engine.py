@@ -64,6 +64,12 @@ class TrainResult:
     top1_val_best: float | None = None
     top5_val_best: float | None = None
     stopped_epoch: int | None = None  # None: training ran all the recipe's epochs
+    compile_error: str = ""  # why torch.compile failed under --compile auto and the run went on eagerly
+    # Wall time of each epoch's training steps, by epoch (a checkpoint of an older version has none), and the
+    # epochs that were the first this process trained (the run's first, or the first after resuming): their
+    # time includes torch.compile, CUDA-graph recording and cold caches, so steady-state times leave them out.
+    epoch_train_s: dict[int, float] = field(default_factory=dict)
+    warm_up_epochs: list[int] = field(default_factory=list)
 
     @property
     def last(self) -> EpochLog:
@@ -184,24 +190,24 @@ def train(model: nn.Module, data: DataSplits, recipe: Recipe, *, seed: int, meth
                   if state_path is not None else None)
     first, result = _resume(checkpoint, progress, recipe.epochs)
     step.prepare_distributed()  # after resuming: DDP starts every rank from rank 0's weights
-    if options.compile:
+    if options.compile and not result.compile_error:  # a run that fell back to eager stays eager on resume
         step.compile()
     start = _start_clock(result)
     for epoch in range(first, recipe.epochs):
-        losses = _train_epoch(step, loader, epoch)
-        if bad := [k for k, v in losses.items() if not math.isfinite(v)]:
+        log = _train_epoch(step, loader, epoch, result, warm_up=epoch == first)
+        if bad := [k for k, v in log.losses.items() if not math.isfinite(v)]:
             _stop_clock(result, start)
             raise Diverged(f"{step.who}: loss term(s) {', '.join(bad)} became non-finite at epoch {epoch}; "
                            "lower the learning rate or the term's weight", epoch, result)
-        lr = opt.param_groups[0]["lr"]
+        _check_terms(step, method, teachers, log.losses)
         sched.step()
-        _evaluate_epoch(model, data, val, result, EpochLog(epoch, lr, losses, 0.0, 0.0), options)
+        _evaluate_epoch(model, data, val, result, log, options)
         if recipe.early_stop and result.patience_spent(recipe.early_stop):
             result.stopped_epoch = epoch  # before the checkpoint: a resumed run knows it has stopped
         if checkpoint is not None and distributed.is_main():
             _save(checkpoint, epoch, result, start)
         if progress is not None:
-            progress.set_postfix(loss=f"{sum(losses.values()):.3f}", top1=f"{result.last.top1:.2f}", refresh=False)
+            progress.set_postfix(loss=f"{sum(log.losses.values()):.3f}", top1=f"{result.last.top1:.2f}", refresh=False)
             progress.update(1)
         if result.stopped_epoch is not None:
             break
@@ -292,12 +298,26 @@ def _resume(checkpoint: Checkpoint | None, progress: Any | None, epochs: int) ->
     return first, result
 
 
-def _train_epoch(step: TrainStep, loader: Loader, epoch: int) -> dict[str, float]:
-    """One epoch of steps; the mean of each term over its batches (and under DDP over the ranks' slices).
+def _check_terms(step: TrainStep, method: Method | None, teachers: Sequence[nn.Module],
+                 losses: dict[str, float]) -> None:
+    """A method with teachers whose forward returned no term all epoch would train on cross-entropy
+    alone under its name: refuse it. (Checked here, not while planning: planning never runs a
+    method's forward, which may need the workers' environment or have side effects.)"""
+    if method is not None and teachers and not set(losses) - {"ce"}:
+        raise KdbenchError(f"{step.who} returned no loss terms (an empty dict): its run would train on "
+                           "cross-entropy alone under its name; return its weighted terms from forward, e.g. "
+                           "{'kd': self.kd_weight * loss}")
+
+
+def _train_epoch(step: TrainStep, loader: Loader, epoch: int, result: TrainResult, *, warm_up: bool) -> EpochLog:
+    """One epoch of steps; its log before evaluation: the learning rate and the mean of each term over its
+    batches (and under DDP over the ranks' slices). How it ran goes into ``result``: its wall time, whether
+    it was this process's first (``warm_up``), and a fallback from torch.compile to eager.
 
     The sums stay on the device and are read once, at the epoch's end: nothing inside the epoch
-    waits for the device.
+    waits for the device, and that read makes the time the device's too, not just the launches'.
     """
+    t0 = time.perf_counter()
     sums: dict[str, Tensor] = {}
     steps = 0
     for batch in loader.batches(views=step.uses_cache):
@@ -309,7 +329,13 @@ def _train_epoch(step: TrainStep, loader: Loader, epoch: int) -> dict[str, float
         total = distributed.all_reduce_sum(torch.stack([sums[k] for k in keys]))
         sums = dict(zip(keys, total))
         step.sync_buffers()
-    return {k: float(v) / steps for k, v in sums.items()}
+    means = {k: float(v) / steps for k, v in sums.items()}
+    result.epoch_train_s[epoch] = time.perf_counter() - t0
+    if warm_up:
+        result.warm_up_epochs.append(epoch)
+    result.compile_error = step.compile_error or result.compile_error
+    lr = step.optimizer.param_groups[0]["lr"]  # the epoch's: the schedule steps after it
+    return EpochLog(epoch, lr, means, 0.0, 0.0)
 
 
 def _save(checkpoint: Checkpoint, epoch: int, result: TrainResult, start: float) -> None:

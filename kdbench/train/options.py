@@ -26,11 +26,15 @@ class EngineOptions:
         compile: ``torch.compile`` the step's forward (teachers, student, losses); on CUDA with
             CUDA-graph replay ("reduce-overhead"), one graph per batch shape (the short last batch
             gets its own).
+        compile_fallback: when compiling fails (at a compiled step), go on in eager mode with a
+            warning instead of failing the run: ``--compile auto`` chose to compile, ``--compile on``
+            asked for it (then a failure is an error).
     """
 
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
+    compile_fallback: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

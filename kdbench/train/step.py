@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ from .. import distributed
 from ..data import TrainBatch
 from ..errors import KdbenchError
 from ..features import FeatureCapture
+from ..files import warn
 from ..method import Batch, Method, Outputs, Taps
 from ..recipe import Recipe
 from .options import EngineOptions, as_fp32, freeze
@@ -55,6 +57,27 @@ def trainable_parameters(model: nn.Module, method: Method | None) -> list[nn.Par
     if method is not None:
         params += [p for p in method.parameters() if p.requires_grad]
     return params
+
+
+#: Graphs one code object may get. One code object serves every run of a sweep (each model and method
+#: gives it new graphs): dynamo's default of 8 would silently fall back to eager after a few runs.
+RECOMPILE_LIMIT = 256
+#: Dynamo's limits under their torch >= 2.7 names, then the older names (pyproject allows older torch).
+_LIMIT_NAMES = (("recompile_limit", "cache_size_limit"),
+                ("accumulated_recompile_limit", "accumulated_cache_size_limit"))
+
+
+def raise_recompile_limits(config: Any, at_least: int = RECOMPILE_LIMIT) -> list[str]:
+    """Raise dynamo's per-code-object and accumulated recompile limits in ``config`` (``torch._dynamo.config``)
+    to at least ``at_least``, under whichever name this torch has; a limit with neither name is skipped.
+    Returns the names set. The accumulated limit is raised too: below the other it would cap it first."""
+    done = []
+    for names in _LIMIT_NAMES:
+        name = next((n for n in names if hasattr(config, n)), None)
+        if name is not None:
+            setattr(config, name, max(getattr(config, name), at_least))
+            done.append(name)
+    return done
 
 
 class _Forward(nn.Module):
@@ -120,6 +143,7 @@ class TrainStep:
         self.who = f"method '{method.name}'" if method is not None else "training"
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.distributed = self.compiled = False
+        self.compile_error = ""  # why compiling failed and the step went on eagerly ('' when it did not)
         self.labelled = labelled
         if not labelled and method is None:
             raise KdbenchError("training without labels needs a method with teachers to learn from; "
@@ -153,9 +177,8 @@ class TrainStep:
         """``torch.compile`` the forward; on CUDA its forward and backward replay as CUDA graphs."""
         import torch._dynamo
 
-        # One code object serves every run of a sweep (each model and method gives it new graphs): the
-        # default limit of 8 would silently fall back to eager after a few runs.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        raise_recompile_limits(torch._dynamo.config)
+        self._eager = self.net  # what a failed compilation falls back to (options.compile_fallback)
         self.net = torch.compile(self.net, mode="reduce-overhead" if self.device.type == "cuda" else None)
         self.compiled = True
         return self
@@ -170,8 +193,23 @@ class TrainStep:
         images, labels, index, view = self._slice(batch)
         share = len(images) / len(batch.images)
         cached = [c.lookup(index, view) for c in self.caches] if self.caches else None
-        if self.compiled:
-            self._mark_step(images, labels, cached)
+        if not self.compiled:
+            return self._step(images, labels, cached, epoch, share)
+        self._mark_step(images, labels, cached)
+        if not self.options.compile_fallback:
+            return self._step(images, labels, cached, epoch, share)
+        try:
+            return self._step(images, labels, cached, epoch, share)
+        except (KdbenchError, torch.cuda.OutOfMemoryError):  # not compiling's fault: eager would say the same
+            raise
+        except Exception as exc:  # compiling (or recording CUDA graphs) failed: go on eagerly
+            self._fall_back(exc, epoch)
+        # The failed attempt changed no weights (the optimizer had not stepped; gradients are zeroed
+        # first); a forward that did run has moved BatchNorm statistics and the dropout RNG once more.
+        return self._step(images, labels, cached, epoch, share)
+
+    def _step(self, images: Tensor, labels: Tensor, cached: list[Outputs] | None, epoch: int,
+              share: float) -> dict[str, Tensor]:
         ce_weight = self.method.ce_weight_at(epoch, self.epochs) if self.method is not None else 1.0
         if not self.labelled:  # an unlabelled transfer set: the engine's label term is dropped
             ce_weight = 0.0
@@ -180,6 +218,14 @@ class TrainStep:
         terms = self._merge(own, extra, epoch)
         self._update(sum(terms.values()), share)
         return {k: v.detach() * share for k, v in terms.items()}
+
+    def _fall_back(self, exc: Exception, epoch: int) -> None:
+        """Stop compiling: the rest of the run is eager, and ``compile_error`` says why (the row records it)."""
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        self.compile_error = f"{type(exc).__name__}: {lines[0] if lines else ''}"[:200]
+        self.net, self.compiled = self._eager, False
+        warn(f"{self.who}: torch.compile failed at epoch {epoch} ({self.compile_error}); going on without it "
+             "(eager). --compile off skips compiling, --compile on makes this an error")
 
     def sync_buffers(self) -> None:
         """Give every rank rank 0's buffers (BatchNorm statistics), at an epoch's end.

@@ -1,0 +1,62 @@
+"""The local executor's worker processes get the GPUs ``--gpus`` names, counted as the parent sees them."""
+
+from __future__ import annotations
+
+import pytest
+
+from kdbench.errors import KdbenchError
+from kdbench.executors.local import LocalExecutor, physical_gpus
+
+
+def test_no_parent_mask_keeps_the_indices():
+    assert physical_gpus(["0", "1"], None) == ["0", "1"]
+
+
+def test_indices_map_through_the_parents_mask():
+    assert physical_gpus(["0", "1"], "4,5,6,7") == ["4", "5"]
+    assert physical_gpus(["3", "0"], " 4, 5 ,6,7") == ["7", "4"]
+
+
+def test_uuid_entries_pass_through_as_strings():
+    mask = "GPU-8932f937-d72c-4106-c12f-20bd9faed9f6,MIG-1a2b3c4d-0000-1111-2222-333344445555"
+    assert physical_gpus(["1", "0"], mask) == ["MIG-1a2b3c4d-0000-1111-2222-333344445555",
+                                                "GPU-8932f937-d72c-4106-c12f-20bd9faed9f6"]
+    # A UUID given to --gpus is the worker's mask as it is, whatever the parent's.
+    assert physical_gpus(["GPU-abc"], "4,5") == ["GPU-abc"]
+
+
+def test_an_index_beyond_the_mask_is_refused():
+    with pytest.raises(KdbenchError, match=r"--gpus 2: CUDA_VISIBLE_DEVICES=4,5 leaves 2 GPU\(s\) visible"):
+        physical_gpus(["2"], "4,5")
+    # CUDA stops reading the mask at -1: nothing after it is visible.
+    with pytest.raises(KdbenchError, match="leaves 1 GPU"):
+        physical_gpus(["1"], "4,-1,5")
+
+
+def test_a_malformed_entry_is_refused():
+    with pytest.raises(KdbenchError, match="--gpus 'a': give GPU indices"):
+        physical_gpus(["a"], None)
+
+
+def test_executor_slots_use_the_parents_mask(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    ex = LocalExecutor(lambda task: None, gpus=["0", "0", "1", "1"])  # --gpus 0,1 --runs-per-gpu 2
+    assert ex.slots == ["4", "4", "5", "5"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert LocalExecutor(lambda task: None, gpus=["0", "1"]).slots == ["0", "1"]
+    assert LocalExecutor(lambda task: None, workers=2).slots == [None, None]
+
+
+@pytest.mark.parametrize("gpus", ["all", "0,1,2,3"])
+def test_cli_gpus_map_through_the_mask(monkeypatch, gpus):
+    # --gpus all under CUDA_VISIBLE_DEVICES=4,5,6,7: torch sees 4 GPUs (0..3), the workers get 4..7.
+    import torch
+
+    from kdbench.cli.args import build_parser
+    from kdbench.cli.build import build_executor
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    args = build_parser().parse_args(["run", "--gpus", gpus, "--runs-per-gpu", "2"])
+    ex = build_executor(args, None)
+    assert isinstance(ex, LocalExecutor) and ex.slots == ["4", "4", "5", "5", "6", "6", "7", "7"]
