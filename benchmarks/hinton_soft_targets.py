@@ -127,6 +127,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5, help="epochs of kd training before the second measurement")
     ap.add_argument("--images", type=int, default=4096, help="training images the gradients are measured on")
     ap.add_argument("--lr", type=float, default=None, help="the students' learning rate (default: the suite's)")
+    ap.add_argument("--warmup", type=int, default=None, help="the students' warm-up epochs (default: the suite's)")
     ap.add_argument("--out", type=Path, default=None, help="write the markdown here (else print it)")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -149,12 +150,13 @@ def main() -> None:
     recipe = suite.recipe.with_overrides(by_model, pair.student) if by_model else suite.recipe
     recipe = recipe.with_epochs(args.epochs) if args.epochs < recipe.epochs else recipe
     recipe = recipe.with_overrides({"lr": args.lr}, "--lr") if args.lr else recipe
+    recipe = recipe.with_overrides({"warmup_epochs": args.warmup}, "--warmup") if args.warmup is not None else recipe
     try:
         train.train(student, data, recipe, seed=0, method=method.train(), teachers=[teacher], model_name=pair.student)
-        grad_rows.append({"student": f"after {args.epochs} epoch(s) of kd, lr {recipe.lr} ({recipe.label})",
+        grad_rows.append({"student": f"after {args.epochs} epoch(s) of kd, lr {recipe.lr}, warm-up {recipe.warmup_epochs} ({recipe.label})",
                           **gradients(student, ts, xs, ys, **w)})
     except train.Diverged as exc:  # what a too-large step does: the row says so instead of a number
-        grad_rows.append({"student": f"kd, lr {recipe.lr} ({recipe.label}): diverged at epoch {exc.epoch}", **{
+        grad_rows.append({"student": f"kd, lr {recipe.lr}, warm-up {recipe.warmup_epochs} ({recipe.label}): diverged at epoch {exc.epoch}", **{
             k: float("nan") for k in grad_rows[0] if k != "student"}})
     md = [f"# Soft targets in `{suite.name}`: the teacher's scale, the terms' gradients, the step size",
           "", f"Teacher: run `{trow['run_id']}` ({pair.teachers[0]}, {trow['schedule']}, "
@@ -167,7 +169,7 @@ def main() -> None:
           _table(grad_rows), "",
           f"Command: `python benchmarks/hinton_soft_targets.py --results-dir {args.results_dir} "
           f"--suite {args.suite} --epochs {args.epochs} --images {args.images}"
-          f"{f' --lr {args.lr}' if args.lr else ''}`; "
+          f"{f' --lr {args.lr}' if args.lr else ''}{f' --warmup {args.warmup}' if args.warmup is not None else ''}`; "
           f"commit {provenance.git_commit()}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads; "
           f"wall {time.perf_counter() - t0:.0f} s."]
     text = "\n".join(md) + "\n"

@@ -83,3 +83,19 @@ def test_shortened_recipe_scales_milestones():
     short = crd.with_epochs(24)
     assert short.lr_milestones == (15, 18, 21) and short.shortened
     assert short.label == "crd, shortened: 24 of 240 epochs"
+
+
+def test_warm_up_ramps_the_rate_linearly_then_the_steps_apply():
+    from kdbench.recipe import Recipe
+    from kdbench.train.engine import make_optimizer
+
+    recipe = Recipe(name="w", epochs=8, batch_size=4, lr=0.1, milestones=(6,), warmup_epochs=4)
+    opt, sched = make_optimizer([torch.nn.Parameter(torch.zeros(1))], recipe)
+    lrs = []
+    for _ in range(recipe.epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step()
+    assert lrs == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1, 0.01, 0.01])
+    plain = Recipe(name="w", epochs=8, batch_size=4, lr=0.1, milestones=(6,))
+    assert "warmup_epochs" not in plain.to_dict()  # a later field: recipes without it keep their run ids
+    assert recipe.to_dict()["warmup_epochs"] == 4

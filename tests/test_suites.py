@@ -350,3 +350,17 @@ def test_the_temperature_suite_distils_from_hinton_mnists_own_teacher():
     assert main.recipe == temps.recipe  # the students' schedule too: the T = 20 cell is comparable
     assert {p.teacher_seeds for p in temps.pairs} == {(0,)}
     assert dict(main.hparams)["kd.ce_weight"] == dict(temps.hparams)["kd.ce_weight"]
+
+
+def test_the_hinton_teacher_keeps_its_run_id_when_the_students_schedule_changes():
+    """The students' [recipe] fields reach the teacher unless its [recipe.by_model] sets them: a student
+    learning rate, warm-up or split added to the suite must not quietly retrain the 150-epoch teacher
+    (results/hinton-mnist holds it under this id)."""
+    from kdbench.sweep.spec import TeacherSpec
+
+    s = get_suite("hinton-mnist")
+    teacher = "hinton_mlp_1200"
+    spec = TeacherSpec(model=teacher, dataset="mnist", seed=0, device="cpu",
+                       recipe=s.recipe.with_overrides(s.recipe_by_model[teacher], "teacher"),
+                       model_kwargs=tuple(sorted(s.model_kwargs[teacher].items())))
+    assert spec.run_id == "b6031919160b408b"

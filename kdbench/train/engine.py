@@ -148,11 +148,19 @@ def _predict_all(model: nn.Module, images: Tensor, data: DataSplits, *, shard: b
 
 
 def make_optimizer(params: list[nn.Parameter], recipe: Recipe
-                   ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.MultiStepLR]:
-    """The recipe's SGD with momentum and weight decay, and its step schedule (stepped once per epoch)."""
+                   ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LRScheduler]:
+    """The recipe's SGD with momentum and weight decay, and its schedule (stepped once per epoch):
+    the step decay, after a linear warm-up over ``recipe.warmup_epochs`` when it has one."""
     opt = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(recipe.lr_milestones), gamma=recipe.gamma)
-    return opt, sched
+    if not recipe.warmup_epochs:  # MultiStepLR as before: checkpoints of earlier runs still resume
+        return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(recipe.lr_milestones),
+                                                         gamma=recipe.gamma)
+    warmup, milestones, gamma = recipe.warmup_epochs, recipe.lr_milestones, recipe.gamma
+
+    def factor(epoch: int) -> float:  # epoch e of the warm-up trains at (e + 1) / warmup of the rate
+        return min(1.0, (epoch + 1) / warmup) * gamma ** sum(1 for m in milestones if m <= epoch)
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def train(model: nn.Module, data: DataSplits, recipe: Recipe, *, seed: int, method: Method | None = None,
