@@ -398,13 +398,18 @@ def test_method_forward_of_the_wrong_form(returns, expected, finished, tmp_path,
     path.write_text("import torch.nn.functional as F\nfrom kdbench.method import Method\n\n\nclass Odd(Method):\n"
                     "    name = 'odd'\n    paper = 'a test'\n\n    def forward(self, student, teachers, batch):\n"
                     f"        return {returns}\n")
-    before = snapshot(finished)
-    code = main([*run("--methods", "odd", "--pairs", PAIR, "--plugin", str(path)), "--results-dir", str(finished)])
+    import shutil
+
+    results = tmp_path / "results"  # a copy: this run trains its teacher there (the shared folder stays as it is)
+    shutil.copytree(finished, results)
+    before = snapshot(results)
+    code = main([*run("--methods", "odd", "--pairs", PAIR, "--plugin", str(path)), "--results-dir", str(results)])
     err = capsys.readouterr().err
     assert code == 1 and re.search(expected, err) and "re-run the same command" in err, err
-    new = [json.loads(v) for k, v in snapshot(finished).items() if k.startswith("runs/") and k not in before]
+    after = snapshot(results)
+    new = [json.loads(v) for k, v in after.items() if k.startswith("runs/") and k not in before]
     assert all(r["kind"] == "teacher" for r in new)  # its teacher is a result; the method's run wrote no row
-    assert all(snapshot(finished)[k] == v for k, v in before.items())  # nothing lost
+    assert all(after[k] == v for k, v in before.items() if k.startswith("runs/"))  # nothing lost
 
 
 # -- rows the report and the sweep must not trust ---------------------------------------------------
