@@ -346,6 +346,9 @@ def test_a_one_hyperparameter_sweep_gets_its_curve_and_its_best_value(tmp_path):
                 (tmp_path / "runs" / f"{r['run_id']}.json").write_text(json.dumps(r))
     r = row("ce", "", R20, 0, 65.0)
     (tmp_path / "runs" / f"{r['run_id']}.json").write_text(json.dumps(r))
+    r = row("kd", R56, W16, 0, 74.5)  # a third pair, at one temperature only: no curve, no line
+    r.update(run_id=f"{r['run_id']}-one", hparams=json.dumps({"temperature": 20.0, "kd_weight": 0.9}))
+    (tmp_path / "runs" / f"{r['run_id']}.json").write_text(json.dumps(r))
     written = build_report(tmp_path)
     sweeps = [p for p in written if p.name.startswith("sweep_kd_temperature_")]
     assert len(sweeps) == 1 and sweeps[0].stat().st_size > 10_000
@@ -353,6 +356,7 @@ def test_a_one_hyperparameter_sweep_gets_its_curve_and_its_best_value(tmp_path):
     assert f"kd on {WRN}→{W16}: lowest mean test error 25.90% at temperature = 4" in table
     assert f"kd on {R56}→{R20}: lowest mean test error 32.40% at temperature = 8" in table
     assert sweeps[0].name in table  # linked from the table
+    assert f"kd on {R56}→{W16}" not in table
 
 
 def test_a_single_setting_draws_no_sweep(report):

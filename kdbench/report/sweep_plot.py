@@ -40,7 +40,10 @@ def swept(rows: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
         values = group[Col.HPARAMS].map(lambda h, key=key: json.loads(h).get(key) if isinstance(h, str) else None)
         if values.nunique() < 3 or not all(isinstance(v, (int, float)) for v in values.dropna()):
             continue
-        out.append((str(method), key, group.assign(value=values.astype(float))))
+        runs = group.assign(value=values.astype(float))
+        # Only the pairs the sweep ran at several values: a pair run at one value has no curve.
+        swept_pairs = runs.groupby(Col.PAIR)["value"].nunique()
+        out.append((str(method), key, runs[runs[Col.PAIR].isin(swept_pairs[swept_pairs > 1].index)]))
     return out
 
 
