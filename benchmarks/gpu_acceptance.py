@@ -505,6 +505,15 @@ def _reset_compiler(plan: Plan) -> None:
         torch._dynamo.reset()
 
 
+def _digits_setup(plan: Plan) -> tuple[torch.device, Any, dict[str, int], tuple[int, int, int]]:
+    """The device, the digits data on it, the model kwargs and the image shape both engine checks use."""
+    device = torch.device(plan.device)
+    data = _digits(device)
+    info = data.info
+    kw = dict(num_classes=info.num_classes, in_chans=info.in_chans, img_size=info.img_size)
+    return device, data, kw, (info.in_chans, info.img_size, info.img_size)
+
+
 def engine_probe(plan: Plan) -> dict[str, Any]:
     """ce_weight changing between epochs, compiled against eager, step by step (see the module doc)."""
     import copy
@@ -516,11 +525,7 @@ def engine_probe(plan: Plan) -> dict[str, Any]:
     from kdbench.train import EngineOptions, TrainStep, make_optimizer
     from kdbench.train.step import trainable_parameters
 
-    device = torch.device(plan.device)
-    data = _digits(device)
-    info = data.info
-    kw = dict(num_classes=info.num_classes, in_chans=info.in_chans, img_size=info.img_size)
-    shape = (info.in_chans, info.img_size, info.img_size)
+    device, data, kw, shape = _digits_setup(plan)
     recipe = _recipe(len(CE_WEIGHTS))
 
     class ScheduledKD(load_methods()["kd"]):  # kd whose ce_weight follows CE_WEIGHTS, epoch by epoch
@@ -551,7 +556,7 @@ def engine_probe(plan: Plan) -> dict[str, Any]:
             step = TrainStep(s, m, [t], opt, recipe=recipe, device=device, options=opts, model_name=STUDENT,
                              teacher_names=[TEACHER])
             arms[arm] = (step.compile() if compiled else step, s, m)
-        loader = Loader(data.train_images, data.train_labels, info, batch_size=BATCH, shuffle=True,
+        loader = Loader(data.train_images, data.train_labels, data.info, batch_size=BATCH, shuffle=True,
                         generator=torch.Generator(device=device).manual_seed(0), crop_padding=1, flip=True)
         epochs = []
         steps = 0
@@ -607,11 +612,7 @@ def compiled_vs_eager(plan: Plan) -> dict[str, Any]:
     from kdbench.registry import build_method, load_methods
     from kdbench.train import EngineOptions, build_view_cache, cacheable, freeze, train
 
-    device = torch.device(plan.device)
-    data = _digits(device)
-    info = data.info
-    kw = dict(num_classes=info.num_classes, in_chans=info.in_chans, img_size=info.img_size)
-    shape = (info.in_chans, info.img_size, info.img_size)
+    device, data, kw, shape = _digits_setup(plan)
     recipe = _recipe(plan.cmp_epochs)
     methods = load_methods()
     names = list(plan.cmp_methods) or sorted(methods)

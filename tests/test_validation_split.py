@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_resume import StopAfter  # the Ctrl-C stand-in the resume tests use
+from tiny import TINY, TINY_SHAPE, TINY_STUDENT
 
 from kdbench import zoo
 from kdbench.cli import main
@@ -28,7 +30,6 @@ from kdbench.registry import build_method, load_methods
 from kdbench.sweep.columns import Col
 from kdbench.sweep.rows import validation_columns
 from kdbench.train import TrainResult, build_view_cache, freeze, train
-from tiny import TINY, TINY_SHAPE, TINY_STUDENT
 
 RECIPE = Recipe(name="t", epochs=4, batch_size=64, lr=0.05, milestones=(3,), crop_padding=1, flip=True,
                 val_fraction=0.2)
@@ -180,21 +181,6 @@ def test_an_early_stopped_run_is_the_full_runs_prefix(data):
     assert [h.val_top1 for h in res.history] == vals[:n]
 
 
-class _StopAfter:
-    """A progress bar that interrupts training after ``n`` epochs, as Ctrl-C would."""
-
-    def __init__(self, n: int) -> None:
-        self.n, self.seen = n, 0
-
-    def update(self, k: int) -> None:
-        self.seen += k
-        if self.seen >= self.n:
-            raise KeyboardInterrupt
-
-    def set_postfix(self, **_: object) -> None:
-        pass
-
-
 def test_resume_equals_the_uninterrupted_run_and_an_early_stopped_run_stays_stopped(data, tmp_path):
     recipe = Recipe(name="t", epochs=8, batch_size=64, lr=1e-12, milestones=(), crop_padding=1, flip=False,
                     val_fraction=0.2, early_stop=3)
@@ -207,7 +193,7 @@ def test_resume_equals_the_uninterrupted_run_and_an_early_stopped_run_stays_stop
     assert ref.stopped_epoch == 3
     state = tmp_path / "c.pt"
     with pytest.raises(KeyboardInterrupt):
-        run(state, _StopAfter(2))
+        run(state, StopAfter(2))
     res = run(state)  # resumed at epoch 2, stops at 3 as the uninterrupted run did
     assert res.resumed_from == 2 and res.stopped_epoch == 3
     assert [vars(h) for h in res.history] == [vars(h) for h in ref.history]
@@ -222,7 +208,7 @@ def test_resume_of_a_bn_model_with_a_split_is_bitwise_equal(data, tmp_path):
     ref = train(ref_model, data, RECIPE, seed=3)
     state = tmp_path / "c.pt"
     with pytest.raises(KeyboardInterrupt):
-        train(_student(), data, RECIPE, seed=3, state_path=state, state_key="k", progress=_StopAfter(2))
+        train(_student(), data, RECIPE, seed=3, state_path=state, state_key="k", progress=StopAfter(2))
     model = _student()
     res = train(model, data, RECIPE, seed=3, state_path=state, state_key="k")
     assert res.resumed_from == 2
