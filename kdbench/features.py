@@ -56,6 +56,10 @@ class FeatureCapture:
         # User-facing index -> resolved index, so Outputs.stages is keyed the way the method asked.
         self.stages = {i: resolve_stage(model, i, self.name) for i in taps.stages}
         self.use_intermediates = has_intermediates(model) and not force_hooks
+        if taps.preact and taps.stages and not (getattr(model, "supports_preact", False) and self.use_intermediates):
+            raise KdbenchError(f"model '{self.name}' cannot give its stage maps before their final activation "
+                               "(pre-activation features, which this method taps); kdbench's CIFAR ResNets, WRNs "
+                               "and VGGs can (their supports_preact is true); choose one of those, or another method")
         if taps.stages and not self.use_intermediates:
             self._check_hook_modules()
 
@@ -78,7 +82,8 @@ class FeatureCapture:
         stages: dict[int, Tensor] = {}
         if self.stages:
             wanted = sorted(set(self.stages.values()))
-            final, maps = self.model.forward_intermediates(x, indices=wanted)
+            extra = {"preact": True} if self.taps.preact else {}
+            final, maps = self.model.forward_intermediates(x, indices=wanted, **extra)
             by_index = dict(zip(wanted, maps))
             stages = {user: by_index[i] for user, i in self.stages.items()}
         else:

@@ -40,6 +40,9 @@ class Taps:
 
     stages: tuple[int, ...] = ()
     pooled: bool = False
+    #: Stage maps before their final activation (AB's decision boundaries need the sign). Only models
+    #: whose ``supports_preact`` is true give them; others are refused when the run is planned.
+    preact: bool = False
 
 
 @dataclass
@@ -70,12 +73,18 @@ class Batch:
 
     ``labels`` is None on an unlabelled transfer set (kdbench.data.transfer): the engine adds no
     cross-entropy then, and a method that reads the labels is left out of such pairs with a note.
+    ``index`` holds each image's position in the training set (0 .. ``train_size`` - 1, as
+    :meth:`Method.setup_data` was told): what a memory bank of every training image (CRD) is
+    indexed by. ``stage`` is ``"init"`` during a method's init stage (``Method.init_epochs``),
+    when ``epoch`` and ``epochs`` count the init stage's epochs, and ``"train"`` after it.
     """
 
     images: Tensor
     labels: Tensor | None
     epoch: int
     epochs: int
+    index: Tensor | None = None
+    stage: str = "train"
 
 
 class Method(nn.Module):
@@ -92,6 +101,12 @@ class Method(nn.Module):
     #: How many teachers the method takes; 0 means it needs none (the label-only baseline).
     min_teachers: ClassVar[int] = 1
     max_teachers: ClassVar[int] = 1
+    #: Epochs of an init stage trained before the recipe's schedule (RepDistiller's ``--init_epochs``
+    #: for AB, FT and FSP); 0: none. A method with one sets it from a hyperparameter. During it
+    #: ``forward`` gets ``batch.stage == "init"``, the engine adds no cross-entropy, the rate is the
+    #: recipe's base rate throughout, and only what the init terms reach trains. A shortened run
+    #: (``--epochs``) shortens it in proportion (:func:`init_epochs_for`).
+    init_epochs: int = 0
 
     def __init__(self, *, ce_weight: float = 1.0) -> None:
         super().__init__()
@@ -105,6 +120,17 @@ class Method(nn.Module):
 
     def setup(self, student: Probe, teachers: Sequence[Probe]) -> None:
         """Build trainable adapters from probed shapes. Called once, before the optimizer."""
+
+    def setup_data(self, *, train_size: int) -> None:
+        """Told the number of training images before the first step (after :meth:`setup`).
+
+        A method that keeps state per training image (CRD's memory bank) allocates it here, as
+        buffers: they move to the run's device with the method and are saved in its checkpoints.
+        """
+
+    def state_bytes(self) -> int:
+        """Bytes of the method's state that is not trained (buffers: a memory bank); reported in the row."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def ce_weight_at(self, epoch: int, epochs: int) -> float:
         """Weight of the engine's cross-entropy term at ``epoch`` (0-based) of ``epochs``."""
@@ -149,6 +175,15 @@ class Method(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
+def init_epochs_for(method: Method | None, epochs: int, full_epochs: int) -> int:
+    """The init-stage epochs a run of ``epochs`` of a recipe's ``full_epochs`` trains: the method's
+    ``init_epochs`` scaled as the schedule is (at least 1 where it has one)."""
+    init = int(getattr(method, "init_epochs", 0) or 0)
+    if init <= 0:
+        return 0
+    return max(1, round(init * epochs / full_epochs)) if epochs < full_epochs else init
+
+
 def check_weights(**weights: float) -> None:
     """Loss weights must be >= 0: 0 turns a term off, a negative one would maximise its loss.
 
@@ -187,4 +222,4 @@ def check_maps(stages: Sequence[int], student: Probe, teachers: Sequence[Probe],
 
 
 __all__ = ["Batch", "Method", "Outputs", "Probe", "Taps", "check_maps", "check_stages", "check_temperature",
-           "check_weights"]
+           "check_weights", "init_epochs_for"]

@@ -125,7 +125,7 @@ class TrainBatch(NamedTuple):
 
     images: Tensor
     labels: Tensor
-    index: Tensor | None  # positions in the training set (None unless asked for)
+    index: Tensor  # positions in the training set (memory banks index by it; the teacher cache too)
     view: Tensor | None   # see view_index (None unless asked for)
 
 
@@ -172,8 +172,9 @@ class Loader:
             yield b.images, b.labels
 
     def batches(self, *, views: bool = False) -> Iterator[TrainBatch]:
-        """One epoch of batches; with ``views``, each image's index and view number too (what the
-        teacher cache looks up), otherwise those are None (no work spent on them per step)."""
+        """One epoch of batches, each with its images' positions in the training set; with ``views``,
+        each image's view number too (what the teacher cache looks up), otherwise None (no work
+        spent on it per step)."""
         n, bs, dev = len(self.images), self.batch_size, self.images.device
         order = None
         if self.shuffle:
@@ -181,7 +182,7 @@ class Loader:
             order = torch.randperm(n, generator=gen, device=gen.device).to(dev)
         for b in range(len(self)):
             if order is None:
-                idx = torch.arange(b * bs, min(n, (b + 1) * bs), device=dev) if views else None
+                idx = torch.arange(b * bs, min(n, (b + 1) * bs), device=dev)
                 x, y = self.images[b * bs : (b + 1) * bs], self.labels[b * bs : (b + 1) * bs]
             else:
                 idx = order[b * bs : (b + 1) * bs]
@@ -189,5 +190,4 @@ class Loader:
             drawn = draw_views(len(x), crop_padding=self.crop_padding, flip=self.flip, generator=self.generator,
                                device=dev)
             x = _normalize_with(apply_views(x, drawn, self.crop_padding), self._scale, self._shift)
-            yield TrainBatch(x, y, idx if views else None,
-                             view_index(drawn, self.crop_padding, len(x), dev) if views else None)
+            yield TrainBatch(x, y, idx, view_index(drawn, self.crop_padding, len(x), dev) if views else None)

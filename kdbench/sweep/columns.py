@@ -31,6 +31,9 @@ class Col:
     TEST_SIZE = "test_size"
     PARAMS = "params"
     EXTRA_PARAMS = "extra_params"
+    INIT_EPOCHS = "init_epochs"              # a method's init stage, trained before the schedule (AB, FT, FSP)
+    HISTORY_INIT_LOSS = "history_init_loss"  # its epochs' mean loss terms (the init stage is not evaluated)
+    METHOD_STATE_MB = "method_state_mb"      # the method's untrained state, e.g. CRD's memory bank
     FLOPS = "flops_per_image"
     THROUGHPUT = "throughput_img_s"
     THROUGHPUT_DEVICE = "throughput_device"

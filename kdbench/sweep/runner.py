@@ -26,7 +26,7 @@ from ..errors import DiskFull
 from ..executors.base import BUSY, DONE, OK, Outcome
 from ..files import atomic_torch_save, warn
 from ..ids import digest
-from ..method import Method, Taps
+from ..method import Method, Taps, init_epochs_for
 from ..registry import build_method
 from ..train import EngineOptions, ViewCache, build_view_cache, cacheable
 from . import rows
@@ -211,7 +211,8 @@ class Runner:
         method.to(self.device)
         data = self.student_data(spec)
         caches = self.view_caches(spec, taps)
-        bar = self.bar(spec.recipe.epochs, spec.label)
+        bar = self.bar(init_epochs_for(method, spec.recipe.epochs, spec.recipe.full_epochs) + spec.recipe.epochs,
+                       spec.label)
         error = ""
         with metrics.PeakMemory(self.device) as peak:
             try:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .. import distributed
 from ..data import DataSplits, Loader, holdout, holdout_indices
 from ..errors import KdbenchError
-from ..method import Method
+from ..method import Method, init_epochs_for
 from ..metrics import topk_accuracy
 from ..recipe import Recipe
 from .checkpoint import Checkpoint
@@ -70,6 +70,12 @@ class TrainResult:
     # time includes torch.compile, CUDA-graph recording and cold caches, so steady-state times leave them out.
     epoch_train_s: dict[int, float] = field(default_factory=dict)
     warm_up_epochs: list[int] = field(default_factory=list)
+    # A method's init stage (Method.init_epochs): how many epochs it trained before the schedule, and each
+    # one's mean loss terms. It is not evaluated (as in RepDistiller), so history holds the schedule's epochs.
+    init_epochs: int = 0
+    init_losses: list[dict[str, float]] = field(default_factory=list)
+    # Bytes of the method's untrained state (Method.state_bytes: CRD's memory bank).
+    method_state_bytes: int = 0
 
     @property
     def last(self) -> EpochLog:
@@ -147,17 +153,21 @@ def _predict_all(model: nn.Module, images: Tensor, data: DataSplits, *, shard: b
     return predict(model, images, data, options=options)
 
 
-def make_optimizer(params: list[nn.Parameter], recipe: Recipe
+def make_optimizer(params: list[nn.Parameter], recipe: Recipe, *, init_epochs: int = 0
                    ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LRScheduler]:
     """The recipe's SGD with momentum and weight decay, and its schedule (stepped once per epoch):
-    the step decay, after a linear warm-up over ``recipe.warmup_epochs`` when it has one."""
+    the step decay, after a linear warm-up over ``recipe.warmup_epochs`` when it has one. A method's
+    ``init_epochs`` come first, at the base rate (RepDistiller's init stage); the schedule follows them."""
     opt = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-    if not recipe.warmup_epochs:  # MultiStepLR as before: checkpoints of earlier runs still resume
+    if not recipe.warmup_epochs and not init_epochs:  # MultiStepLR as before: earlier checkpoints still resume
         return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(recipe.lr_milestones),
                                                          gamma=recipe.gamma)
-    warmup, milestones, gamma = recipe.warmup_epochs, recipe.lr_milestones, recipe.gamma
+    warmup, milestones, gamma = max(recipe.warmup_epochs, 1), recipe.lr_milestones, recipe.gamma
 
     def factor(epoch: int) -> float:  # epoch e of the warm-up trains at (e + 1) / warmup of the rate
+        if epoch < init_epochs:
+            return 1.0
+        epoch -= init_epochs
         return min(1.0, (epoch + 1) / warmup) * gamma ** sum(1 for m in milestones if m <= epoch)
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
@@ -187,21 +197,27 @@ def train(model: nn.Module, data: DataSplits, recipe: Recipe, *, seed: int, meth
     device = data.train_images.device
     data, val, teacher_caches = _split(data, recipe, teacher_caches)
     _check_run(recipe, data, teachers, teacher_names, teacher_caches)
+    init = init_epochs_for(method, recipe.epochs, recipe.full_epochs)
+    if method is not None:  # before _prepare: per-image state (a memory bank) moves to the device with it
+        method.setup_data(train_size=len(data.train_labels))
     _prepare(model, teachers, method, options, device)
-    opt, sched = make_optimizer(trainable_parameters(model, method), recipe)
+    opt, sched = make_optimizer(trainable_parameters(model, method), recipe, init_epochs=init)
     step = TrainStep(model, method, teachers, opt, recipe=recipe, device=device, options=options,
-                     caches=teacher_caches, model_name=model_name, teacher_names=teacher_names, labelled=labelled)
+                     caches=teacher_caches, model_name=model_name, teacher_names=teacher_names, labelled=labelled,
+                     init_epochs=init)
     gen = torch.Generator(device=device).manual_seed(seed)
     loader = Loader(data.train_images, data.train_labels, data.info, batch_size=recipe.batch_size, shuffle=True,
                     generator=gen, crop_padding=recipe.crop_padding, flip=recipe.flip)
     checkpoint = (Checkpoint(state_path, state_key, model, method, opt, sched, gen, model_name)
                   if state_path is not None else None)
-    first, result = _resume(checkpoint, progress, recipe.epochs)
+    first, result = _resume(checkpoint, progress, init + recipe.epochs)
+    result.init_epochs = init
+    result.method_state_bytes = method.state_bytes() if method is not None else 0
     step.prepare_distributed()  # after resuming: DDP starts every rank from rank 0's weights
     if options.compile and not result.compile_error:  # a run that fell back to eager stays eager on resume
         step.compile()
     start = _start_clock(result)
-    for epoch in range(first, recipe.epochs):
+    for epoch in range(first, init + recipe.epochs):
         log = _train_epoch(step, loader, epoch, result, warm_up=epoch == first)
         if bad := [k for k, v in log.losses.items() if not math.isfinite(v)]:
             _stop_clock(result, start)
@@ -209,13 +225,18 @@ def train(model: nn.Module, data: DataSplits, recipe: Recipe, *, seed: int, meth
                            "lower the learning rate or the term's weight", epoch, result)
         _check_terms(step, method, teachers, log.losses)
         sched.step()
-        _evaluate_epoch(model, data, val, result, log, options)
-        if recipe.early_stop and result.patience_spent(recipe.early_stop):
-            result.stopped_epoch = epoch  # before the checkpoint: a resumed run knows it has stopped
+        if epoch < init:  # the init stage is not evaluated (RepDistiller's is not): history is the schedule's
+            result.init_losses.append(log.losses)
+        else:
+            log.epoch = epoch - init
+            _evaluate_epoch(model, data, val, result, log, options)
+            if recipe.early_stop and result.patience_spent(recipe.early_stop):
+                result.stopped_epoch = log.epoch  # before the checkpoint: a resumed run knows it has stopped
         if checkpoint is not None and distributed.is_main():
             _save(checkpoint, epoch, result, start)
         if progress is not None:
-            progress.set_postfix(loss=f"{sum(log.losses.values()):.3f}", top1=f"{result.last.top1:.2f}", refresh=False)
+            top1 = f"{result.last.top1:.2f}" if result.history else "init stage"
+            progress.set_postfix(loss=f"{sum(log.losses.values()):.3f}", top1=top1, refresh=False)
             progress.update(1)
         if result.stopped_epoch is not None:
             break

@@ -126,19 +126,23 @@ class TrainStep:
         model_name, teacher_names: for error messages about stages.
         labelled: False for an unlabelled transfer set: no cross-entropy term, whatever the method's
             ``ce_weight``, and ``batch.labels`` is None for the method.
+        init_epochs: the method's init stage (:func:`~kdbench.method.init_epochs_for`): epochs
+            0 .. init_epochs - 1 train its init terms alone (``batch.stage == "init"``), without
+            cross-entropy; epoch ``init_epochs`` is the schedule's first.
     """
 
     def __init__(self, model: nn.Module, method: Method | None, teachers: Sequence[nn.Module],
                  optimizer: torch.optim.Optimizer, *, recipe: Recipe, device: torch.device,
                  options: EngineOptions = EngineOptions(), caches: Sequence[ViewCache] = (),
-                 model_name: str = "", teacher_names: Sequence[str] = (), labelled: bool = True) -> None:
+                 model_name: str = "", teacher_names: Sequence[str] = (), labelled: bool = True,
+                 init_epochs: int = 0) -> None:
         taps = method.taps() if method is not None else Taps()
         names = teacher_names or [""] * len(teachers)
         self.forward = _Forward(FeatureCapture(model, taps, model_name), method,
                                 [FeatureCapture(freeze(t), taps, n) for t, n in zip(teachers, names)], options)
         self.net: nn.Module = self.forward  # what a step calls: the forward, under DDP and torch.compile if asked
         self.model, self.method, self.optimizer = model, method, optimizer
-        self.epochs, self.max_norm = recipe.epochs, recipe.max_norm
+        self.epochs, self.max_norm, self.init_epochs = recipe.epochs, recipe.max_norm, init_epochs
         self.device, self.options, self.caches = device, options, list(caches)
         self.who = f"method '{method.name}'" if method is not None else "training"
         self.world, self.rank = distributed.world_size(), distributed.rank()
@@ -194,26 +198,32 @@ class TrainStep:
         share = len(images) / len(batch.images)
         cached = [c.lookup(index, view) for c in self.caches] if self.caches else None
         if not self.compiled:
-            return self._step(images, labels, cached, epoch, share)
+            return self._step(images, labels, index, cached, epoch, share)
         self._mark_step(images, labels, cached)
         if not self.options.compile_fallback:
-            return self._step(images, labels, cached, epoch, share)
+            return self._step(images, labels, index, cached, epoch, share)
         try:
-            return self._step(images, labels, cached, epoch, share)
+            return self._step(images, labels, index, cached, epoch, share)
         except (KdbenchError, torch.cuda.OutOfMemoryError):  # not compiling's fault: eager would say the same
             raise
         except Exception as exc:  # compiling (or recording CUDA graphs) failed: go on eagerly
             self._fall_back(exc, epoch)
         # The failed attempt changed no weights (the optimizer had not stepped; gradients are zeroed
         # first); a forward that did run has moved BatchNorm statistics and the dropout RNG once more.
-        return self._step(images, labels, cached, epoch, share)
+        return self._step(images, labels, index, cached, epoch, share)
 
-    def _step(self, images: Tensor, labels: Tensor, cached: list[Outputs] | None, epoch: int,
-              share: float) -> dict[str, Tensor]:
-        ce_weight = self.method.ce_weight_at(epoch, self.epochs) if self.method is not None else 1.0
+    def _step(self, images: Tensor, labels: Tensor, index: Tensor | None, cached: list[Outputs] | None,
+              epoch: int, share: float) -> dict[str, Tensor]:
+        shown = labels if self.labelled else None
+        if epoch < self.init_epochs:  # the method's init stage: its init terms alone
+            ce_weight = 0.0
+            seen = Batch(images, shown, epoch, self.init_epochs, index, "init")
+        else:
+            epoch -= self.init_epochs
+            ce_weight = self.method.ce_weight_at(epoch, self.epochs) if self.method is not None else 1.0
+            seen = Batch(images, shown, epoch, self.epochs, index)  # what the method sees
         if not self.labelled:  # an unlabelled transfer set: the engine's label term is dropped
             ce_weight = 0.0
-        seen = Batch(images, labels if self.labelled else None, epoch, self.epochs)  # what the method sees
         own, extra = self.net(images, labels, cached, seen, ce_weight)
         terms = self._merge(own, extra, epoch)
         self._update(sum(terms.values()), share)
