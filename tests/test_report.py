@@ -362,3 +362,37 @@ def test_a_one_hyperparameter_sweep_gets_its_curve_and_its_best_value(tmp_path):
 def test_a_single_setting_draws_no_sweep(report):
     _, written = report
     assert not [p for p in written if p.name.startswith("sweep_")]
+
+
+def test_method_cost_is_relative_to_kd_on_the_same_pair():
+    """The cost table's ratio compares a method with kd pair by pair (geometric mean over pairs); ce, which has
+    no pair of its own, with kd into the same student; extra parameters, init epochs and state come through."""
+    import pandas as pd
+
+    from kdbench.report.cost import cost_frame
+    from kdbench.report.markdown import method_cost_section
+
+    def run(method, pair, student, seconds, **extra):
+        return {"kind": "student", "method": method, "pair": pair, "student": student, "device": "cpu",
+                "epoch_time_s": seconds, "epochs": 10, "train_time_s": 10 * seconds, **extra}
+
+    rows = pd.DataFrame([
+        run("kd", "a→s", "s", 1.0), run("kd", "a→s", "s", 3.0), run("kd", "b→s", "s", 4.0),
+        run("crd", "a→s", "s", 8.0, method_state_mb=5.0, extra_params=100),
+        run("crd", "b→s", "s", 8.0, method_state_mb=5.0, extra_params=100),
+        run("fsp", "a→s", "s", float("nan"), init_epochs=3, epochs=1, train_time_s=8.0),
+        run("ce", "→s", "s", 1.0),
+        {"kind": "teacher", "method": "teacher", "pair": "a→", "student": "a", "device": "cpu", "epoch_time_s": 99.0},
+    ])
+    costs = cost_frame(rows).set_index("method")
+    assert "teacher" not in costs.index
+    # kd's median on a→s is 2 s, on b→s 4 s: crd is 4x and 2x there, geometric mean sqrt(8)
+    assert costs.loc["crd", "vs_kd"] == pytest.approx(8 ** 0.5)
+    assert costs.loc["crd", "state_mb"] == 5.0 and costs.loc["crd", "extra_params"] == 100
+    # a one-epoch run has no steady epoch: its training time over init + schedule epochs (8 s / 4)
+    assert costs.loc["fsp", "epoch_s"] == pytest.approx(2.0) and costs.loc["fsp", "vs_kd"] == pytest.approx(1.0)
+    assert costs.loc["fsp", "init_epochs"] == 3
+    # ce against kd into the same student, over both pairs (median of 1, 3, 4 s)
+    assert costs.loc["ce", "vs_kd"] == pytest.approx(1 / 3)
+    text = "\n".join(method_cost_section(rows))
+    assert "## Training cost per method" in text and "| `crd` | 8.00" in text and "2.83×" in text

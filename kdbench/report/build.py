@@ -2,7 +2,8 @@
 
 Nothing in the store is ever hand-edited: rows are grouped into benchmarks
 (:func:`kdbench.report.aggregate.benchmarks`), and per benchmark the report writes
-``table_<slug>.md`` and ``table_<slug>.csv`` (:mod:`kdbench.report.markdown`) and its figures
+``table_<slug>.md`` and ``table_<slug>.csv`` (:mod:`kdbench.report.markdown`), ``costs_<slug>.csv``
+(each method's training cost, :mod:`kdbench.report.cost`) and its figures
 (:mod:`kdbench.report.plots`); ``index.md`` links them all.
 """
 
@@ -19,6 +20,7 @@ from ..executors.base import OK
 from ..files import output_folder
 from ..sweep.store import ResultsStore
 from .aggregate import Benchmark, aggregate, benchmarks
+from .cost import cost_frame
 from .markdown import benchmark_markdown, csv_frame, write_text
 from .plots import method_colours, plot_benchmark, style
 from .sweep_plot import plot_sweeps, sweep_lines
@@ -33,11 +35,13 @@ def build_benchmark(bench: Benchmark, metric: str, colours: dict[str, str],
     with style():
         plots += plot_sweeps(bench, metric, out_dir)
     csv = write_text(out_dir / f"table_{bench.slug}.csv", csv_frame(bench, entries, metric).to_csv(index=False))
+    costs = cost_frame(bench.rows)
+    extra = [write_text(out_dir / f"costs_{bench.slug}.csv", costs.to_csv(index=False))] if not costs.empty else []
     text = benchmark_markdown(bench, entries, metric, plots)
     if lines := sweep_lines(bench, metric):
         text = text.rstrip("\n") + "\n\nSweeps (test error = 100 − " + metric + "):\n\n" + "\n".join(lines) + "\n"
     md = write_text(out_dir / f"table_{bench.slug}.md", text)
-    return [md, csv, *plots]
+    return [md, csv, *extra, *plots]
 
 
 def index(benches: Sequence[Benchmark], files: dict[str, list[Path]], metric: str,

@@ -35,6 +35,7 @@ from .rows import (
     mean_of,
     numeric,
 )
+from .cost import REFERENCE, cost_frame
 from .transfer import errors_table
 
 #: Marks a cell that averages several runs of one seed.
@@ -150,6 +151,28 @@ def cost_table(rows: pd.DataFrame) -> tuple[str, list[str]]:
     return md_table(header, lines), notes
 
 
+def method_cost_section(rows: pd.DataFrame) -> list[str]:
+    """The training cost of each method relative to kd (:mod:`kdbench.report.cost`); none without students."""
+    costs = cost_frame(rows)
+    if costs.empty:
+        return []
+    order = {m: i for i, m in enumerate(method_order(rows))}
+    costs = costs.sort_values("method", key=lambda ms: ms.map(lambda m: order.get(m, len(order))), kind="stable")
+    lines = [[f"`{c.method}`", fmt(c.epoch_s, 3), (f"{c.vs_kd:.2f}×" if not math.isnan(c.vs_kd) else "—"),
+              fmt_count(c.extra_params), f"{c.init_epochs:g}" if c.init_epochs else "—",
+              fmt(c.state_mb, 1) if c.state_mb else "—", "yes" if c.teacher_cache else "no"]
+             for c in costs.itertuples()]
+    header = ["method", "s/epoch", f"× {REFERENCE}", "extra params", "init epochs", "state (MB)", "teacher cache"]
+    return ["", "## Training cost per method", "",
+            f"Median steady-state training time per epoch (the first epoch a process trains is left out); "
+            f"× {REFERENCE}: the geometric mean over pairs of its ratio to `{REFERENCE}` on the same pair and "
+            f"device. Extra parameters are the method's own trained modules (regressors, embeddings); init "
+            f"epochs train before the schedule and are not in s/epoch's count but are in the run's training "
+            f"time; state is untrained per-image memory (CRD's bank); teacher cache: the teachers' outputs "
+            f"were looked up, not computed, which makes a method cheaper than one that runs its teachers.", "",
+            md_table(header, lines)]
+
+
 def provenance(rows: pd.DataFrame) -> str:
     """The footer: versions, commits, devices, commands and the number of runs."""
     def listed(col: str) -> str:
@@ -213,6 +236,7 @@ def benchmark_markdown(bench: Benchmark, entries: Sequence[Entry], metric: str,
     if papers:
         parts += ["", "Methods: " + "; ".join(f"`{m}`: {p}" for m, p in sorted(papers))]
     parts += ensemble_section(rows)
+    parts += method_cost_section(rows)
     if errors := errors_table(rows):  # a transfer set's absent classes, bias adjustment
         header, lines, notes = errors
         parts += ["", "## Test errors per class", "", md_table(header, lines), ""] + [f"- {n}" for n in notes]

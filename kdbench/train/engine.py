@@ -332,7 +332,9 @@ def _check_terms(step: TrainStep, method: Method | None, teachers: Sequence[nn.M
     """A method with teachers whose forward returned no term all epoch would train on cross-entropy
     alone under its name: refuse it. (Checked here, not while planning: planning never runs a
     method's forward, which may need the workers' environment or have side effects.)"""
-    if method is not None and teachers and not set(losses) - {"ce"}:
+    # A method with an init stage may transfer everything there (RepDistiller's AB and FSP train on labels alone
+    # after it): after its init stage it may return no terms.
+    if method is not None and teachers and not set(losses) - {"ce"} and not method.init_epochs:
         raise KdbenchError(f"{step.who} returned no loss terms (an empty dict): its run would train on "
                            "cross-entropy alone under its name; return its weighted terms from forward, e.g. "
                            "{'kd': self.kd_weight * loss}")
