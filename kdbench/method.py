@@ -85,6 +85,9 @@ class Batch:
     epochs: int
     index: Tensor | None = None
     stage: str = "train"
+    #: Under a recipe's mixup/CutMix: each image's mixed label distribution (N x classes); ``labels`` then
+    #: holds each image's own (first) label, and the teachers saw the mixed images. None otherwise.
+    soft_labels: Tensor | None = None
 
 
 class Method(nn.Module):
@@ -107,6 +110,9 @@ class Method(nn.Module):
     #: recipe's base rate throughout, and only what the init terms reach trains. A shortened run
     #: (``--epochs``) shortens it in proportion (:func:`init_epochs_for`).
     init_epochs: int = 0
+    #: The init stage's learning rate as a multiple of the recipe's base rate (RepDistiller trains FT's
+    #: paraphraser at 0.01 for its ResNet and WRN students, 0.2 of their 0.05).
+    init_lr_scale: float = 1.0
 
     def __init__(self, *, ce_weight: float = 1.0) -> None:
         super().__init__()
@@ -184,6 +190,14 @@ def init_epochs_for(method: Method | None, epochs: int, full_epochs: int) -> int
     return max(1, round(init * epochs / full_epochs)) if epochs < full_epochs else init
 
 
+def check_init_epochs(init_epochs: int) -> int:
+    """An init stage's length must be a whole number of epochs >= 0 (0: no init stage)."""
+    if isinstance(init_epochs, bool) or not isinstance(init_epochs, (int, float)) or \
+            not float(init_epochs).is_integer() or init_epochs < 0:
+        raise ValueError(f"init_epochs must be a whole number of epochs >= 0 (0: no init stage), got {init_epochs!r}")
+    return int(init_epochs)
+
+
 def check_weights(**weights: float) -> None:
     """Loss weights must be >= 0: 0 turns a term off, a negative one would maximise its loss.
 
@@ -222,4 +236,4 @@ def check_maps(stages: Sequence[int], student: Probe, teachers: Sequence[Probe],
 
 
 __all__ = ["Batch", "Method", "Outputs", "Probe", "Taps", "check_maps", "check_stages", "check_temperature",
-           "check_weights", "init_epochs_for"]
+           "check_init_epochs", "check_weights", "init_epochs_for"]

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from .errors import KdbenchError, suggest, unknown
+from .data.mixing import MixSpec
 from .ids import without_later_fields
 from .values import like
 
@@ -45,6 +46,13 @@ class Recipe:
     # Early stopping: end training after this many epochs without a new best validation top-1
     # (0 = off; needs val_fraction > 0).
     early_stop: int = 0
+    # Mixup and CutMix (kdbench.data.mixing, timm's Mixup in batch mode, no label smoothing): the Beta
+    # distributions' alphas (0 = off), the probability that a batch is mixed at all, and with both alphas
+    # > 0 the probability of CutMix rather than mixup. The teachers see the mixed images (no teacher cache).
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
+    mix_switch_prob: float = 0.5
 
     def __post_init__(self) -> None:
         if self.full_epochs == 0:
@@ -60,6 +68,7 @@ class Recipe:
                 raise KdbenchError(f"recipe '{self.name}': {key} must be >= 0, got {getattr(self, key)}")
         self._check_milestones()
         self._check_validation()
+        self._check_mixing()
 
     def _check_milestones(self) -> None:
         """Increasing, each after epoch 0 and before the recipe's full length (else it never lowers the lr)."""
@@ -82,6 +91,20 @@ class Recipe:
             raise KdbenchError(f"recipe '{self.name}': early_stop = {self.early_stop} needs a validation split "
                                "to watch; set val_fraction (e.g. 0.1) too, or early_stop = 0")
 
+    def _check_mixing(self) -> None:
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            if not getattr(self, key) >= 0:
+                raise KdbenchError(f"recipe '{self.name}': {key} must be >= 0 (0 turns it off; timm's usual values "
+                                   f"are 0.8 for mixup and 1.0 for CutMix), got {getattr(self, key)}")
+        for key in ("mix_prob", "mix_switch_prob"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise KdbenchError(f"recipe '{self.name}': {key} is a probability, in [0, 1]; got {getattr(self, key)}")
+
+    @property
+    def mixing(self) -> MixSpec:
+        """The mixup/CutMix settings (disabled when both alphas are 0)."""
+        return MixSpec(self.mixup_alpha, self.cutmix_alpha, self.mix_prob, self.mix_switch_prob)
+
     @property
     def shortened(self) -> bool:
         return self.epochs < self.full_epochs
@@ -96,6 +119,14 @@ class Recipe:
             label += f", {100 * self.val_fraction:g}% held out for validation"
         if self.early_stop:
             label += f", early stopping (patience {self.early_stop})"
+        if self.mixing.enabled:
+            kinds = [f"mixup α {self.mixup_alpha:g}"] * (self.mixup_alpha > 0) + \
+                    [f"CutMix α {self.cutmix_alpha:g}"] * (self.cutmix_alpha > 0)
+            label += ", " + " / ".join(kinds)
+            if self.mixup_alpha > 0 and self.cutmix_alpha > 0:
+                label += f" (CutMix with p {self.mix_switch_prob:g})"
+            if self.mix_prob < 1:
+                label += f", mixing p {self.mix_prob:g}"
         return label
 
     @property
@@ -135,7 +166,8 @@ class Recipe:
         return without_later_fields(d, _LATER_FIELDS)  # run ids hash this dict
 
 
-_LATER_FIELDS: dict[str, Any] = {"max_norm": 0.0, "warmup_epochs": 0, "val_fraction": 0.0, "early_stop": 0}
+_LATER_FIELDS: dict[str, Any] = {"max_norm": 0.0, "warmup_epochs": 0, "val_fraction": 0.0, "early_stop": 0,
+                                 "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "mix_prob": 1.0, "mix_switch_prob": 0.5}
 
 
 RECIPES: dict[str, Recipe] = {

@@ -99,3 +99,21 @@ def test_warm_up_ramps_the_rate_linearly_then_the_steps_apply():
     plain = Recipe(name="w", epochs=8, batch_size=4, lr=0.1, milestones=(6,))
     assert "warmup_epochs" not in plain.to_dict()  # a later field: recipes without it keep their run ids
     assert recipe.to_dict()["warmup_epochs"] == 4
+
+
+def test_init_stage_runs_at_its_rate_then_the_schedule():
+    """A method's init stage: its epochs come first at init_lr_scale × the base rate, and the schedule's
+    milestones count from its end."""
+    from kdbench.recipe import RECIPES
+    from kdbench.train.engine import make_optimizer
+
+    recipe = RECIPES["digits"].with_overrides({"epochs": 6, "milestones": [3]}, "test")
+    w = torch.nn.Parameter(torch.ones(2))
+    opt, sched = make_optimizer([w], recipe, init_epochs=2, init_lr_scale=0.2)
+    rates = []
+    for _ in range(8):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    base = recipe.lr
+    assert rates == pytest.approx([0.2 * base] * 2 + [base] * 3 + [base * recipe.gamma] * 3)

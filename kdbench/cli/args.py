@@ -69,6 +69,7 @@ def _number(cast: type, *, low: float, high: float = float("inf"), low_open: boo
 _positive = _number(int, low=1, what="a positive integer")
 _nonnegative_int = _number(int, low=0, what="a whole number >= 0")
 _nonnegative_float = _number(float, low=0, what="a number >= 0 like 0.25")
+_fraction_incl = _number(float, low=0, high=1, what="a probability in [0, 1] like 0.5")
 _fraction = _number(float, low=0, low_open=True, high=1, what="a number in (0, 1] like 0.1 (--epochs-scale must be "
                     "in (0, 1])")
 
@@ -197,6 +198,17 @@ def _training_options(parser: argparse.ArgumentParser, reproduce: bool) -> None:
     train.add_argument("--early-stop", type=_nonnegative_int, metavar="N",
                        help="end training after N epochs without a new best validation top-1 (needs a validation "
                             "split; 0: off; default: the recipe's). Part of each run's id")
+    train.add_argument("--mixup", type=_nonnegative_float, metavar="ALPHA", dest="mixup_alpha",
+                       help="mixup each batch with itself reversed, λ ~ Beta(ALPHA, ALPHA) (timm's Mixup in batch mode; "
+                            "0: off; default: the recipe's, 0). The teachers see the mixed images; the cross-entropy "
+                            "uses the mixed labels. Part of each run's id and schedule label")
+    train.add_argument("--cutmix", type=_nonnegative_float, metavar="ALPHA", dest="cutmix_alpha",
+                       help="CutMix each batch with itself reversed, λ ~ Beta(ALPHA, ALPHA), corrected to the box's "
+                            "area (0: off; default: the recipe's, 0). With --mixup too, one of the two per batch")
+    train.add_argument("--mix-prob", type=_fraction_incl, metavar="P", dest="mix_prob",
+                       help="probability that a batch is mixed at all (default: the recipe's, 1)")
+    train.add_argument("--mix-switch-prob", type=_fraction_incl, metavar="P", dest="mix_switch_prob",
+                       help="with both --mixup and --cutmix: probability of CutMix for a batch (default 0.5)")
     train.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu or cuda[:N]")
     train.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                        help="auto: bf16 on a GPU, fp32 on the CPU. bf16 runs the forward passes under autocast; "

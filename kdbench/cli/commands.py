@@ -105,13 +105,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return rc
 
 
+#: Recipe fields the training flags set (--val-fraction, --early-stop, --mixup, --cutmix, --mix-prob, ...).
+RECIPE_FLAGS = ("val_fraction", "early_stop", "mixup_alpha", "cutmix_alpha", "mix_prob", "mix_switch_prob")
+
+
 def with_validation(recipe: Recipe, args: argparse.Namespace) -> Recipe:
-    """The recipe with --val-fraction and --early-stop, checked now, before anything trains.
+    """The recipe with --val-fraction, --early-stop and the mixing flags, checked now, before anything trains.
 
     Like --epochs they set the sweep's recipe; a suite's [recipe.by_model.X] that sets them itself wins.
     """
-    given = {k: v for k, v in (("val_fraction", args.val_fraction), ("early_stop", args.early_stop)) if v is not None}
-    return recipe.with_overrides(given, "--val-fraction/--early-stop") if given else recipe
+    given = {k: getattr(args, k) for k in RECIPE_FLAGS if getattr(args, k, None) is not None}
+    flags = "/".join("--" + k.replace("_alpha", "").replace("_", "-") for k in given)
+    return recipe.with_overrides(given, flags) if given else recipe
 
 
 def _suite_pairs(suite: Suite, wanted: str | None) -> list[Pair]:

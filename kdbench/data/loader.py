@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import KdbenchError
+from .mixing import MixSpec, draw, epoch_rng, mix
 from .splits import DatasetInfo
 
 
@@ -127,6 +128,9 @@ class TrainBatch(NamedTuple):
     labels: Tensor
     index: Tensor  # positions in the training set (memory banks index by it; the teacher cache too)
     view: Tensor | None   # see view_index (None unless asked for)
+    # Mixup/CutMix (kdbench.data.mixing): the mixed label distributions the cross-entropy is taken against;
+    # ``labels`` then names each image's own (first) label. None when the batch is not mixed.
+    soft_labels: Tensor | None = None
 
 
 class Loader:
@@ -150,6 +154,7 @@ class Loader:
         crop_padding: int = 0,
         flip: bool = False,
         drop_last: bool = False,
+        mix: MixSpec | None = None,
     ) -> None:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -158,6 +163,7 @@ class Loader:
         self.images, self.labels, self.info = images, labels, info
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.crop_padding, self.flip = crop_padding, flip
+        self.mix = mix if mix is not None and mix.enabled else None
         if generator is None:
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
         self.generator = generator
@@ -180,6 +186,7 @@ class Loader:
         if self.shuffle:
             gen = self.generator
             order = torch.randperm(n, generator=gen, device=gen.device).to(dev)
+        rng = epoch_rng(self.generator) if self.mix is not None else None
         for b in range(len(self)):
             if order is None:
                 idx = torch.arange(b * bs, min(n, (b + 1) * bs), device=dev)
@@ -190,4 +197,7 @@ class Loader:
             drawn = draw_views(len(x), crop_padding=self.crop_padding, flip=self.flip, generator=self.generator,
                                device=dev)
             x = _normalize_with(apply_views(x, drawn, self.crop_padding), self._scale, self._shift)
-            yield TrainBatch(x, y, idx, view_index(drawn, self.crop_padding, len(x), dev) if views else None)
+            soft = None
+            if rng is not None:
+                x, soft = mix(x, y, self.info.num_classes, draw(self.mix, rng, x.shape[-2], x.shape[-1]))
+            yield TrainBatch(x, y, idx, view_index(drawn, self.crop_padding, len(x), dev) if views else None, soft)

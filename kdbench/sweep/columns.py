@@ -80,6 +80,7 @@ class Col:
     MODEL_KWARGS = "model_kwargs"
     TEACHER_CACHE = "teacher_cache"
     TEACHER_CACHE_BUILD = "teacher_cache_build_s"
+    TEACHER_CACHE_OFF = "teacher_cache_off"  # why the teachers ran online ('' when the cache served them)
     DIVERGED_AT = "diverged_at_epoch"
     TRAINED_BY_KDBENCH = "trained_by_kdbench"
     CHECKPOINT_SHA256 = "checkpoint_sha256"

@@ -232,6 +232,7 @@ class Runner:
         row = rows.student_row(self.context, spec, paper=method.paper, extra_params=method.extra_parameters(),
                                result=result, measured=measured, peak=peak,
                                cache_build_s=[c.build_time_s for c in caches], error=error)
+        row[rows.Col.TEACHER_CACHE_OFF] = self.cache_off_reason(spec, taps)
         row.update(self._transfer_columns(spec, student, data, None if error else result.test_logits))
         self.store.write(row)
         return row
@@ -271,16 +272,29 @@ class Runner:
         (:data:`CPU_CACHE_BYTES`), since it lives in the machine's memory beside everything else.
         The numbers are the same either way (tests/test_fast_engine.py).
         """
+        return not self.cache_off_reason(spec, taps)
+
+    def cache_off_reason(self, spec: RunSpec, taps: Taps) -> str:
+        """Why ``spec``'s teachers run online rather than from the cache ('' when it is used); the row records it."""
         mode = self.req.teacher_cache
-        if mode == "off" or not spec.teachers or not cacheable(taps):
-            return False
+        if not spec.teachers:
+            return "no teachers"
+        if mode == "off":
+            return "--teacher-cache off"
+        if not cacheable(taps):
+            return "the method taps stage maps, which the cache does not hold"
+        if spec.recipe.mixing.enabled:
+            return "mixup/CutMix: the teachers see each mixed batch, which no cached view holds"
         if mode == "on":
-            return True
+            return ""
         sharing = sum(1 for s in self.plan.specs if s.teachers == spec.teachers) or 1
         views = view_count(spec.recipe.crop_padding, spec.recipe.flip)
         if spec.recipe.epochs * sharing < views:
-            return False
-        return self.device.type != "cpu" or self._cache_bytes(spec, taps, views) <= CPU_CACHE_BYTES
+            return (f"auto: {views} views per image to cache cost more teacher passes than {spec.recipe.epochs} "
+                    f"epochs x {sharing} runs online")
+        if self.device.type == "cpu" and self._cache_bytes(spec, taps, views) > CPU_CACHE_BYTES:
+            return "auto: the cache would be too large for CPU memory"
+        return ""
 
     def _cache_bytes(self, spec: RunSpec, taps: Taps, views: int) -> int:
         """The fp32 size of the caches ``spec`` would build: logits (and pooled vectors) per view."""

@@ -153,11 +153,12 @@ def _predict_all(model: nn.Module, images: Tensor, data: DataSplits, *, shard: b
     return predict(model, images, data, options=options)
 
 
-def make_optimizer(params: list[nn.Parameter], recipe: Recipe, *, init_epochs: int = 0
+def make_optimizer(params: list[nn.Parameter], recipe: Recipe, *, init_epochs: int = 0, init_lr_scale: float = 1.0
                    ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LRScheduler]:
     """The recipe's SGD with momentum and weight decay, and its schedule (stepped once per epoch):
     the step decay, after a linear warm-up over ``recipe.warmup_epochs`` when it has one. A method's
-    ``init_epochs`` come first, at the base rate (RepDistiller's init stage); the schedule follows them."""
+    ``init_epochs`` come first, at ``init_lr_scale`` × the base rate (RepDistiller's init stage); the
+    schedule follows them."""
     opt = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     if not recipe.warmup_epochs and not init_epochs:  # MultiStepLR as before: earlier checkpoints still resume
         return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(recipe.lr_milestones),
@@ -166,7 +167,7 @@ def make_optimizer(params: list[nn.Parameter], recipe: Recipe, *, init_epochs: i
 
     def factor(epoch: int) -> float:  # epoch e of the warm-up trains at (e + 1) / warmup of the rate
         if epoch < init_epochs:
-            return 1.0
+            return init_lr_scale
         epoch -= init_epochs
         return min(1.0, (epoch + 1) / warmup) * gamma ** sum(1 for m in milestones if m <= epoch)
 
@@ -201,13 +202,14 @@ def train(model: nn.Module, data: DataSplits, recipe: Recipe, *, seed: int, meth
     if method is not None:  # before _prepare: per-image state (a memory bank) moves to the device with it
         method.setup_data(train_size=len(data.train_labels))
     _prepare(model, teachers, method, options, device)
-    opt, sched = make_optimizer(trainable_parameters(model, method), recipe, init_epochs=init)
+    opt, sched = make_optimizer(trainable_parameters(model, method), recipe, init_epochs=init,
+                                init_lr_scale=method.init_lr_scale if method is not None else 1.0)
     step = TrainStep(model, method, teachers, opt, recipe=recipe, device=device, options=options,
                      caches=teacher_caches, model_name=model_name, teacher_names=teacher_names, labelled=labelled,
                      init_epochs=init)
     gen = torch.Generator(device=device).manual_seed(seed)
     loader = Loader(data.train_images, data.train_labels, data.info, batch_size=recipe.batch_size, shuffle=True,
-                    generator=gen, crop_padding=recipe.crop_padding, flip=recipe.flip)
+                    generator=gen, crop_padding=recipe.crop_padding, flip=recipe.flip, mix=recipe.mixing)
     checkpoint = (Checkpoint(state_path, state_key, model, method, opt, sched, gen, model_name)
                   if state_path is not None else None)
     first, result = _resume(checkpoint, progress, init + recipe.epochs)
@@ -218,6 +220,8 @@ def train(model: nn.Module, data: DataSplits, recipe: Recipe, *, seed: int, meth
         step.compile()
     start = _start_clock(result)
     for epoch in range(first, init + recipe.epochs):
+        if init and epoch == init:  # RepDistiller trains the schedule with a new optimizer: no init-stage momentum
+            opt.state.clear()
         log = _train_epoch(step, loader, epoch, result, warm_up=epoch == first)
         if bad := [k for k, v in log.losses.items() if not math.isfinite(v)]:
             _stop_clock(result, start)

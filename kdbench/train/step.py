@@ -194,26 +194,26 @@ class TrainStep:
             The weighted loss terms, detached, each scaled by the slice's share of the batch (1
             without DDP), so that their sum over the ranks is the whole batch's.
         """
-        images, labels, index, view = self._slice(batch)
+        images, labels, index, view, soft = self._slice(batch)
         share = len(images) / len(batch.images)
         cached = [c.lookup(index, view) for c in self.caches] if self.caches else None
         if not self.compiled:
-            return self._step(images, labels, index, cached, epoch, share)
+            return self._step(images, labels, index, cached, epoch, share, soft)
         self._mark_step(images, labels, cached)
         if not self.options.compile_fallback:
-            return self._step(images, labels, index, cached, epoch, share)
+            return self._step(images, labels, index, cached, epoch, share, soft)
         try:
-            return self._step(images, labels, index, cached, epoch, share)
+            return self._step(images, labels, index, cached, epoch, share, soft)
         except (KdbenchError, torch.cuda.OutOfMemoryError):  # not compiling's fault: eager would say the same
             raise
         except Exception as exc:  # compiling (or recording CUDA graphs) failed: go on eagerly
             self._fall_back(exc, epoch)
         # The failed attempt changed no weights (the optimizer had not stepped; gradients are zeroed
         # first); a forward that did run has moved BatchNorm statistics and the dropout RNG once more.
-        return self._step(images, labels, index, cached, epoch, share)
+        return self._step(images, labels, index, cached, epoch, share, soft)
 
     def _step(self, images: Tensor, labels: Tensor, index: Tensor | None, cached: list[Outputs] | None,
-              epoch: int, share: float) -> dict[str, Tensor]:
+              epoch: int, share: float, soft: Tensor | None = None) -> dict[str, Tensor]:
         shown = labels if self.labelled else None
         if epoch < self.init_epochs:  # the method's init stage: its init terms alone
             ce_weight = 0.0
@@ -224,7 +224,10 @@ class TrainStep:
             seen = Batch(images, shown, epoch, self.epochs, index)  # what the method sees
         if not self.labelled:  # an unlabelled transfer set: the engine's label term is dropped
             ce_weight = 0.0
-        own, extra = self.net(images, labels, cached, seen, ce_weight)
+        # Under mixup/CutMix the cross-entropy is against the mixed label distributions; the method sees
+        # each image's own label in batch.labels and the distributions in batch.soft_labels.
+        seen.soft_labels = soft
+        own, extra = self.net(images, labels if soft is None else soft, cached, seen, ce_weight)
         terms = self._merge(own, extra, epoch)
         self._update(sum(terms.values()), share)
         return {k: v.detach() * share for k, v in terms.items()}
@@ -249,15 +252,15 @@ class TrainStep:
         """Raise when the ranks' weights differ (they cannot unless the DDP path has a bug)."""
         distributed.check_in_sync(self.forward, "weights")
 
-    def _slice(self, batch: TrainBatch) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        parts = (self.options.layout(batch.images), batch.labels, batch.index, batch.view)
+    def _slice(self, batch: TrainBatch) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        parts = (self.options.layout(batch.images), batch.labels, batch.index, batch.view, batch.soft_labels)
         if self.world == 1:
             return parts
         if not self.distributed:
             raise RuntimeError("under torchrun, call TrainStep.prepare_distributed() before the first step")
-        images, labels, index, view = (t.tensor_split(self.world)[self.rank] if t is not None else None
-                                       for t in parts)
-        return images, labels, index, view
+        images, labels, index, view, soft = (t.tensor_split(self.world)[self.rank] if t is not None else None
+                                             for t in parts)
+        return images, labels, index, view, soft
 
     def _mark_step(self, images: Tensor, labels: Tensor, cached: list[Outputs] | None) -> None:
         # One graph per batch size (the short last batch gets its own) rather than a dynamic-shape
