@@ -33,3 +33,22 @@ def pool_to_common_size(f_s: Tensor, f_t: Tensor) -> tuple[Tensor, Tensor]:
     if f_t.shape[2:] != (h, w):
         f_t = F.adaptive_avg_pool2d(f_t, (h, w))
     return f_s, f_t
+
+
+def zscore(logits: Tensor, eps: float = 1e-7) -> Tensor:
+    """Each row standardised: ``(z - mean(z)) / (std(z) + eps)`` over the last dimension.
+
+    Sun et al.'s logit standardisation (CVPR 2024) as their code writes it (``normalize`` in
+    ``mdistiller/distillers/KD.py`` of sunshangquan/logit-standardization-KD): the standard
+    deviation is the unbiased one (divided by C - 1, torch's default), and ``eps`` is added to it,
+    not under the square root.
+    """
+    mean = logits.mean(dim=-1, keepdim=True)
+    std = logits.std(dim=-1, keepdim=True)
+    return (logits - mean) / (std + eps)
+
+
+def logit_regression(student_logits: Tensor, target_logits: Tensor) -> Tensor:
+    """Ba & Caruana's mimic loss: ``1/(2N) Σ_i ‖g(x_i) − z_i‖²`` (squared error summed over the
+    classes, halved, averaged over the batch), NIPS 2014, section 2.2."""
+    return 0.5 * (student_logits - target_logits).pow(2).sum(dim=1).mean()

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdbench.losses import zscore
 from kdbench.method import Batch, Method, Outputs, check_temperature, check_weights
 
 
@@ -27,19 +28,31 @@ class DKD(Method):
     in linearly over the first ``warmup`` epochs. Defaults are the paper's CIFAR-100 settings: CE 1,
     α 1, β 8, T 4, 20 warm-up epochs; the paper uses β 6 for vgg13→vgg8 and the WRN pairs, and 2 for
     resnet56→resnet20 and resnet110→resnet32 (set per pair in ``benchmarks/suites/dkd-cifar100.toml``).
+
+    ``standardize`` (off by default) z-scores each sample's logits, student and teacher apart, before
+    the tempered softmaxes of both terms: Sun et al., Logit Standardization in Knowledge Distillation,
+    CVPR 2024, as ``mdistiller/distillers/DKD.py`` of sunshangquan/logit-standardization-KD does it
+    (``(z - mean) / (std + 1e-7)``, unbiased std). Their ``tools/train.py --logit-stand --base-temp 2
+    --kd-weight 9`` then sets T = 2 and multiplies α and β by 9 (α 9, β 72 for resnet32x4→resnet8x4),
+    written here as ``--set dkd.standardize=true --set dkd.temperature=2 --set dkd.alpha=9 --set
+    dkd.beta=72``; their logs use other base temperatures and weights per pair. Switching it on alone
+    keeps T = 4, α 1, β 8.
     """
 
     name = "dkd"
     paper = "Zhao, Cui, Song, Qiu, Liang: Decoupled Knowledge Distillation, CVPR 2022"
 
     def __init__(self, *, ce_weight: float = 1.0, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
-                 warmup: int = 20) -> None:
+                 warmup: int = 20, standardize: bool = False) -> None:
         super().__init__(ce_weight=ce_weight)
         check_temperature(temperature)
         check_weights(alpha=alpha, beta=beta)
         if warmup < 0:
             raise ValueError(f"warmup must be >= 0 epochs, got {warmup}")
+        if not isinstance(standardize, bool):
+            raise ValueError(f"standardize must be true or false, got {standardize!r}")
         self.alpha, self.beta, self.temperature, self.warmup = alpha, beta, temperature, warmup
+        self.standardize = standardize
 
     def ramp(self, epoch: int) -> float:
         """The loss's weight at a 0-based ``epoch``: (epoch + 1) / warmup, at most 1."""
@@ -47,7 +60,10 @@ class DKD(Method):
 
     def forward(self, student: Outputs, teachers: Sequence[Outputs], batch: Batch) -> dict[str, Tensor]:
         T = self.temperature
-        s, t = student.logits.float() / T, teachers[0].logits.float() / T
+        s, t = student.logits.float(), teachers[0].logits.float()
+        if self.standardize:
+            s, t = zscore(s), zscore(t)
+        s, t = s / T, t / T
         target = F.one_hot(batch.labels, s.shape[1]).bool()
         # gather, not boolean indexing: same values, but no data-dependent shape (no host sync on a GPU)
         label = batch.labels.unsqueeze(1)

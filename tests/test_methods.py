@@ -42,18 +42,24 @@ def setup_run(name: str, **overrides):
     taps = method.taps()
     method.setup(probe(student, taps, TINY_SHAPE, TINY_STUDENT),
                  [probe(t, taps, TINY_SHAPE) for t in teachers])
+    method.setup_data(train_size=TRAIN_SIZE)
     return method, student, teachers
 
 
-def one_step(method, student, teachers, epoch: int = 0, epochs: int = 10):
+#: The training-set size the contract tests tell a method (setup_data); batches are its first images.
+TRAIN_SIZE = 64
+
+
+def one_step(method, student, teachers, epoch: int = 0, epochs: int = 10, stage: str = "train"):
+    """One batch's terms and total loss, as the engine computes them (no cross-entropy in an init stage)."""
     x = torch.randn(16, *TINY_SHAPE)
     y = torch.randint(0, 10, (16,))
     taps = method.taps()
     out = FeatureCapture(student, taps)(x)
     with torch.no_grad():
         t_out = [FeatureCapture(t, taps)(x) for t in teachers]
-    terms = method(out, t_out, Batch(x, y, epoch, epochs))
-    ce_w = method.ce_weight_at(epoch, epochs)
+    terms = method(out, t_out, Batch(x, y, epoch, epochs, torch.arange(16), stage))
+    ce_w = method.ce_weight_at(epoch, epochs) if stage == "train" else 0.0
     total = sum(terms.values()) + (ce_w * F.cross_entropy(out.logits, y) if ce_w else 0)
     return terms, total
 
@@ -70,14 +76,26 @@ def test_terms_are_finite_scalars(name):
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_gradients_reach_student_and_adapters_not_teachers(name):
+    """Over the stages a method trains (its init stage, if it has one, then the schedule), every student and
+    adapter parameter gets a finite gradient in some stage, and no teacher parameter ever does. (FT's paraphraser
+    trains only in its init stage; its translator only after it.)"""
     method, student, teachers = setup_run(name)
     student.train()
-    _, total = one_step(method, student, teachers)
-    total.backward()
-    no_grad = [n for n, p in student.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    reached: set[str] = set()
+    adapters: set[str] = set()
+    for stage in (("init", "train") if method.init_epochs else ("train",)):
+        student.zero_grad(set_to_none=True)
+        method.zero_grad(set_to_none=True)
+        _, total = one_step(method, student, teachers, stage=stage)
+        if not isinstance(total, torch.Tensor) or not total.requires_grad:
+            continue  # a stage with no terms (and no cross-entropy) trains nothing
+        total.backward()
+        reached |= {n for n, p in student.named_parameters() if p.grad is not None and torch.isfinite(p.grad).all()}
+        adapters |= {n for n, p in method.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    no_grad = [n for n, _ in student.named_parameters() if n not in reached]
     assert not no_grad, f"{name}: student parameters without gradient: {no_grad[:5]}"
-    for n, p in method.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: adapter {n} gets no gradient"
+    for n, _ in method.named_parameters():
+        assert n in adapters, f"{name}: adapter {n} gets no gradient"
     for t in teachers:
         assert not t.training
         assert all(p.grad is None and not p.requires_grad for p in t.parameters())
@@ -336,14 +354,33 @@ def golden_inputs(cls, taps):
 
 
 def golden_values() -> dict[str, dict[str, float]]:
+    """Each method's terms on fixed outputs; a method with an init stage also its init terms ('init.<term>').
+
+    A method that needs the teacher's channel counts equal to the student's at every stage (FSP's matrices) gets
+    teacher maps with the student's channels; a method with per-image state is told the batch is the first
+    images of a training set of 6 (``batch.index``)."""
     values = {}
     for name in sorted(METHODS):
         cls = METHODS[name]
         torch.manual_seed(0)  # adapters are initialised from the global RNG
         m = build_method(cls)
         s, ts, batch, s_probe, t_probes = golden_inputs(cls, m.taps())
-        m.setup(s_probe, t_probes)
+        try:
+            m.setup(s_probe, t_probes)
+        except ValueError:
+            ts = [Outputs(t.logits, {i: x[:, : s.stages[i].shape[1]] for i, x in t.stages.items()}, t.pooled)
+                  for t in ts]
+            t_probes = [replace(p, stages={i: (s_probe.stages[i][0], *shape[1:]) for i, shape in p.stages.items()})
+                        for p in t_probes]
+            torch.manual_seed(0)
+            m = build_method(cls)
+            m.setup(s_probe, t_probes)
+        m.setup_data(train_size=len(batch.images))
+        batch = replace(batch, index=torch.arange(len(batch.images)))
         values[name] = {k: round(v.item(), 6) for k, v in m(s, ts, batch).items()}
+        if m.init_epochs:
+            init = replace(batch, stage="init", epochs=m.init_epochs)
+            values[name].update({f"init.{k}": round(v.item(), 6) for k, v in m(s, ts, init).items()})
     return values
 
 
