@@ -31,6 +31,12 @@ class NoisyKD(Method):
     runs repeat; its state is part of the method's ``state_dict`` (``get_extra_state``), so a run
     resumed from a checkpoint continues the same stream. Under DDP every rank draws the same stream
     for its own slice of the batch.
+
+    Sources: the paper's abstract and secondary summaries of it (Gaussian perturbation of the teacher's
+    logits with standard deviation σ, applied per sample with probability α, the student trained by
+    SGD on the perturbed targets); the paper's text itself could not be read here. The multiplicative
+    form and α = 0.5 follow two public reimplementations (KD_Lib, chengshengchan/model_compression);
+    **σ = 0.1 is kdbench's choice, not a value checked against the paper**: set ``noisy_kd.sigma``.
     """
 
     name = "noisy_kd"
