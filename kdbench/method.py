@@ -134,6 +134,11 @@ class Method(nn.Module):
         buffers: they move to the run's device with the method and are saved in its checkpoints.
         """
 
+    def variant(self) -> str:
+        """A short tag for a setting that makes this a different method in every table, e.g. ``"ls"`` for KD
+        with logit standardization: the run's table label is then ``kd+ls`` ('' for none, the default)."""
+        return ""
+
     def state_bytes(self) -> int:
         """Bytes of the method's state that is not trained (buffers: a memory bank); reported in the row."""
         return sum(b.numel() * b.element_size() for b in self.buffers())

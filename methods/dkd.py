@@ -58,6 +58,9 @@ class DKD(Method):
         """The loss's weight at a 0-based ``epoch``: (epoch + 1) / warmup, at most 1."""
         return 1.0 if self.warmup == 0 else min((epoch + 1) / self.warmup, 1.0)
 
+    def variant(self) -> str:
+        return "ls" if self.standardize else ""  # logit standardization is its own row: kd+ls
+
     def forward(self, student: Outputs, teachers: Sequence[Outputs], batch: Batch) -> dict[str, Tensor]:
         T = self.temperature
         s, t = student.logits.float(), teachers[0].logits.float()

@@ -39,6 +39,9 @@ class KD(Method):
         self.temperature = temperature
         self.standardize = standardize
 
+    def variant(self) -> str:
+        return "ls" if self.standardize else ""  # logit standardization is its own row: kd+ls
+
     def forward(self, student: Outputs, teachers: Sequence[Outputs], batch: Batch) -> dict[str, Tensor]:
         s, t = student.logits, teachers[0].logits
         if self.standardize:

@@ -386,6 +386,7 @@ def test_cli_runs_the_logit_variants_on_digits_and_tells_standardized_kd_apart(t
     kd = [r for r in ResultsStore(tmp_path).rows() if r["kind"] == "student" and r["method"] == "kd"]
     assert len(kd) == 2 and len({r["run_id"] for r in kd}) == 2
     assert sorted(json.loads(r["hparams"])["standardize"] for r in kd) == [False, True]
-    # ... and, beside the default run of the same pair, the table names the setting
+    # ... and the table names it as a method of its own (Method.variant), beside plain kd
+    assert sorted(r["method_variant"] for r in kd) == ["", "ls"]
     table = "\n".join(p.read_text() for p in (tmp_path / "report").glob("table_*.md"))
-    assert "kd[standardize=True]" in table and "kd[standardize=False]" in table
+    assert "| kd+ls |" in table and "| kd |" in table and "standardize=" not in table

@@ -109,8 +109,8 @@ def test_dry_run_estimates_time_and_trains_nothing(tmp_path, capsys):
     (["reproduce", "crd-table1", "--pairs", "resnet56:resnet8"], r"pair cifar_resnet56→cifar_resnet8 is not in suite"),
     (["reproduce", "crd-table1", "--epochs", "2", "--epochs-scale", "0.5"], r"--epochs or --epochs-scale, not both"),
     (["reproduce", "crd-tabel1"], r"unknown suite 'crd-tabel1'; did you mean 'crd-table1'\?"),
-    (["reproduce", "crd-table1", "--pairs", "resnet56:resnet20", "--methods", "kd,crd"],
-     r"unknown method 'crd'"),
+    (["reproduce", "crd-table1", "--pairs", "resnet56:resnet20", "--methods", "kd,crdd"],
+     r"unknown method 'crdd'"),
 ])
 def test_reproduce_bad_input(args, message, tmp_path, capsys):
     # --limit and a short schedule: an input that wrongly passed would still finish fast

@@ -82,8 +82,8 @@ def benchmarks(rows: pd.DataFrame) -> list[Benchmark]:
         if tr:
             same = (rows[Col.DATASET] == dataset) & (rows[Col.SCHEDULE] == schedule) & (precision == prec)
             group = with_their_teachers(group, rows[same])
-        out.append(Benchmark(dataset, str(group[Col.SCHEDULE].iloc[0]), slug,
-                             label_teacher_seeds(label_code(label_variants(group))), str(prec), str(tr)))
+        labelled = label_teacher_seeds(label_code(label_variants(label_method_variants(group))))
+        out.append(Benchmark(dataset, str(group[Col.SCHEDULE].iloc[0]), slug, labelled, str(prec), str(tr)))
     return out
 
 
@@ -116,6 +116,18 @@ def label_teacher_seeds(rows: pd.DataFrame) -> pd.DataFrame:
         model, _, seed = label.rpartition("@")
         mask = is_teacher(rows) & (rows[Col.STUDENT] == model) & (seeds == float(seed))
         rows.loc[mask, Col.STUDENT] = label
+    return rows
+
+
+def label_method_variants(rows: pd.DataFrame) -> pd.DataFrame:
+    """A method's declared variant is part of its label ('kd+ls': Method.variant()), whatever else ran."""
+    if Col.METHOD_VARIANT not in rows:
+        return rows
+    tags = rows[Col.METHOD_VARIANT].fillna("").astype(str)
+    if not (tags != "").any():
+        return rows
+    rows = rows.copy()
+    rows.loc[tags != "", Col.METHOD] = rows[Col.METHOD] + "+" + tags
     return rows
 
 

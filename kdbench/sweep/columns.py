@@ -31,6 +31,7 @@ class Col:
     TEST_SIZE = "test_size"
     PARAMS = "params"
     EXTRA_PARAMS = "extra_params"
+    METHOD_VARIANT = "method_variant"        # Method.variant(): 'ls' makes kd's table label kd+ls
     INIT_EPOCHS = "init_epochs"              # a method's init stage, trained before the schedule (AB, FT, FSP)
     HISTORY_INIT_LOSS = "history_init_loss"  # its epochs' mean loss terms (the init stage is not evaluated)
     METHOD_STATE_MB = "method_state_mb"      # the method's untrained state, e.g. CRD's memory bank

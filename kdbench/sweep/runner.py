@@ -233,6 +233,7 @@ class Runner:
                                result=result, measured=measured, peak=peak,
                                cache_build_s=[c.build_time_s for c in caches], error=error)
         row[rows.Col.TEACHER_CACHE_OFF] = self.cache_off_reason(spec, taps)
+        row[rows.Col.METHOD_VARIANT] = method.variant()
         row.update(self._transfer_columns(spec, student, data, None if error else result.test_logits))
         self.store.write(row)
         return row
