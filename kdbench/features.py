@@ -29,6 +29,10 @@ class NoSuchStage(KdbenchError):
     """A method taps a stage the model does not have."""
 
 
+class NoPreact(KdbenchError):
+    """A method taps pre-activation maps (``Taps.preact``) and the model cannot give them."""
+
+
 def resolve_stage(model: nn.Module, index: int, model_name: str = "") -> int:
     """Turn a possibly negative stage index into a non-negative one, or raise a clear error."""
     n = stage_count(model)
@@ -53,13 +57,15 @@ class FeatureCapture:
         self.model = model
         self.taps = taps
         self.name = model_name or type(model).__name__
+        self.use_intermediates = has_intermediates(model) and not force_hooks
+        # Checked first: a model that cannot give pre-activation maps is refused for that, whatever its stages.
+        if taps.preact and taps.stages and not (getattr(model, "supports_preact", False) and self.use_intermediates):
+            raise NoPreact(f"model '{self.name}' cannot give its stage maps before their final activation "
+                           "(pre-activation features, which this method taps); every CIFAR model of kdbench's zoo "
+                           "(cifar_*) can, timm's own models and the MLPs cannot; choose such a model, or another "
+                           "method")
         # User-facing index -> resolved index, so Outputs.stages is keyed the way the method asked.
         self.stages = {i: resolve_stage(model, i, self.name) for i in taps.stages}
-        self.use_intermediates = has_intermediates(model) and not force_hooks
-        if taps.preact and taps.stages and not (getattr(model, "supports_preact", False) and self.use_intermediates):
-            raise KdbenchError(f"model '{self.name}' cannot give its stage maps before their final activation "
-                               "(pre-activation features, which this method taps); kdbench's CIFAR ResNets, WRNs "
-                               "and VGGs can (their supports_preact is true); choose one of those, or another method")
         if taps.stages and not self.use_intermediates:
             self._check_hook_modules()
 

@@ -127,8 +127,9 @@ class Method(nn.Module):
     def setup(self, student: Probe, teachers: Sequence[Probe]) -> None:
         """Build trainable adapters from probed shapes. Called once, before the optimizer."""
 
-    def setup_data(self, *, train_size: int) -> None:
-        """Told the number of training images before the first step (after :meth:`setup`).
+    def setup_data(self, *, train_size: int, labels: Tensor | None = None) -> None:
+        """Told the number of training images, and their labels (None on an unlabelled transfer set),
+        before the first step (after :meth:`setup`); ``batch.index`` indexes both.
 
         A method that keeps state per training image (CRD's memory bank) allocates it here, as
         buffers: they move to the run's device with the method and are saved in its checkpoints.

@@ -115,11 +115,22 @@ def method_source(cls: type[Method]) -> str:
     """
     dist, version = _DISTRIBUTIONS.get(cls, ("", ""))
     parts = [f"{dist}=={version}"] if dist and dist != "kdbench" else []
-    try:
-        path = Path(inspect.getsourcefile(cls) or "")
-        parts.append(f"sha256:{hashlib.sha256(path.read_bytes()).hexdigest()[:16]} {path.name}")
-    except (OSError, TypeError):  # a class defined in a file that is gone, or built in memory
-        pass
+    # The class's own file, then the files of the methods it inherits from (crd_kd runs crd.py's code too).
+    files: list[Path] = []
+    for base in cls.__mro__:
+        if not (isinstance(base, type) and issubclass(base, Method)) or base is Method:
+            continue
+        try:
+            path = Path(inspect.getsourcefile(base) or "")
+        except TypeError:  # built in memory
+            continue
+        if path not in files:
+            files.append(path)
+    for path in files:
+        try:
+            parts.append(f"sha256:{hashlib.sha256(path.read_bytes()).hexdigest()[:16]} {path.name}")
+        except OSError:  # a class defined in a file that is gone
+            pass
     return " ".join(parts) or f"unknown ({cls.__module__}.{cls.__qualname__})"
 
 

@@ -22,8 +22,10 @@ __all__ = [
     "CIFAR100_MEAN",
     "CIFAR100_STD",
     "ZooModel",
+    "batch_norm_no_update",
     "init_weights",
     "build_zoo_model",
+    "run_with_preact",
     "zoo_cfg",
 ]
 
@@ -82,6 +84,30 @@ def init_weights(model: nn.Module, *, linear_std: float | None = None, linear_bi
                 nn.init.zeros_(m.bias)
 
 
+def run_with_preact(blocks: nn.Sequential, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Run a stage's blocks; the last one's ``forward_preact`` gives ``(output, pre-activation)``.
+
+    The pre-activation is what RepDistiller's ``is_last`` block returns beside its output.
+    """
+    *head, last = blocks
+    for block in head:
+        x = block(x)
+    return last.forward_preact(x)
+
+
+def batch_norm_no_update(bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
+    """``bn(x)`` without touching ``bn``'s running statistics.
+
+    Training mode normalises with the batch's statistics, evaluation mode with the running ones,
+    exactly as calling ``bn`` does; only the running-statistics update is left out, so asking for
+    a pre-activation map (WRN's, which RepDistiller gets by calling a BatchNorm a second time)
+    leaves the model's state as a plain forward pass does.
+    """
+    use_batch = bn.training or bn.running_mean is None
+    return F.batch_norm(x, None if use_batch else bn.running_mean, None if use_batch else bn.running_var,
+                        bn.weight, bn.bias, use_batch, 0.0, bn.eps)
+
+
 class ZooModel(nn.Module):
     """Base class giving a model timm's classification and feature-extraction interface.
 
@@ -89,6 +115,9 @@ class ZooModel(nn.Module):
     order of RepDistiller's ``is_feat`` list without the pooled vector), calls
     :meth:`_init_head`, and implements :meth:`_forward_stage`; it overrides :meth:`_forward_final`
     when something (a final norm, a 1x1 head conv) sits between the last stage and the pooling.
+    A model that can give its stage maps before their final activation (RepDistiller's
+    ``is_feat=True, preact=True``) sets ``supports_preact`` and implements
+    :meth:`_forward_stage_preact`; the ordinary path never runs it.
     """
 
     #: Dotted path of the classifier ``nn.Linear`` (RepDistiller's attribute name).
@@ -98,6 +127,9 @@ class ZooModel(nn.Module):
     final_is_norm: bool = False
     #: Whether the features are spatial maps (CNNs) or vectors (MLPs); vectors skip pooling.
     spatial: bool = True
+    #: Whether ``forward_intermediates(..., preact=True)`` works: :meth:`_forward_stage_preact`
+    #: gives each stage's map before its final activation, as RepDistiller's ``preact=True`` does.
+    supports_preact: bool = False
 
     feature_info: list[dict[str, Any]]
     pretrained_cfg: dict[str, Any]
@@ -127,6 +159,15 @@ class ZooModel(nn.Module):
     def _forward_final(self, x: Tensor) -> Tensor:
         """Map the last stage's output to what :meth:`forward_head` pools (default: as is)."""
         return x
+
+    def _forward_stage_preact(self, index: int, x: Tensor, input_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Run stage ``index`` as :meth:`_forward_stage` does; return ``(output, pre-activation map)``.
+
+        ``output`` is exactly :meth:`_forward_stage`'s (the next stage's input); the second map is
+        the stage feature RepDistiller's ``is_feat=True, preact=True`` returns in its place. Only
+        models with ``supports_preact`` implement it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} gives no pre-activation stage maps")
 
     # -- timm interface ----------------------------------------------------------------------
     @property
@@ -171,6 +212,7 @@ class ZooModel(nn.Module):
         stop_early: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
+        preact: bool = False,
     ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
         """Stage outputs as RepDistiller's ``is_feat`` returns them (timm semantics).
 
@@ -184,6 +226,11 @@ class ZooModel(nn.Module):
                 stage's output).
             output_fmt: only 'NCHW'.
             intermediates_only: return only the list of intermediates.
+            preact: each requested stage's map before its final activation, as RepDistiller's
+                ``is_feat=True, preact=True`` returns it (kdbench's extension of timm's
+                interface; models with ``supports_preact`` only). A stage RepDistiller returns
+                unchanged under ``preact`` (the stem) comes unchanged. ``norm`` does not apply to
+                a pre-activation map. The final map, and so the logits, are unchanged.
 
         Returns:
             ``(final, intermediates)`` where ``forward_head(final)`` gives the logits, or just the
@@ -191,12 +238,19 @@ class ZooModel(nn.Module):
         """
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        if preact and not self.supports_preact:
+            raise KdbenchError(f"{type(self).__name__} cannot give its stage maps before their final activation "
+                               "(preact=True); its supports_preact is false")
         take_indices, max_index = feature_take_indices(self.num_stages, indices)
         last = self.num_stages - 1
         stop = max_index if stop_early else last
         input_hw = (x.shape[-2], x.shape[-1])
         intermediates: list[Tensor] = []
         for i in range(stop + 1):
+            if preact and i in take_indices:
+                x, pre = self._forward_stage_preact(i, x, input_hw)
+                intermediates.append(pre)
+                continue
             x = self._forward_stage(i, x, input_hw)
             if i in take_indices:
                 use_norm = norm and self.final_is_norm and i == last

@@ -13,6 +13,8 @@ Surprises worth knowing (all kept, for checkpoint and feature compatibility):
   there is one), i.e. **not** ReLU-activated, and the 1280-channel ``conv2`` output (which is
   post-ReLU) is not a stage: it is the map that gets pooled.
 * The first group (expansion 1) still has its 1x1 expansion conv, as in RepDistiller.
+* ``preact=True`` changes nothing: RepDistiller's MobileNetV2 ignores it and returns the same maps,
+  whose stages past the stem already end without an activation (linear bottlenecks).
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ class CifarMobileNetV2(ZooModel):
     """
 
     classifier_name = "classifier.0"
+    # Its stage maps come unchanged with preact=True, as RepDistiller's forward ignores preact.
+    supports_preact = True
 
     # (expansion t, output channels c, repeats n, first stride s) at width 1.
     _SETTING = (
@@ -114,13 +118,17 @@ class CifarMobileNetV2(ZooModel):
         self._init_head(self.last_channel, num_classes, drop_rate)
         init_weights(self, linear_std=0.01)
 
-
     def _forward_stage(self, index: int, x: Tensor, input_hw: tuple[int, int]) -> Tensor:
         if index == 0:
             return self.conv1(x)
         for g in self._STAGE_GROUPS[index]:
             x = self.blocks[g](x)
         return x
+
+    def _forward_stage_preact(self, index: int, x: Tensor, input_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        # RepDistiller's MobileNetV2.forward ignores preact: its is_feat maps are the same either way.
+        x = self._forward_stage(index, x, input_hw)
+        return x, x
 
     def _forward_final(self, x: Tensor) -> Tensor:
         # The 1x1 conv to 1280 channels (+BN+ReLU) comes after the last stage, before pooling.

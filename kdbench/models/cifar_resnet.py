@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from kdbench.models.base import ZooModel, build_zoo_model, init_weights, zoo_cfg
+from kdbench.models.base import ZooModel, build_zoo_model, init_weights, run_with_preact, zoo_cfg
 
 __all__ = ["CifarResNet"]
 
@@ -32,7 +32,8 @@ class BasicBlock(nn.Module):
     """conv-bn-relu-conv-bn + shortcut, then ReLU: the output is post-activation.
 
     RepDistiller's last block of each layer returns ``(out, preact)``; ours returns only ``out``
-    so that the layer's output *is* the stage feature (forward hooks on ``layerN`` capture it).
+    so that the layer's output *is* the stage feature (forward hooks on ``layerN`` capture it),
+    and :meth:`forward_preact` returns both, for ``forward_intermediates(preact=True)``.
     """
 
     expansion = 1
@@ -48,22 +49,32 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _residual_sum(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
         # Out of place: ``x`` is the previous stage's feature, which a caller may still hold.
-        return F.relu(out + shortcut)
+        return self.bn2(self.conv2(out)) + shortcut
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self._residual_sum(x))
+
+    def forward_preact(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(output, the residual sum before the final ReLU)``: RepDistiller's ``(out, preact)``."""
+        pre = self._residual_sum(x)
+        return F.relu(pre), pre
 
 
 class CifarResNet(ZooModel):
     """RepDistiller's CIFAR ResNet: 3x3 stem, three stages of BasicBlocks, average pool, fc.
 
     Stages (``feature_info``): the stem after its ReLU (module ``relu``), then ``layer1..3``;
-    all post-activation, as RepDistiller's ``is_feat`` with ``preact=False``.
+    all post-activation, as RepDistiller's ``is_feat`` with ``preact=False``. With ``preact=True``
+    stages 1..3 are the last block's residual sum before its ReLU (``relu(preact) == stage``); the
+    stem stays post-activation, as RepDistiller returns it.
     """
 
     classifier_name = "fc"
+    supports_preact = True
 
     def __init__(
         self,
@@ -108,11 +119,16 @@ class CifarResNet(ZooModel):
         layers += [BasicBlock(self.inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-
     def _forward_stage(self, index: int, x: Tensor, input_hw: tuple[int, int]) -> Tensor:
         if index == 0:
             return self.relu(self.bn1(self.conv1(x)))
         return (self.layer1, self.layer2, self.layer3)[index - 1](x)
+
+    def _forward_stage_preact(self, index: int, x: Tensor, input_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        if index == 0:  # RepDistiller's f0 is post-ReLU with preact=True too
+            x = self._forward_stage(0, x, input_hw)
+            return x, x
+        return run_with_preact((self.layer1, self.layer2, self.layer3)[index - 1], x)
 
 
 _SMALL = (16, 16, 32, 64)

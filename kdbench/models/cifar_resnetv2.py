@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from kdbench.models.base import ZooModel, build_zoo_model, init_weights, zoo_cfg
+from kdbench.models.base import ZooModel, build_zoo_model, init_weights, run_with_preact, zoo_cfg
 
 __all__ = ["CifarBottleneckResNet"]
 
@@ -42,21 +42,31 @@ class Bottleneck(nn.Module):
                 nn.BatchNorm2d(out_planes),
             )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _residual_sum(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return F.relu(out + self.shortcut(x))
+        return self.bn3(self.conv3(out)) + self.shortcut(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self._residual_sum(x))
+
+    def forward_preact(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(output, the residual sum before the final ReLU)``: RepDistiller's ``(out, preact)``."""
+        pre = self._residual_sum(x)
+        return F.relu(pre), pre
 
 
 class CifarBottleneckResNet(ZooModel):
     """RepDistiller's ``ResNet`` with bottleneck blocks (``ResNet50``: [3, 4, 6, 3]).
 
     Stages (``feature_info``): the stem after its ReLU (module ``relu``), then ``layer1..4``, all
-    post-activation as RepDistiller's ``is_feat`` with ``preact=False``.
+    post-activation as RepDistiller's ``is_feat`` with ``preact=False``. With ``preact=True``
+    stages 1..4 are the last block's residual sum before its ReLU (``relu(preact) == stage``); the
+    stem stays post-activation, as RepDistiller returns it.
     """
 
     classifier_name = "linear"
+    supports_preact = True
 
     def __init__(
         self,
@@ -94,11 +104,16 @@ class CifarBottleneckResNet(ZooModel):
             self.in_planes = planes * Bottleneck.expansion
         return nn.Sequential(*layers)
 
-
     def _forward_stage(self, index: int, x: Tensor, input_hw: tuple[int, int]) -> Tensor:
         if index == 0:
             return self.relu(self.bn1(self.conv1(x)))
         return (self.layer1, self.layer2, self.layer3, self.layer4)[index - 1](x)
+
+    def _forward_stage_preact(self, index: int, x: Tensor, input_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        if index == 0:  # RepDistiller's f0 is post-ReLU with preact=True too
+            x = self._forward_stage(0, x, input_hw)
+            return x, x
+        return run_with_preact((self.layer1, self.layer2, self.layer3, self.layer4)[index - 1], x)
 
 
 _CFGS = {"cifar_resnet50": zoo_cfg("linear", pool_size=(4, 4))}

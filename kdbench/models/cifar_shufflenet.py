@@ -13,6 +13,11 @@ Surprises worth knowing (kept, for checkpoint and feature compatibility):
   vector comes from a 1x1 conv to 1024 channels + BN + ReLU (``conv2``/``bn2``) applied after the
   last stage, so the pooled vector is not the mean of the last stage feature (1024 vs 464
   channels). ShuffleV1 pools its last stage directly.
+* With ``preact=True`` (RepDistiller's ``is_feat=True, preact=True``) stages 1..3 are the last
+  block's map before its final ReLU. For ShuffleV1 ``relu(preact) == stage``. For ShuffleV2 it is
+  RepDistiller's ``cat([x1, bn3(conv3(...))])``: before the ReLU of the transformed half *and
+  before the channel shuffle*, so ``channel_shuffle(relu(preact), 2) == stage`` (the untouched half
+  ``x1`` is a previous block's output, never negative). The stems stay post-activation.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from kdbench.models.base import ZooModel, build_zoo_model, zoo_cfg
+from kdbench.models.base import ZooModel, build_zoo_model, run_with_preact, zoo_cfg
 
 __all__ = ["CifarShuffleNetV1", "CifarShuffleNetV2"]
 
@@ -74,24 +79,33 @@ class ShuffleV1Block(nn.Module):
         if stride == 2:
             self.shortcut = nn.Sequential(nn.AvgPool2d(3, stride=2, padding=1))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _preact(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.shuffle1(out)
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         res = self.shortcut(x)
-        out = torch.cat([out, res], 1) if self.stride == 2 else out + res
-        return F.relu(out)
+        return torch.cat([out, res], 1) if self.stride == 2 else out + res
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self._preact(x))
+
+    def forward_preact(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(output, the map before the final ReLU)``: RepDistiller's ``(out, preact)``."""
+        pre = self._preact(x)
+        return F.relu(pre), pre
 
 
 class CifarShuffleNetV1(ZooModel):
     """RepDistiller's ShuffleNet (V1) for CIFAR.
 
     Stages (``feature_info``): the stem after its ReLU (module ``relu``), then ``layer1..3``, all
-    post-activation as RepDistiller's ``is_feat`` with ``preact=False``.
+    post-activation as RepDistiller's ``is_feat`` with ``preact=False``; ``preact=True``: module
+    docstring.
     """
 
     classifier_name = "linear"
+    supports_preact = True
 
     def __init__(
         self,
@@ -133,6 +147,12 @@ class CifarShuffleNetV1(ZooModel):
             return self.relu(self.bn1(self.conv1(x)))
         return (self.layer1, self.layer2, self.layer3)[index - 1](x)
 
+    def _forward_stage_preact(self, index: int, x: Tensor, input_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        if index == 0:  # RepDistiller's f0 is post-ReLU with preact=True too
+            x = self._forward_stage(0, x, input_hw)
+            return x, x
+        return run_with_preact((self.layer1, self.layer2, self.layer3)[index - 1], x)
+
 
 # ---------------------------------------------------------------------------------------------
 # ShuffleNet V2
@@ -154,13 +174,22 @@ class ShuffleV2Block(nn.Module):
         self.bn3 = nn.BatchNorm2d(c)
         self.shuffle = ChannelShuffle(2)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _split_preact(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The untouched half and the transformed half before its ReLU."""
         c = int(x.size(1) * self.split_ratio)
         x1, x2 = x[:, :c], x[:, c:]
         out = F.relu(self.bn1(self.conv1(x2)))
         out = self.bn2(self.conv2(out))
-        out = F.relu(self.bn3(self.conv3(out)))
-        return self.shuffle(torch.cat([x1, out], 1))
+        return x1, self.bn3(self.conv3(out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1, pre = self._split_preact(x)
+        return self.shuffle(torch.cat([x1, F.relu(pre)], 1))
+
+    def forward_preact(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(output, cat([x1, pre-ReLU half]))``: RepDistiller's ``(out, preact)``, its preact unshuffled."""
+        x1, pre = self._split_preact(x)
+        return self.shuffle(torch.cat([x1, F.relu(pre)], 1)), torch.cat([x1, pre], 1)
 
 
 class ShuffleV2DownBlock(nn.Module):
@@ -196,10 +225,12 @@ class CifarShuffleNetV2(ZooModel):
     """RepDistiller's ShuffleNetV2 for CIFAR.
 
     Stages (``feature_info``): the stem after its ReLU (module ``relu``), then ``layer1..3``
-    (shuffled block outputs). The pooled map is ``head_act(bn2(conv2(layer3)))``.
+    (shuffled block outputs). The pooled map is ``head_act(bn2(conv2(layer3)))``. ``preact=True``:
+    module docstring.
     """
 
     classifier_name = "linear"
+    supports_preact = True
 
     def __init__(
         self,
@@ -240,6 +271,12 @@ class CifarShuffleNetV2(ZooModel):
         if index == 0:
             return self.relu(self.bn1(self.conv1(x)))
         return (self.layer1, self.layer2, self.layer3)[index - 1](x)
+
+    def _forward_stage_preact(self, index: int, x: Tensor, input_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        if index == 0:  # RepDistiller's f0 is post-ReLU with preact=True too
+            x = self._forward_stage(0, x, input_hw)
+            return x, x
+        return run_with_preact((self.layer1, self.layer2, self.layer3)[index - 1], x)
 
     def _forward_final(self, x: Tensor) -> Tensor:
         # 1x1 conv to 1024 channels + BN + ReLU between the last stage and the pooling.

@@ -11,6 +11,10 @@ Two RepDistiller details kept on purpose:
 * RepDistiller strips each block's last ReLU and applies it functionally; we keep it as the last
   module of the block (a ReLU has no parameters, so the keys are unchanged), which makes each
   block's output the post-activation stage feature that ``is_feat`` returns.
+
+With ``preact=True`` (RepDistiller's ``is_feat=True, preact=True``) stages 1..4 are each block's
+output before that last ReLU (``relu(preact) == stage``); the stem (``block0``) stays
+post-activation, as RepDistiller returns it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
@@ -55,6 +60,7 @@ class CifarVGG(ZooModel):
     """
 
     classifier_name = "classifier"
+    supports_preact = True
 
     def __init__(
         self,
@@ -84,7 +90,6 @@ class CifarVGG(ZooModel):
         self._init_head(cfg[4][-1], num_classes, drop_rate)
         init_weights(self, linear_std=0.01)
 
-
     def _forward_stage(self, index: int, x: Tensor, input_hw: tuple[int, int]) -> Tensor:
         if index == 0:
             return self.block0(x)
@@ -95,6 +100,21 @@ class CifarVGG(ZooModel):
         if input_hw[0] == 64:
             x = self.pool3(x)
         return self.block4(x)
+
+    def _forward_stage_preact(self, index: int, x: Tensor, input_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        if index == 0:  # RepDistiller's f0 is post-ReLU with preact=True too
+            x = self._forward_stage(0, x, input_hw)
+            return x, x
+        # The pooling before the block, as _forward_stage does it.
+        if index < 4:
+            x = (self.pool0, self.pool1, self.pool2)[index - 1](x)
+        elif input_hw[0] == 64:
+            x = self.pool3(x)
+        # The block without its last ReLU (RepDistiller's block; the ReLU it applies functionally).
+        *layers, _relu = (self.block1, self.block2, self.block3, self.block4)[index - 1]
+        for layer in layers:
+            x = layer(x)
+        return F.relu(x), x
 
 
 _CFGS = {name: zoo_cfg("classifier", pool_size=(4, 4), first_conv="block0.0") for name in _CONFIGS}

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from kdbench.models.base import ZooModel, build_zoo_model, init_weights, zoo_cfg
+from kdbench.models.base import ZooModel, batch_norm_no_update, build_zoo_model, init_weights, zoo_cfg
 
 __all__ = ["CifarWideResNet"]
 
@@ -74,11 +74,14 @@ class CifarWideResNet(ZooModel):
     """RepDistiller's WideResNet (depth 6n+4, widen factor k).
 
     Stages (``feature_info``): ``conv1`` (stem conv output), ``block1..3`` (residual sums), all
-    pre-activation exactly as RepDistiller's ``is_feat`` with ``preact=False``.
+    pre-activation exactly as RepDistiller's ``is_feat`` with ``preact=False``. With
+    ``preact=True`` stages 1..3 are normalised by the BatchNorm that follows them (module
+    docstring); the stem is unchanged, as in RepDistiller.
     """
 
     classifier_name = "fc"
     final_is_norm = True
+    supports_preact = True
 
     def __init__(
         self,
@@ -112,9 +115,16 @@ class CifarWideResNet(ZooModel):
         self._init_head(chs[3], num_classes, drop_rate)
         init_weights(self, linear_bias_zero=True)
 
-
     def _forward_stage(self, index: int, x: Tensor, input_hw: tuple[int, int]) -> Tensor:
         return (self.conv1, self.block1, self.block2, self.block3)[index](x)
+
+    def _forward_stage_preact(self, index: int, x: Tensor, input_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        x = self._forward_stage(index, x, input_hw)
+        if index == 0:  # RepDistiller's f0 (the stem conv) is the same with preact=True
+            return x, x
+        # The BatchNorm before the next ReLU: RepDistiller's get_bn_before_relu(), as its preact applies them.
+        bn = (self.block2.layer[0].bn1, self.block3.layer[0].bn1, self.bn1)[index - 1]
+        return x, batch_norm_no_update(bn, x)
 
     def _forward_final(self, x: Tensor) -> Tensor:
         # The final bn-relu turns the last (pre-activation) residual sum into the pooled map.

@@ -16,7 +16,7 @@ import torch
 from .. import distributed, zoo
 from ..data import DataSplits
 from ..errors import KdbenchError, unknown
-from ..features import NoSuchStage, probe
+from ..features import NoPreact, NoSuchStage, probe
 from ..method import Method, Probe, Taps
 from ..registry import build_method, method_source
 from ..suites import Pair, pair_label
@@ -236,7 +236,7 @@ def check_setup(method: Method, teachers: Sequence[str], student: str, data: Dat
     try:
         s = probed(student, taps, data, probes)
         ts = [probed(t, taps, data, probes) for t in teachers]
-    except NoSuchStage as exc:  # the method taps a stage one of these models lacks: not this pair
+    except (NoSuchStage, NoPreact) as exc:  # the method taps what one of these models lacks: not this pair
         raise CannotDistil(f"method '{method.name}': {exc}") from None
     except KdbenchError as exc:
         raise KdbenchError(f"method '{method.name}': {exc}") from None

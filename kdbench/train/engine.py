@@ -200,7 +200,7 @@ def train(model: nn.Module, data: DataSplits, recipe: Recipe, *, seed: int, meth
     _check_run(recipe, data, teachers, teacher_names, teacher_caches)
     init = init_epochs_for(method, recipe.epochs, recipe.full_epochs)
     if method is not None:  # before _prepare: per-image state (a memory bank) moves to the device with it
-        method.setup_data(train_size=len(data.train_labels))
+        method.setup_data(train_size=len(data.train_labels), labels=data.train_labels if labelled else None)
     _prepare(model, teachers, method, options, device)
     opt, sched = make_optimizer(trainable_parameters(model, method), recipe, init_epochs=init,
                                 init_lr_scale=method.init_lr_scale if method is not None else 1.0)
@@ -223,11 +223,7 @@ def train(model: nn.Module, data: DataSplits, recipe: Recipe, *, seed: int, meth
         if init and epoch == init:  # RepDistiller trains the schedule with a new optimizer: no init-stage momentum
             opt.state.clear()
         log = _train_epoch(step, loader, epoch, result, warm_up=epoch == first)
-        if bad := [k for k, v in log.losses.items() if not math.isfinite(v)]:
-            _stop_clock(result, start)
-            raise Diverged(f"{step.who}: loss term(s) {', '.join(bad)} became non-finite at epoch {epoch}; "
-                           "lower the learning rate or the term's weight", epoch, result)
-        _check_terms(step, method, teachers, log.losses)
+        _check_epoch(step, method, teachers, log, result, start)
         sched.step()
         if epoch < init:  # the init stage is not evaluated (RepDistiller's is not): history is the schedule's
             result.init_losses.append(log.losses)
@@ -238,15 +234,30 @@ def train(model: nn.Module, data: DataSplits, recipe: Recipe, *, seed: int, meth
                 result.stopped_epoch = log.epoch  # before the checkpoint: a resumed run knows it has stopped
         if checkpoint is not None and distributed.is_main():
             _save(checkpoint, epoch, result, start)
-        if progress is not None:
-            top1 = f"{result.last.top1:.2f}" if result.history else "init stage"
-            progress.set_postfix(loss=f"{sum(log.losses.values()):.3f}", top1=top1, refresh=False)
-            progress.update(1)
+        _show(progress, log, result)
         if result.stopped_epoch is not None:
             break
     step.check_in_sync()
     _stop_clock(result, start)
     return result
+
+
+def _check_epoch(step: TrainStep, method: Method | None, teachers: Sequence[nn.Module], log: EpochLog,
+                 result: TrainResult, start: float) -> None:
+    """Stop a run whose loss became non-finite (:class:`Diverged`) or whose method returned no terms."""
+    if bad := [k for k, v in log.losses.items() if not math.isfinite(v)]:
+        _stop_clock(result, start)
+        raise Diverged(f"{step.who}: loss term(s) {', '.join(bad)} became non-finite at epoch {log.epoch}; "
+                       "lower the learning rate or the term's weight", log.epoch, result)
+    _check_terms(step, method, teachers, log.losses)
+
+
+def _show(progress: Any | None, log: EpochLog, result: TrainResult) -> None:
+    """Advance the run's progress bar by the epoch, with its loss and test top-1."""
+    if progress is not None:
+        top1 = f"{result.last.top1:.2f}" if result.history else "init stage"
+        progress.set_postfix(loss=f"{sum(log.losses.values()):.3f}", top1=top1, refresh=False)
+        progress.update(1)
 
 
 def _split(data: DataSplits, recipe: Recipe, caches: Sequence[ViewCache]
