@@ -10,12 +10,15 @@ from torch import Tensor, nn
 
 from kdbench import distributed
 from kdbench.errors import KdbenchError
+from kdbench.files import warn
 from kdbench.losses import kd_loss
 from kdbench.method import Batch, Method, Outputs, Probe, Taps, check_temperature, check_weights
 
 #: RepDistiller's eps in ``ContrastLoss`` (crd/criterion.py).
 EPS = 1e-7
 _MASK64 = (1 << 64) - 1
+#: Where the negatives come from: RepDistiller's loader (mode 'exact') or ContrastMemory's own uniform draw.
+NEGATIVES = ("other_classes", "uniform")
 
 
 def l2_normalise(x: Tensor) -> Tensor:
@@ -49,6 +52,36 @@ def _mix(*values: int) -> int:
     return h >> 1
 
 
+def sample_positions(m: Tensor, k: int, generator: torch.Generator, *, width: int, short: bool, enough: bool,
+                     batched: bool) -> Tensor:
+    """B × ``k`` positions for the rows b of ``m``, each in 0 .. m_b − 1: a uniform ``k``-subset (without
+    replacement) where m_b ≥ ``k``, else ``k`` uniform draws with replacement (RepDistiller's ``replace = k > len``).
+
+    ``short`` and ``enough`` say whether some row may have m_b < ``k`` and some m_b ≥ ``k``; ``width`` ≥ every
+    m_b. Both are known without reading ``m`` (no host sync on a GPU). ``batched`` chooses how the subsets are
+    drawn: one B × ``width`` tensor of uniform keys, those at ≥ m_b set to +inf, and the ``k`` smallest
+    (``topk``; one kernel on a GPU), or else one ``randperm(m_b)`` per row, cut to ``k`` (about 3x faster on the
+    CPU). Each consumes ``generator`` in a fixed order: the same generator state gives the same positions.
+    """
+    rows, device = m.shape[0], m.device
+    col = m.unsqueeze(1)
+    out = None
+    if short:  # (the modulo's bias, at most m_b / 2^62, is nil)
+        out = torch.randint(0, 2**62, (rows, k), generator=generator, device=device) % col
+    if not enough:
+        return out
+    if not batched:
+        out = out if out is not None else torch.empty((rows, k), dtype=torch.long, device=device)
+        for b, mb in enumerate(m.tolist()):
+            if mb >= k:
+                out[b] = torch.randperm(mb, generator=generator, device=device)[:k]
+        return out
+    keys = torch.rand((rows, width), generator=generator, device=device)
+    keys.masked_fill_(torch.arange(width, device=device) >= col, math.inf)
+    distinct = keys.topk(k, dim=1, largest=False, sorted=True).indices
+    return distinct if out is None else torch.where(col >= k, distinct, out)
+
+
 def _pooled_dim(probe: Probe, role: str) -> int:
     if probe.pooled is None:
         raise ValueError(f"crd needs the {role}'s pooled pre-logit vector, and {probe.model} has none")
@@ -59,6 +92,50 @@ def _positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     return value
+
+
+class _Classes:
+    """The training images grouped by class, for drawing each sample's negatives from the other classes.
+
+    ``order`` lists the training positions class by class (stably); image i's class fills ``order``'s
+    positions ``start[i]`` .. ``start[i] + count[i] − 1``, so its candidates are the N − count[i] others.
+    """
+
+    def __init__(self, order: Tensor, start: Tensor, count: Tensor, *, short: bool, enough: bool, width: int) -> None:
+        self.order, self.start, self.count = order, start, count
+        self.short, self.enough, self.width = short, enough, width
+
+    @classmethod
+    def of(cls, labels: Tensor, train_size: int, k: int) -> _Classes:
+        if not isinstance(labels, Tensor) or labels.shape != (train_size,) or labels.is_floating_point() \
+                or labels.is_complex() or labels.dtype == torch.bool:
+            raise KdbenchError(f"crd: the training labels must be {train_size} integer class labels (one per "
+                               f"training image), got {getattr(labels, 'dtype', type(labels).__name__)} of shape "
+                               f"{tuple(getattr(labels, 'shape', ()))}")
+        _, cls_of, counts = torch.unique(labels.detach().long().cpu(), return_inverse=True, return_counts=True)
+        if counts.numel() < 2:
+            raise KdbenchError("crd: negatives='other_classes' draws each sample's negatives from the images of the "
+                               "other classes, and every training image has the same label; use --set "
+                               "crd.negatives=uniform (any other image) or a training set with several classes")
+        candidates = train_size - counts  # per class
+        order = torch.argsort(cls_of, stable=True)
+        start = (torch.cumsum(counts, 0) - counts)[cls_of]
+        return cls(order, start, counts[cls_of], short=bool((candidates < k).any()),
+                   enough=bool((candidates >= k).any()), width=int(candidates.max()))
+
+    def to(self, device: torch.device) -> _Classes:
+        if self.order.device != device:
+            self.order, self.start, self.count = (t.to(device) for t in (self.order, self.start, self.count))
+        return self
+
+    def draw(self, index: Tensor, k: int, gen: torch.Generator) -> Tensor:
+        self.to(gen.device)
+        i = index.to(gen.device)
+        start, count = self.start[i].unsqueeze(1), self.count[i].unsqueeze(1)
+        j = sample_positions(self.order.numel() - count.squeeze(1), k, gen, width=self.width, short=self.short,
+                             enough=self.enough, batched=gen.device.type != "cpu")
+        pos = torch.where(j >= start, j + count, j)  # past the sample's own class's block
+        return self.order.index_select(0, pos.flatten()).view_as(pos).to(index.device)
 
 
 class CRD(Method):
@@ -83,15 +160,20 @@ class CRD(Method):
     positives' rows of both banks move to momentum · row + (1 − momentum) · embedding and are
     L2-normalised (no gradient).
 
-    Negatives are drawn uniformly with replacement from the N − 1 other training images (never the
-    sample itself; :meth:`draw_negatives`), by a generator of the method's own that each draw
-    reseeds from (a seed drawn from torch's global RNG in :meth:`setup_data`, the number of draws so
-    far, the DDP rank). Both numbers are saved with the method's ``state_dict``, so a resumed run
-    draws what the uninterrupted one did. This is ``ContrastMemory``'s own uniform draw (its
-    ``AliasMethod`` over equal weights) without the sample's own index; RepDistiller's CIFAR-100
-    loader (``dataset/cifar100.py``, ``CIFAR100InstanceSample``, mode ``exact``) instead hands it
-    negatives drawn from the images of the other classes (without replacement when there are at
-    least ``nce_k`` of them).
+    Negatives (:meth:`draw_negatives`): with ``negatives="other_classes"``, the default, as the benchmark
+    draws them: ``train_student.py`` loads CRD's data with ``get_cifar100_dataloaders_sample(k=nce_k,
+    mode='exact')``, whose ``CIFAR100InstanceSample`` (``dataset/cifar100.py``) gives each sample its own
+    index as the positive and ``nce_k`` negatives from the images of the other classes, without
+    replacement when there are at least ``nce_k`` of them, with replacement otherwise. Those classes are
+    the training labels :meth:`setup_data` is given; without them (an unlabelled transfer set) the draw
+    falls back to ``"uniform"``, with a warning. ``negatives="uniform"`` draws uniformly with replacement
+    from the N − 1 other training images (never the sample itself): ``ContrastMemory``'s own draw (its
+    ``AliasMethod`` over equal weights) without the sample's index. The noise distribution in the loss
+    stays the uniform 1/N either way, as in RepDistiller. The draw is made by a generator of the
+    method's own that each draw reseeds from (a seed drawn from torch's global RNG in
+    :meth:`setup_data`, the number of draws so far, the DDP rank). Both numbers are saved with the
+    method's ``state_dict``, so a resumed run draws what the uninterrupted one did; the labels are not
+    saved (:meth:`setup_data` is given them again on resume).
 
     The banks and Z are buffers: they move with the method, are saved in its checkpoints, and are
     counted in :meth:`state_bytes` (2 · N · feat_dim · 4 bytes). Limitation under DDP: DDP
@@ -105,7 +187,7 @@ class CRD(Method):
 
     def __init__(self, *, ce_weight: float = 1.0, crd_weight: float = 0.8, kd_weight: float = 0.0,
                  temperature: float = 4.0, feat_dim: int = 128, nce_k: int = 16384, nce_t: float = 0.07,
-                 nce_m: float = 0.5) -> None:
+                 nce_m: float = 0.5, negatives: str = "other_classes") -> None:
         super().__init__(ce_weight=ce_weight)
         check_weights(crd_weight=crd_weight, kd_weight=kd_weight)
         check_temperature(temperature)
@@ -115,6 +197,9 @@ class CRD(Method):
             raise ValueError(f"nce_t (the contrast temperature) must be > 0, got {nce_t}")
         if not 0 <= nce_m < 1:
             raise ValueError(f"nce_m (the memory banks' momentum) must be in [0, 1), got {nce_m}")
+        if negatives not in NEGATIVES:
+            raise ValueError(f"negatives must be one of {', '.join(map(repr, NEGATIVES))} (the images of the other "
+                             f"classes, as RepDistiller's loader draws them; or any other image), got {negatives!r}")
         self.crd_weight = crd_weight
         self.kd_weight = kd_weight
         self.temperature = temperature
@@ -122,6 +207,7 @@ class CRD(Method):
         self.nce_k = nce_k
         self.nce_t = nce_t
         self.nce_m = nce_m
+        self.negatives = negatives
         # Built in setup() from the probed pooled sizes.
         self.embed_s: nn.Linear | None = None
         self.embed_t: nn.Linear | None = None
@@ -132,6 +218,9 @@ class CRD(Method):
         self._seed: int | None = None
         self._draws = 0
         self._generator: torch.Generator | None = None
+        # From setup_data()'s labels, for negatives="other_classes" (None: the uniform draw); not saved.
+        self._classes: _Classes | None = None
+        self._warned = False
 
     def taps(self) -> Taps:
         return Taps(pooled=True)
@@ -144,11 +233,23 @@ class CRD(Method):
         """Allocate the two N × feat_dim banks (RepDistiller's initialisation) and Z, and seed the sampler.
 
         One seed is drawn from torch's global RNG: it initialises the banks (through a CPU
-        generator, so they are the same on every device) and seeds the negatives' sampler.
+        generator, so they are the same on every device) and seeds the negatives' sampler. With
+        ``negatives="other_classes"``, ``labels`` (the N training labels) decide which images are each
+        sample's candidates; None (an unlabelled set) falls back to the uniform draw, with a warning.
         """
         if isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 2:
             raise KdbenchError(f"crd needs at least 2 training images (its negatives are the other images), "
                                f"got train_size={train_size!r}")
+        self._classes = None
+        if self.negatives == "other_classes":
+            if labels is None:
+                if not self._warned:
+                    warn("crd: negatives='other_classes' draws each sample's negatives from the images of the other "
+                         "classes, and this training set has no labels (an unlabelled transfer set): drawing them "
+                         "uniformly from all the other images instead, as negatives='uniform' does")
+                    self._warned = True
+            else:
+                self._classes = _Classes.of(labels, train_size, self.nce_k)
         seed = int(torch.randint(0, 2**62, ()).item())
         init = torch.Generator().manual_seed(seed)
         stdv = 1.0 / math.sqrt(self.feat_dim / 3)
@@ -186,13 +287,20 @@ class CRD(Method):
 
     @torch.compiler.disable  # a generator draw: kept out of torch.compile's graph
     def draw_negatives(self, index: Tensor) -> Tensor:
-        """``nce_k`` negatives for each sample, B × nce_k training-set positions, uniform with replacement
-        over the N − 1 images other than the sample itself (drawn from 0..N−2, then shifted past it).
+        """``nce_k`` negatives for each sample, B × nce_k training-set positions.
+
+        ``"uniform"`` (or no labels): uniform with replacement over the N − 1 images other than the
+        sample itself (drawn from 0..N−2, then shifted past it). ``"other_classes"``: from the M images
+        of the other classes, a uniform subset where M ≥ nce_k, else uniform with replacement. They are
+        drawn as positions 0..M−1 in the list of training images ordered by class with the sample's own
+        class left out (:func:`sample_positions`), then shifted past that class's block and looked up.
 
         Tests may replace this method on an instance to inject fixed negatives.
         """
         gen = self._sampler()
         self._draws += 1
+        if self._classes is not None:
+            return self._classes.draw(index, self.nce_k, gen)
         n = self.memory_s.shape[0]
         r = torch.randint(0, n - 1, (index.shape[0], self.nce_k), generator=gen, device=gen.device)
         r = r.to(index.device)

@@ -15,6 +15,7 @@ import test_resume
 from kdbench.errors import KdbenchError
 from kdbench.method import Batch, Outputs, Probe
 from kdbench.registry import build_method
+from kdbench_methods import crd as crd_module
 from kdbench_methods.crd import CRD
 from kdbench_methods.crd_kd import CRDKD
 
@@ -22,11 +23,12 @@ EPS = 1e-7
 N, K, B, D = 12, 6, 4, 5  # training images, negatives, batch, embedding size of the small cases
 
 
-def small(cls=CRD, n: int = N, **overrides) -> CRD:
-    """A method with 7-d student and 9-d teacher pooled vectors, its banks allocated for ``n`` images."""
+def small(cls=CRD, n: int = N, labels: torch.Tensor | None = None, **overrides) -> CRD:
+    """A method with 7-d student and 9-d teacher pooled vectors, its banks allocated for ``n`` images
+    (with ``labels`` its training labels; without, the negatives are drawn uniformly)."""
     m = build_method(cls, {"feat_dim": D, "nce_k": K, **overrides})
     m.setup(Probe("s", 5, {}, (7,)), [Probe("t", 5, {}, (9,))])
-    m.setup_data(train_size=n)
+    m.setup_data(train_size=n, labels=labels)
     return m
 
 
@@ -83,7 +85,8 @@ def fixed_negatives(index: list[int], seed: int) -> torch.Tensor:
 # -- defaults and contract ------------------------------------------------------------------
 def test_defaults_are_the_benchmarks():
     assert build_method(CRD).config() == {"ce_weight": 1.0, "crd_weight": 0.8, "kd_weight": 0.0, "temperature": 4.0,
-                                          "feat_dim": 128, "nce_k": 16384, "nce_t": 0.07, "nce_m": 0.5}
+                                          "feat_dim": 128, "nce_k": 16384, "nce_t": 0.07, "nce_m": 0.5,
+                                          "negatives": "other_classes"}
     # CRD+KD: run_cifar_distill.sh's `--distill crd -a 1 -b 0.8` (-r 1 by default), kd_T 4
     assert build_method(CRDKD).config() == {**build_method(CRD).config(), "kd_weight": 1.0}
     assert CRD.name == "crd" and CRDKD.name == "crd_kd" and issubclass(CRDKD, CRD)
@@ -171,7 +174,7 @@ def test_bank_rows_move_by_momentum_and_are_normalised():
 
 # -- the negatives -------------------------------------------------------------------------
 def test_a_sample_is_never_its_own_negative_and_draws_are_uniform():
-    m = small(n=5, nce_k=400)
+    m = small(n=5, nce_k=400, negatives="uniform")
     index = torch.arange(5)
     counts = torch.zeros(5, 5)
     for _ in range(30):
@@ -185,11 +188,13 @@ def test_a_sample_is_never_its_own_negative_and_draws_are_uniform():
     assert off.min() > 0.85 * 3000 and off.max() < 1.15 * 3000  # 12000 draws per sample over 4 others
 
 
-def test_draws_are_deterministic_and_their_state_travels_in_the_state_dict():
+@pytest.mark.parametrize("negatives", ["other_classes", "uniform"])
+def test_draws_are_deterministic_and_their_state_travels_in_the_state_dict(negatives):
+    labels = torch.arange(50) % 3
     torch.manual_seed(7)
-    a = small(n=50, nce_k=32)
+    a = small(n=50, nce_k=32, labels=labels, negatives=negatives)
     torch.manual_seed(7)
-    b = small(n=50, nce_k=32)
+    b = small(n=50, nce_k=32, labels=labels, negatives=negatives)
     index = torch.tensor([4, 8, 15])
     assert torch.equal(a.draw_negatives(index), b.draw_negatives(index))
     first = a.draw_negatives(index)
@@ -197,9 +202,132 @@ def test_draws_are_deterministic_and_their_state_travels_in_the_state_dict():
     saved = {k: v.clone() for k, v in a.state_dict().items()}
     expected = [a.draw_negatives(index) for _ in range(3)]
     torch.manual_seed(99)  # another global seed: only the saved state may decide what comes next
-    c = small(n=50, nce_k=32)
+    c = small(n=50, nce_k=32, labels=labels, negatives=negatives)
     c.load_state_dict(saved)
     assert all(torch.equal(e, c.draw_negatives(index)) for e in expected)
+
+
+def _batched(monkeypatch) -> None:
+    """Draw the other classes' subsets as on a GPU (random keys and topk) here on the CPU."""
+    plain = crd_module.sample_positions
+    monkeypatch.setattr(crd_module, "sample_positions", lambda *a, **kw: plain(*a, **{**kw, "batched": True}))
+
+
+def _check_other_classes(neg: torch.Tensor, index: torch.Tensor, labels: torch.Tensor, k: int) -> None:
+    assert neg.shape == (len(index), k) and neg.dtype == torch.long
+    assert ((neg >= 0) & (neg < len(labels))).all()
+    assert not (neg == index.unsqueeze(1)).any()
+    assert not (labels[neg] == labels[index].unsqueeze(1)).any()  # never an image of the sample's own class
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["cpu-randperm", "topk"])
+def test_other_classes_are_drawn_without_replacement_when_there_are_enough(batched, monkeypatch):
+    if batched:
+        _batched(monkeypatch)
+    torch.manual_seed(0)
+    labels = torch.arange(30) % 3  # 3 classes of 10: 20 candidates per sample, 15 of them drawn
+    m = small(n=30, nce_k=15, labels=labels)
+    index = torch.arange(30)
+    counts = torch.zeros(30, 30)
+    for _ in range(400):
+        neg = m.draw_negatives(index)
+        _check_other_classes(neg, index, labels, 15)
+        assert all(len(set(row)) == 15 for row in neg.tolist())  # no duplicates in a row
+        counts += torch.nn.functional.one_hot(neg, 30).sum(1)
+    other = labels.unsqueeze(1) != labels.unsqueeze(0)
+    assert (counts[~other] == 0).all()
+    # each candidate is drawn with probability 15/20 per draw: 300 of 400 draws (sd 8.7)
+    assert counts[other].min() > 0.85 * 300 and counts[other].max() < 1.15 * 300
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["cpu-randperm", "topk"])
+def test_other_classes_are_drawn_with_replacement_when_too_few(batched, monkeypatch):
+    if batched:
+        _batched(monkeypatch)
+    torch.manual_seed(0)
+    labels = torch.arange(30) % 3  # 20 candidates per sample, 40 negatives wanted
+    m = small(n=30, nce_k=40, labels=labels)
+    index = torch.tensor([0, 4, 8, 29, 0])
+    counts = torch.zeros(5, 30)
+    for _ in range(400):
+        neg = m.draw_negatives(index)
+        _check_other_classes(neg, index, labels, 40)
+        counts += torch.nn.functional.one_hot(neg, 30).sum(1)
+    other = labels[index].unsqueeze(1) != labels.unsqueeze(0)
+    assert (counts[~other] == 0).all()
+    assert counts[other].min() > 0.85 * 800 and counts[other].max() < 1.15 * 800  # 16000 over 20 (sd 28)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["cpu-randperm", "topk"])
+def test_unequal_classes_draw_with_and_without_replacement_in_one_batch(batched, monkeypatch):
+    if batched:
+        _batched(monkeypatch)
+    labels = torch.tensor([0] * 2 + [1] * 8 + [2] * 20)[torch.randperm(30, generator=torch.Generator().manual_seed(0))]
+    m = small(n=30, nce_k=15, labels=labels)  # candidates: 28, 22 (enough), 10 (too few)
+    index = torch.arange(30)
+    for _ in range(20):
+        neg = m.draw_negatives(index)
+        _check_other_classes(neg, index, labels, 15)
+        for row, label in zip(neg.tolist(), labels.tolist()):
+            if label != 2:
+                assert len(set(row)) == 15
+            else:
+                assert set(row) <= set(torch.nonzero(labels != 2).flatten().tolist())
+
+
+def test_sample_positions_covers_every_position_of_each_row():
+    g = torch.Generator().manual_seed(0)
+    m = torch.tensor([5, 9, 3, 12])
+    for batched in (False, True):
+        j = crd_module.sample_positions(m, 5, g, width=12, short=True, enough=True, batched=batched)
+        assert j.shape == (4, 5) and ((j >= 0) & (j < m.unsqueeze(1))).all()
+        assert sorted(j[0].tolist()) == [0, 1, 2, 3, 4]  # all 5 of 5
+        assert len(set(j[1].tolist())) == len(set(j[3].tolist())) == 5
+        # an exhaustive draw is a permutation
+        full = crd_module.sample_positions(torch.tensor([7, 7]), 7, g, width=7, short=False, enough=True,
+                                           batched=batched)
+        assert all(sorted(row) == list(range(7)) for row in full.tolist())
+
+
+def test_uniform_ignores_the_labels():
+    labels = torch.arange(20) % 2
+    torch.manual_seed(5)
+    a = small(n=20, nce_k=30, labels=labels, negatives="uniform")
+    torch.manual_seed(5)
+    b = small(n=20, nce_k=30, negatives="uniform")
+    index = torch.tensor([0, 3, 19])
+    neg = a.draw_negatives(index)
+    assert torch.equal(neg, b.draw_negatives(index))
+    assert (labels[neg] == labels[index].unsqueeze(1)).any()  # its own class's images are negatives too
+
+
+def test_without_labels_other_classes_falls_back_to_uniform_and_says_so_once(capsys):
+    torch.manual_seed(5)
+    a = small(n=20, nce_k=30)
+    a.setup_data(train_size=20)  # again: no second warning
+    warned = capsys.readouterr().err
+    assert warned.count("kdbench: warning: crd: negatives='other_classes'") == 1 and "uniform" in warned
+    assert a.negatives == "other_classes" and a.config()["negatives"] == "other_classes"
+    torch.manual_seed(5)
+    a = small(n=20, nce_k=30)  # a new instance: a new warning
+    assert capsys.readouterr().err.count("warning") == 1
+    torch.manual_seed(5)
+    b = small(n=20, nce_k=30, negatives="uniform")
+    index = torch.tensor([2, 7])
+    assert torch.equal(a.draw_negatives(index), b.draw_negatives(index))
+    assert capsys.readouterr().err == ""
+    small(n=20, labels=torch.arange(20) % 2)  # with labels: nothing to say
+    assert capsys.readouterr().err == ""
+
+
+def test_bad_labels_are_clear_errors():
+    with pytest.raises(KdbenchError, match="integer class labels"):
+        small(n=20, labels=torch.arange(19) % 2)
+    with pytest.raises(KdbenchError, match="integer class labels"):
+        small(n=20, labels=(torch.arange(20) % 2).float())
+    with pytest.raises(KdbenchError, match=r"same label.*crd\.negatives=uniform"):
+        small(n=20, labels=torch.zeros(20, dtype=torch.long))
+    small(n=20, labels=torch.zeros(20, dtype=torch.long), negatives="uniform")  # any other image will do
 
 
 # -- gradients -----------------------------------------------------------------------------
@@ -274,7 +402,7 @@ def test_compiled_forward_gives_the_eager_losses_gradients_and_banks():
 @pytest.mark.parametrize("overrides", [
     {"crd_weight": -1.0}, {"kd_weight": float("nan")}, {"ce_weight": -0.5}, {"temperature": 0.0},
     {"feat_dim": 0}, {"nce_k": 0}, {"nce_k": 2.5}, {"nce_t": 0.0}, {"nce_t": float("nan")}, {"nce_m": 1.0},
-    {"nce_m": -0.1},
+    {"nce_m": -0.1}, {"negatives": "relax"}, {"negatives": "exact"},
 ])
 @pytest.mark.parametrize("cls", [CRD, CRDKD])
 def test_out_of_range_hyperparameters_are_refused(cls, overrides):
@@ -300,10 +428,12 @@ def test_missing_index_or_banks_are_clear_errors():
 
 
 # -- end to end ----------------------------------------------------------------------------
-def test_resume_is_bitwise_equal_on_cpu(tmp_path, monkeypatch):
+@pytest.mark.parametrize("negatives", ["other_classes", "uniform"])
+def test_resume_is_bitwise_equal_on_cpu(tmp_path, monkeypatch, negatives):
     """Interrupted after its first epoch and resumed, a crd run ends with the uninterrupted run's weights,
     history, banks, Z and sampler state (test_resume's runs, 4 digits epochs)."""
-    monkeypatch.setattr(test_resume, "load_methods", lambda: {"crd": functools.partial(CRD, nce_k=64)})
+    monkeypatch.setattr(test_resume, "load_methods",
+                        lambda: {"crd": functools.partial(CRD, nce_k=64, negatives=negatives)})
     data = test_resume.load_dataset("digits", limit=160)
     ref_model, ref_method, ref = test_resume._train(data, "crd", None)
     state = tmp_path / "checkpoint.pt"
@@ -313,6 +443,7 @@ def test_resume_is_bitwise_equal_on_cpu(tmp_path, monkeypatch):
     assert saved["next_epoch"] == 1 and {"memory_s", "memory_t", "z", "_extra_state"} <= set(saved["method"])
     model, method, res = test_resume._train(data, "crd", state)
     assert res.resumed_from == 1
+    assert (method._classes is not None) == (negatives == "other_classes")  # the engine gave it the labels
     assert [h.losses for h in res.history] == [h.losses for h in ref.history]
     assert all(math.isfinite(v) for h in res.history for v in h.losses.values())
     assert [h.top1 for h in res.history] == [h.top1 for h in ref.history]
