@@ -357,8 +357,8 @@ def golden_values() -> dict[str, dict[str, float]]:
     """Each method's terms on fixed outputs; a method with an init stage also its init terms ('init.<term>').
 
     A method that needs the teacher's channel counts equal to the student's at every stage (FSP's matrices) gets
-    teacher maps with the student's channels; a method with per-image state is told the batch is the first
-    images of a training set of 6 (``batch.index``)."""
+    teacher maps with the student's channels; a method with per-image state is told the batch is a training set
+    of 6 images in 3 classes (``batch.index``; CRD draws its negatives from the other classes)."""
     values = {}
     for name in sorted(METHODS):
         cls = METHODS[name]
@@ -375,7 +375,7 @@ def golden_values() -> dict[str, dict[str, float]]:
             torch.manual_seed(0)
             m = build_method(cls)
             m.setup(s_probe, t_probes)
-        m.setup_data(train_size=len(batch.images))
+        m.setup_data(train_size=len(batch.images), labels=torch.arange(len(batch.images)) % 3)
         batch = replace(batch, index=torch.arange(len(batch.images)))
         values[name] = {k: round(v.item(), 6) for k, v in m(s, ts, batch).items()}
         if m.init_epochs:
