@@ -168,3 +168,14 @@ def test_a_method_that_fits_no_pair_is_an_error_only_when_named(tmp_path, capsys
     out = capsys.readouterr().out
     assert "left out: method 'kd' takes 1 teacher; pair cifar_resnet8+cifar_resnet14→cifar_resnet8 has 2" in out
     assert not results.exists()
+
+
+def test_readme_methods_table_lists_every_registered_method():
+    """The README's methods table is written by hand: it must name every built-in method, and nothing else."""
+    from kdbench.registry import load_methods
+
+    text = (REPO / "README.md").read_text()
+    table = text.split("<!-- methods-table -->")[1].split("<!-- /methods-table -->")[0]
+    listed = re.findall(r"^\| `([a-z0-9_]+)` \|", table, flags=re.M)
+    assert len(listed) == len(set(listed)), listed
+    assert set(listed) == set(load_methods()), set(listed) ^ set(load_methods())
