@@ -58,6 +58,9 @@ class Pair:
     transfer: TransferSet = TransferSet()
     #: Bias adjustments its student runs report (kdbench.bias); an evaluation option.
     bias: Bias = Bias()
+    #: Names this entry apart when a suite lists one pair more than once with other hyperparameters
+    #: (e.g. "ls": the same methods with logit standardization); part of ``label``, not of any run id.
+    tag: str = ""
 
     def __post_init__(self) -> None:
         if not self.teacher_seeds:
@@ -69,9 +72,14 @@ class Pair:
 
     @property
     def label(self) -> str:
-        """'a+b→s', with its transfer set named: 'a→s (transfer: without 3)'."""
+        """'a+b→s', with its transfer set named: 'a→s (transfer: without 3)', and its tag: 'a→s [ls]'.
+
+        Hyperparameters are looked up by this label, so two entries of one pair with different
+        hyperparameters need different labels (:func:`_check_repeated_pairs`).
+        """
         label = pair_label(self.teacher_labels, self.student)
-        return label + (f" (transfer: {self.transfer.label})" if not self.transfer.empty else "")
+        label += f" (transfer: {self.transfer.label})" if not self.transfer.empty else ""
+        return label + (f" [{self.tag}]" if self.tag else "")
 
     @classmethod
     def parse(cls, text: str) -> Pair:
@@ -184,12 +192,13 @@ def _expect(value: Any, kind: type | tuple[type, ...], what: str, where: str) ->
 
 def _pair_item(item: Any, where: str) -> Pair:
     """A pairs entry: "T:S", or a table { pair = "T:S", methods = [...], hparams = {...}, transfer = {...},
-    bias = ... } with this pair's own methods, hyperparameters, transfer set and bias adjustment."""
+    bias = ..., tag = "..." } with this pair's own methods, hyperparameters, transfer set, bias adjustment
+    and a tag naming the entry apart from another entry of the same pair."""
     try:
         if isinstance(item, str):
             return Pair.parse(item)
         _expect(item, dict, "pairs item", where)
-        _check_keys(item, {"pair", "methods", "hparams", "transfer", "bias"}, f"{where} pairs item")
+        _check_keys(item, {"pair", "methods", "hparams", "transfer", "bias", "tag"}, f"{where} pairs item")
         pair = Pair.parse(_expect(item.get("pair", ""), str, "pair", where))
     except KdbenchError as exc:
         raise KdbenchError(f"{where}: {exc}" if where not in str(exc) else str(exc)) from None
@@ -199,7 +208,22 @@ def _pair_item(item: Any, where: str) -> Pair:
     at = f"{where} pair {pair.label}"
     transfer = TransferSet.from_table(item["transfer"], at) if "transfer" in item else TransferSet()
     bias = Bias.parse(item["bias"], at) if "bias" in item else Bias()
-    return Pair(pair.teachers, pair.student, pair.teacher_seeds, methods, hparams, transfer, bias)
+    tag = _expect(item.get("tag", ""), str, "tag", at).strip()
+    if "tag" in item and (not tag or any(c in tag for c in "[]") or not tag.isprintable()):
+        raise KdbenchError(f"{at}: tag {item['tag']!r} must be a short printable name without brackets, "
+                           "e.g. tag = \"ls\"")
+    return Pair(pair.teachers, pair.student, pair.teacher_seeds, methods, hparams, transfer, bias, tag)
+
+
+def _check_repeated_pairs(pairs: Sequence[Pair], where: str) -> None:
+    """Entries of one pair (same label) must not differ in hyperparameters: runs look them up by the
+    label, so one entry's would silently apply to the other's runs. A ``tag`` tells them apart."""
+    seen: dict[str, Pair] = {}
+    for pair in pairs:
+        first = seen.setdefault(pair.label, pair)
+        if first is not pair and dict(first.hparams) != dict(pair.hparams):
+            raise KdbenchError(f"{where}: pair {pair.label} is listed twice with different hparams; give each "
+                               "entry its own tag (e.g. tag = \"ls\") so that each keeps its own, or merge them")
 
 
 def _published_file(name: str, suite_path: Path, where: str) -> Path:
@@ -271,6 +295,7 @@ def parse_suite(data: Mapping[str, Any], path: Path) -> Suite:
     pairs = tuple(_pair_item(p, where) for p in _expect(data["pairs"], list, "pairs", where))
     if not pairs:
         raise KdbenchError(f"{where}: 'pairs' is empty; list at least one \"TEACHER:STUDENT\"")
+    _check_repeated_pairs(pairs, where)
     seeds = tuple(check_seed(_expect(s, int, "seeds item", where), f"{where} seeds")
                   for s in _expect(data.get("seeds", [0]), list, "seeds", where))
     hparams = _expect(data.get("hparams", {}), dict, "hparams", where)

@@ -85,24 +85,43 @@ def _normalised(rows: pd.DataFrame) -> pd.DataFrame:
                            "as returned by kdbench.report.load_rows")
     rows = rows.copy()
     # Rows written before a column existed: no teachers, full schedule, real data.
-    defaults = {Col.TEACHERS: "", Col.SCHEDULE: "", Col.SHORTENED: False, Col.REAL_DATA: True, Col.TRANSFER: ""}
+    # No method_variant: no variant (rows from before the column existed, or methods that declare none).
+    defaults = {Col.TEACHERS: "", Col.SCHEDULE: "", Col.SHORTENED: False, Col.REAL_DATA: True, Col.TRANSFER: "",
+                Col.METHOD_VARIANT: ""}
     for col, default in defaults.items():
         rows[col] = rows[col].where(rows[col].notna(), default) if col in rows else default
     for col, kind in ((Col.TEACHERS, str), (Col.SCHEDULE, str), (Col.SHORTENED, bool), (Col.REAL_DATA, bool),
-                      (Col.TRANSFER, str)):
+                      (Col.TRANSFER, str), (Col.METHOD_VARIANT, str)):
         rows[col] = rows[col].astype(kind)
     return rows
 
 
+def method_and_variant(method: str) -> tuple[str, str]:
+    """A cell's method as (kdbench method, variant tag): 'kd+ls' -> ('kd', 'ls'), 'kd' -> ('kd', '').
+
+    The tag is what ``Method.variant()`` returns for the runs (their ``method_variant`` column), so
+    tables label them 'kd+ls'; a suite maps a paper's name to such a label in ``method_names``.
+    """
+    base, _, variant = method.partition("+")
+    return base, variant
+
+
 def matching_rows(rows: pd.DataFrame, cell: Cell) -> pd.DataFrame:
-    """The runs a cell is compared with (a teacher or ce run may serve several pairs' cells)."""
+    """The runs a cell is compared with (a teacher or ce run may serve several pairs' cells).
+
+    A cell of 'kd+ls' matches kd runs whose ``method_variant`` is 'ls'; a cell of plain 'kd' only kd
+    runs without a variant (rows without the column have none).
+    """
     teacher = rows[Col.KIND] == TEACHER
     if cell.method == TEACHER:
         if len(cell.teachers) != 1:
             raise KdbenchError(f"the teacher cell of {cell.pair} ({cell.source}) names "
                                f"{len(cell.teachers)} teachers; give one cell per teacher")
         return rows[teacher & (rows[Col.STUDENT] == cell.teachers[0])]
-    mask = ~teacher & (rows[Col.METHOD] == cell.method) & (rows[Col.STUDENT] == cell.student)
+    method, variant = method_and_variant(cell.method)
+    variants = (rows[Col.METHOD_VARIANT].where(rows[Col.METHOD_VARIANT].notna(), "").astype(str)
+                if Col.METHOD_VARIANT in rows else pd.Series("", index=rows.index))
+    mask = ~teacher & (rows[Col.METHOD] == method) & (variants == variant) & (rows[Col.STUDENT] == cell.student)
     if cell.method != BASELINE:  # ce runs serve every pair with their student
         mask &= rows[Col.TEACHERS] == "+".join(cell.teachers)
     return rows[mask & (rows[Col.TRANSFER] == cell.transfer)]
@@ -280,4 +299,5 @@ def write_reproduction(table: pd.DataFrame, out_dir: Path, *, suite: str, title:
     return [md, csv] + ([png] if png is not None else [])
 
 
-__all__ = ["COLUMNS", "Cell", "check_ordering", "compare", "matching_rows", "write_reproduction"]
+__all__ = ["COLUMNS", "Cell", "check_ordering", "compare", "matching_rows", "method_and_variant",
+           "write_reproduction"]
