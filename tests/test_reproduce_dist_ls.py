@@ -16,7 +16,8 @@ from kdbench.errors import KdbenchError
 from kdbench.models.crd_names import timm_name
 from kdbench.report import Cell, compare, load_rows
 from kdbench.report.reproduce import matching_rows, method_and_variant
-from kdbench.suites import Tolerance, get_suite, load_suite_file, read_published
+from kdbench.published_csv import read_published
+from kdbench.suites import Tolerance, get_suite, load_suite_file
 
 PUBLISHED = REPO / "benchmarks" / "suites" / "published"
 FAST = ["--synthetic", "--epochs", "1", "--seeds", "0", "--limit", "64", "--throughput-batch", "4", "-q"]

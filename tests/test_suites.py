@@ -24,8 +24,8 @@ from kdbench.suites import (
     builtin_dir,
     builtin_names,
     get_suite,
-    read_published,
 )
+from kdbench.published_csv import read_published
 from kdbench.sweep import HParams, Request, Sweep
 from kdbench.sweep.hparams import parse_table
 from kdbench.train import apply_max_norm, train
@@ -48,8 +48,8 @@ def pairs_of(rows: list[dict[str, str]]) -> set[tuple[tuple[str, ...], str]]:
 
 def test_builtin_suites_are_the_installed_files():
     assert builtin_dir().resolve() == SUITES_DIR.resolve()
-    assert builtin_names() == ["crd-table1", "crd-table2", "digits", "dkd-cifar100", "ensemble-mnist",
-                               "fashion-mnist", "hinton-mnist", "hinton-mnist-temperature"]
+    assert builtin_names() == ["crd-table1", "crd-table2", "digits", "dist-cifar100", "dkd-cifar100", "ensemble-mnist",
+                               "fashion-mnist", "hinton-mnist", "hinton-mnist-temperature", "ls-cifar100"]
     for suite in all_suites():
         assert suite.name == suite.path.stem
         for pair in suite.pairs:
@@ -90,7 +90,7 @@ def test_table1_kd_cells_also_carry_dkd_best_epoch_numbers():
     kd = {(c["teachers"][0], c["student"]): c for c in cells if c["method"] == "kd"}
     assert len(kd) == 6 and {c["selection"] for c in cells} == {"best"}
     assert kd[("cifar_resnet32x4", "cifar_resnet8x4")]["value"] == 73.33
-    assert all(c["note"] == "mean of 5 runs" for c in cells)
+    assert all(c["note"].startswith("mean of 5 runs") for c in cells)
 
 
 def test_dkd_suite_has_the_papers_pairs_and_betas():
@@ -144,7 +144,9 @@ def suite_methods(suite_name: str) -> dict[str, object]:
 @pytest.mark.parametrize("suite", ["crd-table1", "crd-table2"])
 def test_crd_per_method_weights(suite):
     m = suite_methods(suite)
-    assert set(m) == {"ce", "kd", "fitnets", "rkd", "at", "sp", "cc", "vid", "pkt", "nst"}
+    table1_only = {"fsp"} if suite == "crd-table1" else set()  # FSP has no cross-family cell (channels differ)
+    assert set(m) == {"ce", "kd", "fitnets", "rkd", "at", "sp", "cc", "vid", "pkt", "nst", "ab", "ft", "crd",
+                      "crd_kd"} | table1_only
     kd, fit, rkd = m["kd"].config(), m["fitnets"].config(), m["rkd"].config()
     assert (kd["ce_weight"], kd["kd_weight"], kd["temperature"]) == (0.1, 0.9, 4.0)
     assert (fit["ce_weight"], fit["hint_weight"], fit["stage"], fit["schedule"]) == (1.0, 100.0, 2, "joint")
@@ -153,6 +155,14 @@ def test_crd_per_method_weights(suite):
     weights = {"at": 1000.0, "sp": 3000.0, "cc": 0.02, "vid": 1.0, "pkt": 30000.0, "nst": 50.0}
     assert {n: (m[n].config()["ce_weight"], m[n].config()[f"{n}_weight"]) for n in weights} == \
         {n: (1.0, w) for n, w in weights.items()}
+    # CRD 0.8 (CRD+KD adds KD 1 at T 4); AB, FT and FSP with their 30-epoch init stages, FT at weight 200
+    crd, crd_kd = m["crd"].config(), m["crd_kd"].config()
+    assert (crd["ce_weight"], crd["crd_weight"], crd["kd_weight"], crd["nce_k"]) == (1.0, 0.8, 0.0, 16384)
+    assert (crd_kd["crd_weight"], crd_kd["kd_weight"], crd_kd["temperature"]) == (0.8, 1.0, 4.0)
+    assert all(m[n].init_epochs == 30 for n in ("ab", "ft", *table1_only))
+    assert m["ft"].config()["ft_weight"] == 200.0
+    # FT's init stage at 0.01: 0.2 x 0.05 for ResNet/WRN students (table 1), the students' own rate in table 2
+    assert m["ft"].init_lr_scale == (0.2 if suite == "crd-table1" else 1.0)
 
 
 @pytest.mark.parametrize("suite", ["crd-table1", "crd-table2"])

@@ -18,8 +18,8 @@ from ..suites import (
     builtin_dir,
     get_suite,
     pair_label,
-    read_published,
 )
+from ..published_csv import read_published
 from ..sweep.driver import Sweep
 from ..sweep.plan import resolve_device
 from ..sweep.request import Request

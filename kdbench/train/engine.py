@@ -181,27 +181,21 @@ def train(model: nn.Module, data: DataSplits, recipe: Recipe, *, seed: int, meth
           labelled: bool = True) -> TrainResult:
     """Train ``model`` on ``data`` with ``recipe``; distil from ``teachers`` through ``method``.
 
-    With no method, the model trains on cross-entropy alone (how kdbench trains teachers).
-    ``progress`` is a tqdm bar advanced once per epoch, or None. With ``state_path``, every epoch
-    ends with a checkpoint there, and an existing checkpoint (for ``state_key``, the run id) is
-    resumed: the result equals an uninterrupted run's, bit for bit on the CPU. ``options`` choose
-    precision, memory format and compilation. ``teacher_caches`` (one per teacher, from
-    :func:`~kdbench.train.teacher_cache.build_view_cache`) replace the teachers' forward passes by
-    a lookup of each image's augmented view: same numbers, no teacher compute.
-
-    Under torchrun every rank calls this with the same arguments and trains its slice of each
-    batch (:mod:`kdbench.train.step`); rank 0 alone writes the checkpoint, every rank resumes it.
-    A recipe's ``val_fraction`` and ``early_stop``: :func:`_split`, :meth:`TrainResult.patience_spent`.
-    ``labelled=False`` (an unlabelled transfer set) trains without labels: no cross-entropy, and the
-    method gets ``batch.labels = None``.
+    With no method, the model trains on cross-entropy alone (how kdbench trains teachers); a method's
+    init stage comes before the schedule. ``progress``: a tqdm bar advanced per epoch, or None. With
+    ``state_path`` every epoch ends with a checkpoint, and one for ``state_key`` (the run id) is resumed,
+    bit for bit on the CPU. ``options``: precision, memory format, compilation. ``teacher_caches`` (one per
+    teacher, :func:`~kdbench.train.teacher_cache.build_view_cache`) replace the teachers' forward passes.
+    Under torchrun every rank calls this alike and trains its slice of each batch (:mod:`kdbench.train.step`);
+    rank 0 writes the checkpoint. ``val_fraction``/``early_stop``: :func:`_split`,
+    :meth:`TrainResult.patience_spent`. ``labelled=False`` (an unlabelled transfer set): no cross-entropy,
+    and ``batch.labels = None``.
     """
     device = data.train_images.device
     data, val, teacher_caches = _split(data, recipe, teacher_caches)
     _check_run(recipe, data, teachers, teacher_names, teacher_caches)
     init = init_epochs_for(method, recipe.epochs, recipe.full_epochs)
-    if method is not None:  # before _prepare: per-image state (a memory bank) moves to the device with it
-        method.setup_data(train_size=len(data.train_labels), labels=data.train_labels if labelled else None)
-    _prepare(model, teachers, method, options, device)
+    _prepare(model, teachers, method, options, device, data, labelled)
     opt, sched = make_optimizer(trainable_parameters(model, method), recipe, init_epochs=init,
                                 init_lr_scale=method.init_lr_scale if method is not None else 1.0)
     step = TrainStep(model, method, teachers, opt, recipe=recipe, device=device, options=options,
@@ -210,11 +204,9 @@ def train(model: nn.Module, data: DataSplits, recipe: Recipe, *, seed: int, meth
     gen = torch.Generator(device=device).manual_seed(seed)
     loader = Loader(data.train_images, data.train_labels, data.info, batch_size=recipe.batch_size, shuffle=True,
                     generator=gen, crop_padding=recipe.crop_padding, flip=recipe.flip, mix=recipe.mixing)
-    checkpoint = (Checkpoint(state_path, state_key, model, method, opt, sched, gen, model_name)
-                  if state_path is not None else None)
+    checkpoint = Checkpoint(state_path, state_key, model, method, opt, sched, gen, model_name) if state_path else None
     first, result = _resume(checkpoint, progress, init + recipe.epochs)
-    result.init_epochs = init
-    result.method_state_bytes = method.state_bytes() if method is not None else 0
+    result.init_epochs, result.method_state_bytes = init, method.state_bytes() if method is not None else 0
     step.prepare_distributed()  # after resuming: DDP starts every rank from rank 0's weights
     if options.compile and not result.compile_error:  # a run that fell back to eager stays eager on resume
         step.compile()
@@ -310,12 +302,14 @@ def _check_run(recipe: Recipe, data: DataSplits, teachers: Sequence[nn.Module], 
 
 
 def _prepare(model: nn.Module, teachers: Sequence[nn.Module], method: Method | None, options: EngineOptions,
-             device: torch.device) -> None:
-    """Models in the options' memory format, the method's adapters on the device."""
+             device: torch.device, data: DataSplits, labelled: bool) -> None:
+    """Models in the options' memory format; the method told the training data (``setup_data``: per-image
+    state, a memory bank) and then moved, adapters and state, to the device."""
     options.prepare(model)
     for t in teachers:
         options.prepare(t)
     if method is not None:
+        method.setup_data(train_size=len(data.train_labels), labels=data.train_labels if labelled else None)
         method.to(device)
     if device.type == "cpu":
         # Denormal floats appear as weights and gradients shrink and make x86 kernels 10-50x
