@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import inspect
+import re
 import sys
 from collections.abc import Iterable, Mapping
 from importlib import metadata
@@ -172,7 +173,9 @@ def build_method(cls: type[Method], overrides: Mapping[str, Any] | None = None) 
         return cls(**overrides)
     except (ValueError, TypeError) as exc:
         given = ", ".join(f"{cls.name}.{k}={v!r}" for k, v in overrides.items())
-        hp = next((k for k in overrides if k in str(exc)), "NAME")
+        # The hyperparameter the message names, as a whole word ("weight" is not the one in "ce_weight must be ...").
+        hp = next((k for k in sorted(overrides, key=len, reverse=True) if re.search(rf"\b{re.escape(k)}\b", str(exc))),
+                  "NAME")
         raise KdbenchError(f"bad hyperparameter value for method '{cls.name}' ({given}): {exc}. Change it where it "
                            f"is set (--set {cls.name}.{hp}=VALUE, or the suite file's [hparams.{cls.name}]); "
                            "`kdbench list methods` shows the defaults") from None

@@ -66,7 +66,7 @@ def run(*extra: str) -> list[str]:
 # -- unknown names ---------------------------------------------------------------------------
 @pytest.mark.parametrize(("args", "expected"), [
     (["--methods", "kdd", "--pairs", PAIR],
-     [r"unknown method 'kdd'; did you mean 'kd'\?", r"available: at, cc, ce, dkd, ", r"kdbench list methods"]),
+     [r"unknown method 'kdd'; did you mean 'kd'\?", r"available: ab, at, cc, ce, crd, crd_kd, ", r"kdbench list methods"]),
     (["--methods", "kd", "--pairs", "cifar_resnet8:cifar_resnet8x"],
      [r"unknown model 'cifar_resnet8x'; did you mean 'cifar_resnet8x4'\?", r"kdbench list models"]),
     (["--methods", "kd", "--pairs", "cifar_resnet56:resnet8x4"],

@@ -34,9 +34,10 @@ def test_end_to_end_run_report_and_resume(tmp_path):
     rows = [json.loads(p.read_text()) for p in sorted((results / "runs").glob("*.json"))]
     students = [r for r in rows if r["kind"] == "student"]
     teachers = [r for r in rows if r["kind"] == "teacher"]
-    # ce once (it serves both pairs), dkd/kd/fitnets/rkd on the single-teacher pair, ensemble_kd on both.
-    # at, nst and vid tap three stages of maps: the MLPs have two hidden vectors, so they are left out
-    assert sorted(r["method"] for r in students) == ["cc", "ce", "dkd", "ensemble_kd", "ensemble_kd", "fitnets", "kd",
+    # ce once (it serves both pairs), every one-teacher method on the single-teacher pair, ensemble_kd on both.
+    # at, nst, vid, ab, ft and fsp tap stage maps: the MLPs have two hidden vectors, so they are left out
+    assert sorted(r["method"] for r in students) == ["cc", "ce", "crd", "crd_kd", "dist", "dkd", "ensemble_kd",
+                                                     "ensemble_kd", "fitnets", "hard_kd", "kd", "logit_l2", "noisy_kd",
                                                      "pkt", "rkd", "sp"]
     assert sorted(r["student"] for r in teachers) == ["cifar_resnet8", "hinton_mlp_1200"]
     assert "left out: method 'kd' takes 1 teacher; pair hinton_mlp_1200+cifar_resnet8→hinton_mlp_800 has 2" in proc.stdout
@@ -51,7 +52,9 @@ def test_end_to_end_run_report_and_resume(tmp_path):
         assert len([k for k in r if k.startswith("class_f1.")]) == 10
         assert r["torch_version"] == torch.__version__ and "kdbench" in r["command"] and r["git_commit"]
         assert (r["agreement"] is None) == (r["method"] == "ce")
-        assert "loss.ce" in r
+        # the engine's cross-entropy is a term exactly when the method weights it (hard_kd, logit_l2 and noisy_kd
+        # learn from the teacher alone: CE weight 0)
+        assert ("loss.ce" in r) == (json.loads(r["hparams"]).get("ce_weight", 1.0) > 0)
         history = json.loads(r["history_loss"])  # every term of every epoch, by name
         assert len(history) == 2 and all(set(h) == {k[5:] for k in r if k.startswith("loss.")} for h in history)
     # FLOPs and throughput belong to the architecture: measured once per sweep, shared by its runs.
@@ -73,7 +76,7 @@ def test_end_to_end_run_report_and_resume(tmp_path):
     before = {p.name: p.read_text() for p in (results / "runs").glob("*.json")}
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
-    assert "0 runs finished, 10 already done" in again.stdout
+    assert "0 runs finished, 16 already done" in again.stdout
     assert {p.name: p.read_text() for p in (results / "runs").glob("*.json")} == before
 
 
