@@ -6,20 +6,13 @@ import math
 
 import pytest
 import torch
-from tiny import REPO
 
 from kdbench.errors import KdbenchError
 from kdbench.method import Batch, Outputs
 from kdbench.registry import build_method, load_methods
 
 
-def _methods():
-    """The registry, plus the plugin file while dist is not yet an entry point of the installed package."""
-    registered = load_methods()
-    return registered if "dist" in registered else load_methods([REPO / "methods" / "dist.py"])
-
-
-DIST = _methods()["dist"]
+DIST = load_methods()["dist"]
 EPS = 1e-8  # the official code's, added to the product of norms
 
 

@@ -8,15 +8,13 @@ import math
 
 import pytest
 import torch
-from tiny import TINY, TINY_SHAPE, TINY_STUDENT, TINY_TEACHERS
+from init_stage import block_mean, one_init_epoch_row, tiny_models
+from tiny import TINY_SHAPE
 
-from kdbench import zoo
-from kdbench.cli import main
 from kdbench.errors import KdbenchError
 from kdbench.features import FeatureCapture, probe
 from kdbench.method import Batch, Outputs, Probe
 from kdbench.registry import build_method, load_methods
-from kdbench.train import freeze
 
 FSP = load_methods()["fsp"]
 
@@ -38,16 +36,6 @@ def built(**overrides):
     m = build_method(FSP, overrides)
     m.setup(Probe("s", 5, dict(S_SHAPES), None), [Probe("t", 5, dict(T_SHAPES), None)])
     return m
-
-
-def block_mean(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Average of each (H/size x W/size) block, written out: what adaptive pooling does for an exact divisor."""
-    k = x.shape[2] // size
-    out = torch.zeros(x.shape[0], x.shape[1], size, size, dtype=x.dtype)
-    for i in range(size):
-        for j in range(size):
-            out[:, :, i, j] = x[:, :, i * k:(i + 1) * k, j * k:(j + 1) * k].mean((2, 3))
-    return out
 
 
 def gram_by_loops(bottom: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
@@ -128,15 +116,9 @@ def test_a_pair_with_unequal_channels_is_refused_when_the_run_is_planned(tmp_pat
     assert not (tmp_path / "runs").exists()
 
 
-def _tiny_models():
-    student = zoo.create(TINY_STUDENT, **TINY)
-    teacher = freeze(zoo.create(TINY_TEACHERS[0], **TINY))  # cifar_resnet14: the student's channels
-    return student, teacher
-
-
 def test_the_init_stage_reaches_the_students_features_not_its_classifier_nor_the_teacher():
     method = build_method(FSP)
-    student, teacher = _tiny_models()
+    student, teacher = tiny_models()
     taps = method.taps()
     method.setup(probe(student, taps, TINY_SHAPE), [probe(teacher, taps, TINY_SHAPE)])
     student.train()
@@ -161,7 +143,7 @@ def test_engine_trains_features_in_the_init_stage_then_everything_on_labels():
     from kdbench.recipe import get_recipe
     from kdbench.train import train
 
-    student, teacher = _tiny_models()
+    student, teacher = tiny_models()
     method = build_method(FSP, {"init_epochs": 1})
     method.setup(probe(student, method.taps(), TINY_SHAPE), [probe(teacher, method.taps(), TINY_SHAPE)])
     snap = {k: v.clone() for k, v in student.state_dict().items()}
@@ -215,17 +197,6 @@ def test_constructor_refuses_a_fractional_init_stage():
 def test_end_to_end_cli_run_with_a_one_epoch_init_stage(tmp_path):
     """fsp runs on a pair of equal channels (cifar_resnet14 -> cifar_resnet8): its row records the init stage
     (one epoch, one loss entry), trains on cross-entropy alone after it, and counts the init epoch's time."""
-    code = main(["run", "--methods", "fsp", "--pairs", "cifar_resnet14:cifar_resnet8", "--set", "fsp.init_epochs=1",
-                 "--seeds", "0", "--limit", "48", "--epochs", "1", "--quiet", "--no-report",
-                 "--throughput-batch", "8", "--results-dir", str(tmp_path)])
-    assert code == 0
-    (row,) = [r for r in (json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json"))
-              if r.get("method") == "fsp"]
-    assert row["init_epochs"] == 1 and row["hp.init_epochs"] == 1
-    init = json.loads(row["history_init_loss"])
-    assert len(init) == 1 and set(init[0]) == {"fsp"} and math.isfinite(init[0]["fsp"])
+    row = one_init_epoch_row(tmp_path, "fsp", "cifar_resnet14:cifar_resnet8", "fsp")
     assert {k for k in row if k.startswith("loss.")} == {"loss.ce"} and math.isfinite(row["loss.ce"])
     assert len(json.loads(row["history_loss"])) == 1 and math.isfinite(row["top1_last"])
-    # the init epoch is the run's first: timed, and inside the training time
-    assert row["first_epoch_s"] > 0 and math.isfinite(row["epoch_time_s"])
-    assert row["train_time_s"] >= row["first_epoch_s"] + row["epoch_time_s"]

@@ -4,22 +4,19 @@ student's map with ``FactorTransfer`` (p1 = 2, p2 = 1), weight 200; written out 
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import TINY, TINY_SHAPE, TINY_STUDENT, TINY_TEACHERS
+from init_stage import block_mean, one_init_epoch_row, tiny_models
+from tiny import TINY_SHAPE
 from torch import nn
 
-from kdbench import zoo
-from kdbench.cli import main
 from kdbench.errors import KdbenchError
 from kdbench.features import FeatureCapture, probe
 from kdbench.method import Batch, Outputs, Probe
 from kdbench.registry import build_method, load_methods
-from kdbench.train import freeze
 
 FT = load_methods()["ft"]
 
@@ -114,15 +111,6 @@ def paraphraser_reconstruction(x: torch.Tensor, m) -> torch.Tensor:
     for conv in layers(m.paraphraser.decoder, nn.ConvTranspose2d):
         x = lrelu(conv_t3(x, conv))
     return x
-
-
-def block_mean(x: torch.Tensor, size: int) -> torch.Tensor:
-    k = x.shape[2] // size
-    out = torch.zeros(x.shape[0], x.shape[1], size, size, dtype=x.dtype)
-    for i in range(size):
-        for j in range(size):
-            out[:, :, i, j] = x[:, :, i * k:(i + 1) * k, j * k:(j + 1) * k].mean((2, 3))
-    return out
 
 
 def factor_by_loops(f: torch.Tensor, p: float) -> list[list[float]]:
@@ -224,12 +212,6 @@ def test_a_paraphraser_with_batchnorm_is_frozen_on_its_running_statistics():
     assert torch.allclose(whole, m.paraphraser.encoder(f_t), atol=1e-6)  # what eval mode computes
 
 
-def _tiny_models():
-    student = zoo.create(TINY_STUDENT, **TINY)
-    teacher = freeze(zoo.create(TINY_TEACHERS[0], **TINY))
-    return student, teacher
-
-
 def _forward(method, student, teacher, stage: str):
     taps = method.taps()
     x = torch.randn(16, *TINY_SHAPE)
@@ -242,7 +224,7 @@ def _forward(method, student, teacher, stage: str):
 
 def _ready():
     method = build_method(FT)
-    student, teacher = _tiny_models()
+    student, teacher = tiny_models()
     method.setup(probe(student, method.taps(), TINY_SHAPE), [probe(teacher, method.taps(), TINY_SHAPE)])
     student.train()
     return method, student, teacher
@@ -289,7 +271,7 @@ def test_engine_trains_the_paraphraser_in_the_init_stage_then_freezes_it():
     from kdbench.train import train
 
     method = build_method(FT, {"init_epochs": 1})
-    student, teacher = _tiny_models()
+    student, teacher = tiny_models()
     method.setup(probe(student, method.taps(), TINY_SHAPE), [probe(teacher, method.taps(), TINY_SHAPE)])
 
     def params():
@@ -373,15 +355,7 @@ def test_constructor_refuses_a_fractional_init_stage():
 def test_end_to_end_cli_run_with_a_one_epoch_init_stage(tmp_path):
     """ft on a pair of different widths (cifar_resnet8x4 -> cifar_resnet8): its row records the one-epoch init
     stage (the reconstruction loss) and the schedule's CE and FT terms."""
-    code = main(["run", "--methods", "ft", "--pairs", "cifar_resnet8x4:cifar_resnet8", "--set", "ft.init_epochs=1",
-                 "--seeds", "0", "--limit", "48", "--epochs", "1", "--quiet", "--no-report",
-                 "--throughput-batch", "8", "--results-dir", str(tmp_path)])
-    assert code == 0
-    (row,) = [r for r in (json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json"))
-              if r.get("method") == "ft"]
-    assert row["init_epochs"] == 1 and row["hp.init_epochs"] == 1
-    init = json.loads(row["history_init_loss"])
-    assert len(init) == 1 and set(init[0]) == {"rec"} and math.isfinite(init[0]["rec"])
+    row = one_init_epoch_row(tmp_path, "ft", "cifar_resnet8x4:cifar_resnet8", "rec")
     assert {k for k in row if k.startswith("loss.")} == {"loss.ce", "loss.ft"}
     assert all(math.isfinite(row[k]) for k in ("loss.ce", "loss.ft", "top1_last"))
     # teacher 256 channels at the last stage -> factor 128; student 64 -> translator to 128
@@ -389,6 +363,3 @@ def test_end_to_end_cli_run_with_a_one_epoch_init_stage(tmp_path):
                                                  (256, 256)])
     translator = sum(i * o * 9 + 3 * o for i, o in [(64, 64), (64, 128), (128, 128)])
     assert row["extra_params"] == paraphraser + translator
-    # the init epoch is the run's first: timed, and inside the training time
-    assert row["first_epoch_s"] > 0 and math.isfinite(row["epoch_time_s"])
-    assert row["train_time_s"] >= row["first_epoch_s"] + row["epoch_time_s"]

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from tiny import REPO
+from test_resume import StopAfter  # the Ctrl-C stand-in the resume tests use
 
 from kdbench.errors import KdbenchError
 from kdbench.losses import kd_loss
@@ -17,16 +17,8 @@ from kdbench.method import Batch, Outputs
 from kdbench.registry import build_method, load_methods
 from kdbench.zoo import load_fitting
 
-NEW = ("dist", "hard_kd", "noisy_kd", "logit_l2")
 
-
-def plugin_files() -> list[str]:
-    """The new methods' files, for as long as they are not entry points of the installed package."""
-    registered = load_methods()
-    return [str(REPO / "methods" / f"{n}.py") for n in NEW if n not in registered]
-
-
-METHODS = load_methods(plugin_files())
+METHODS = load_methods()
 HARD, NOISY, L2, KD, DKD = (METHODS[n] for n in ("hard_kd", "noisy_kd", "logit_l2", "kd", "dkd"))
 
 
@@ -218,21 +210,6 @@ def test_noisy_kd_state_dict_round_trip_continues_the_same_stream():
         resumed.set_extra_state({"not": "a state"})
 
 
-class StopAfter:
-    """A progress bar that interrupts training after ``n`` epochs, as Ctrl-C would."""
-
-    def __init__(self, n: int) -> None:
-        self.n, self.seen = n, 0
-
-    def update(self, k: int) -> None:
-        self.seen += k
-        if self.seen >= self.n:
-            raise KeyboardInterrupt
-
-    def set_postfix(self, **_: object) -> None:
-        pass
-
-
 def _train_noisy(data, state, progress=None):
     from kdbench import zoo
     from kdbench.recipe import get_recipe
@@ -361,9 +338,8 @@ def test_standardized_gradients_reach_the_student():
 def _run(results, *extra: str) -> int:
     from kdbench.cli import main
 
-    plugins = [a for f in plugin_files() for a in ("--plugin", f)]
     return main(["run", "--pairs", "cifar_resnet8:hinton_mlp_30", "--seeds", "0", "--limit", "128", "--epochs", "2",
-                 "--quiet", "--throughput-batch", "8", "--results-dir", str(results), *plugins, *extra])
+                 "--quiet", "--throughput-batch", "8", "--results-dir", str(results), *extra])
 
 
 def test_cli_runs_the_logit_variants_on_digits_and_tells_standardized_kd_apart(tmp_path):
