@@ -94,7 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     recipe = get_recipe(args.recipe) if args.recipe else suite.recipe
     if args.epochs:
         recipe = recipe.with_epochs(args.epochs)
-    recipe = with_validation(recipe, args)
+    recipe = with_recipe_flags(recipe, args)
     pairs = [Pair.parse(p) for p in _csv(args.pairs)] if args.pairs else list(suite.pairs)
     req = build_request(args, suite, dataset=args.dataset or suite.dataset, recipe=recipe, pairs=pairs)
     sweep, rc = plan_and_execute(req, args)
@@ -109,7 +109,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 RECIPE_FLAGS = ("val_fraction", "early_stop", "mixup_alpha", "cutmix_alpha", "mix_prob", "mix_switch_prob")
 
 
-def with_validation(recipe: Recipe, args: argparse.Namespace) -> Recipe:
+def with_recipe_flags(recipe: Recipe, args: argparse.Namespace) -> Recipe:
     """The recipe with --val-fraction, --early-stop and the mixing flags, checked now, before anything trains.
 
     Like --epochs they set the sweep's recipe; a suite's [recipe.by_model.X] that sets them itself wins.
@@ -149,7 +149,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         recipe = recipe.with_epochs(max(1, round(recipe.epochs * args.epochs_scale)))
     elif args.epochs:
         recipe = recipe.with_epochs(args.epochs)
-    recipe = with_validation(recipe, args)
+    recipe = with_recipe_flags(recipe, args)
     dataset = f"synthetic:{suite.dataset}" if args.synthetic else suite.dataset
     req = build_request(args, suite, dataset=dataset, recipe=recipe, pairs=pairs)
     sweep, rc = plan_and_execute(req, args)

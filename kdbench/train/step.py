@@ -217,16 +217,15 @@ class TrainStep:
         shown = labels if self.labelled else None
         if epoch < self.init_epochs:  # the method's init stage: its init terms alone
             ce_weight = 0.0
-            seen = Batch(images, shown, epoch, self.init_epochs, index, "init")
+            seen = Batch(images, shown, epoch, self.init_epochs, index, "init", soft)
         else:
             epoch -= self.init_epochs
             ce_weight = self.method.ce_weight_at(epoch, self.epochs) if self.method is not None else 1.0
-            seen = Batch(images, shown, epoch, self.epochs, index)  # what the method sees
+            seen = Batch(images, shown, epoch, self.epochs, index, soft_labels=soft)  # what the method sees
         if not self.labelled:  # an unlabelled transfer set: the engine's label term is dropped
             ce_weight = 0.0
         # Under mixup/CutMix the cross-entropy is against the mixed label distributions; the method sees
         # each image's own label in batch.labels and the distributions in batch.soft_labels.
-        seen.soft_labels = soft
         own, extra = self.net(images, labels if soft is None else soft, cached, seen, ce_weight)
         terms = self._merge(own, extra, epoch)
         self._update(sum(terms.values()), share)
