@@ -38,6 +38,8 @@ def test_method_loss_step(benchmark, name):
     method.setup(probe(student, taps, SHAPE), [probe(t, taps, SHAPE) for t in teachers])
     x = torch.randn(64, *SHAPE)
     y = torch.randint(0, 100, (64,))
+    # A training set of these 64 images, as the engine tells a method before training (CRD's banks).
+    method.setup_data(train_size=64, labels=y)
     s_cap = FeatureCapture(student, taps)
     with torch.no_grad():
         t_out = [FeatureCapture(t, taps)(x) for t in teachers]
@@ -45,7 +47,7 @@ def test_method_loss_step(benchmark, name):
     def step():
         student.zero_grad(set_to_none=True)
         out = s_cap(x)
-        terms = method(out, t_out, Batch(x, y, 0, 1))
+        terms = method(out, t_out, Batch(x, y, 0, 1, torch.arange(64)))
         loss = torch.nn.functional.cross_entropy(out.logits, y) + sum(terms.values(), torch.zeros(()))
         loss.backward()
         return loss

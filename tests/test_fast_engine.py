@@ -318,17 +318,20 @@ def test_runs_per_gpu_needs_gpus(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_method_losses_trace_as_one_graph(name):
-    """Each method's forward traces without a graph break (checked on the CPU with TorchDynamo).
+    """Each method's forward traces without an unplanned graph break (checked on the CPU with TorchDynamo).
 
     A break means torch.compile cannot hold the step in one graph, and the usual cause, an op
     whose output shape depends on the data (``x[x > 0]``, ``nonzero``), makes a GPU wait for the
-    host at every step."""
+    host at every step. The only breaks allowed are the ones a method asks for by name: a function
+    marked ``@torch.compiler.disable`` (a seeded generator's draw, a memory bank's in-place update),
+    each of which splits the step into one more graph."""
     import torch._dynamo
 
     method = build_method(METHODS[name])
     student, teachers = _models(min(METHODS[name].max_teachers, 2))
     taps = method.taps()
     method.setup(probe(student, taps, TINY_SHAPE), [probe(t, taps, TINY_SHAPE) for t in teachers])
+    method.setup_data(train_size=16, labels=torch.arange(16) % 10)  # as the engine does before training
     x, y = torch.randn(16, *TINY_SHAPE), torch.randint(0, 10, (16,))
     from kdbench.features import FeatureCapture
     from kdbench.method import Batch
@@ -337,9 +340,12 @@ def test_method_losses_trace_as_one_graph(name):
     with torch.no_grad():
         t_out = [FeatureCapture(t, taps)(x) for t in teachers]
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(method)(out, t_out, Batch(x, y, 3, 10))
+    explained = torch._dynamo.explain(method)(out, t_out, Batch(x, y, 3, 10, torch.arange(16)))
+    reasons = [str(b.reason) for b in explained.break_reasons]
+    unplanned = [r for r in reasons if "torch.compiler.disable()" not in r]
     # (ce returns no terms: no graph at all, and no break)
-    assert not explained.break_reasons and explained.graph_count <= 1, [str(b.reason) for b in explained.break_reasons]
+    assert not unplanned, unplanned
+    assert explained.graph_count <= 1 + len(reasons), reasons
 
 
 def test_a_damaged_cache_file_is_rebuilt(tmp_path, capsys):
