@@ -35,7 +35,7 @@ def test_end_to_end_run_report_and_resume(tmp_path):
     students = [r for r in rows if r["kind"] == "student"]
     teachers = [r for r in rows if r["kind"] == "teacher"]
     # ce once (it serves both pairs), every one-teacher method on the single-teacher pair, ensemble_kd on both.
-    # at, nst, vid, ab, ft and fsp tap stage maps: the MLPs have two hidden vectors, so they are left out
+    # at, nst, vid, ab, ft, fsp and reviewkd tap stage maps: the MLPs have two hidden vectors, so they are left out
     assert sorted(r["method"] for r in students) == ["cc", "ce", "crd", "crd_kd", "dist", "dkd", "ensemble_kd",
                                                      "ensemble_kd", "fitnets", "hard_kd", "kd", "logit_l2", "noisy_kd",
                                                      "pkt", "rkd", "sp"]
