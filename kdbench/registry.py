@@ -93,6 +93,10 @@ def load_plugin_file(path: str | Path) -> list[type[Method]]:
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
+    except SystemExit as exc:  # sys.exit() in the file would end kdbench silently, with its own exit code
+        raise PluginError(f"plugin file '{path}' called sys.exit({exc.code!r}) while being imported; a plugin "
+                          "file may only define its Method classes: put script code under "
+                          "`if __name__ == \"__main__\":`") from None
     except Exception as exc:  # noqa: BLE001 - a broken plugin is the user's to fix; say where
         raise PluginError(f"plugin file '{path}' failed to import: {type(exc).__name__}: {exc}") from exc
     classes = [c for c in vars(module).values()

@@ -390,7 +390,10 @@ def test_slurm_option_with_another_executor(finished, capsys):
     ("{'mse': F.mse_loss(student.logits, teachers[0].logits, reduction='none')}",
      r"method 'odd' returned loss term 'mse' that is not a scalar tensor \(\(\d+, 10\)\)"),
     ("{}", r"odd .*returned no loss terms \(an empty dict\): its run would train on cross-entropy alone"),
-], ids=["list", "not-scalar", "no-terms"])
+    ("{'mse': F.mse_loss(student.logits.detach(), teachers[0].logits)}",
+     r"method 'odd' returned loss term 'mse' with no gradient: it depends on no trainable weight .* compute it "
+     r"from the student's outputs"),
+], ids=["list", "not-scalar", "no-terms", "no-gradient"])
 def test_method_forward_of_the_wrong_form(returns, expected, finished, tmp_path, capsys):
     """Found in the first training step (planning never runs a method's forward: it may need the
     workers' environment, or have side effects): the run fails with the message, exit 1, no row."""
@@ -451,3 +454,89 @@ def test_finished_row_without_a_number(top1, finished, tmp_path, capsys):
         load_rows(root)
     err = capsys.readouterr().err
     assert re.search(rf"run file {re.escape(str(path))} has status ok but top1_last .*, not a number", err), err
+
+
+# -- ImageFolder datasets ---------------------------------------------------------------------------
+def imagefolder(root: Path, classes: list[str], n: int = 4) -> Path:
+    """``root/{train,val}/<class>/<i>.png``: ``n`` random 8x8 RGB images per class and split."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / split / cls / f"{i}.png")
+    return root
+
+
+def test_limit_on_an_imagefolder_takes_every_class(tmp_path):
+    """ImageFolder lists files class by class: --limit takes in turn from each class, not the first class's."""
+    from kdbench.data import load_dataset
+
+    root = imagefolder(tmp_path / "three", ["a", "b", "c"])
+    data = load_dataset(str(root), limit=7, image_size=8)
+    assert data.train_labels.tolist() == data.test_labels.tolist() == [0, 0, 0, 1, 1, 2, 2]
+    assert data.info.train_size == data.info.test_size == 7
+    whole = load_dataset(str(root), image_size=8)
+    assert torch.equal(data.train_images[[0, 3, 5]], whole.train_images[[0, 4, 8]])  # each class's first image
+    assert torch.equal(load_dataset(str(root), limit=12, image_size=8).train_images, whole.train_images)
+
+
+def test_imagefolder_of_one_class(finished, tmp_path, capsys):
+    root = imagefolder(tmp_path / "one", ["only"])
+    refused(run("--methods", "ce", "--pairs", PAIR, "--dataset", str(root)), finished, capsys,
+            rf"ImageFolder split {root / 'train'} has 1 class folder \(only\): classifying needs at least 2")
+
+
+def test_corrupt_image_in_an_imagefolder(finished, tmp_path, capsys):
+    root = imagefolder(tmp_path / "bad", ["a", "b"])
+    bad = root / "train" / "b" / "1.png"
+    bad.write_bytes(b"not an image")
+    refused(run("--methods", "ce", "--pairs", PAIR, "--dataset", str(root)), finished, capsys,
+            rf"ImageFolder image {re.escape(str(bad))} cannot be read \(no image format PIL knows\); replace it")
+
+
+# -- plugins, GPUs, the teacher cache ---------------------------------------------------------------
+def test_plugin_that_exits_at_import(finished, tmp_path, capsys):
+    path = tmp_path / "quits.py"
+    path.write_text("import sys\n\nsys.exit(0)\n")
+    refused(run("--methods", "kd", "--pairs", PAIR, "--plugin", str(path)), finished, capsys,
+            rf"plugin file '{path}' called sys\.exit\(0\) while being imported", r"if __name__ == ")
+
+
+@pytest.mark.parametrize(("gpus", "count", "expected"), [
+    ("0", 0, r"--gpus 0: torch sees no CUDA GPU on this machine, so the runs would train on the CPU; drop --gpus"),
+    ("all", 0, r"--gpus all: torch sees no CUDA GPU on this machine; drop --gpus"),
+    ("0,2", 2, r"--gpus 0,2: torch sees 2 GPU\(s\) here, numbered 0 to 1, so GPU 2 is not among them"),
+], ids=["index-without-gpu", "all-without-gpu", "index-beyond"])
+def test_gpus_this_machine_lacks(gpus, count, expected, finished, tmp_path, monkeypatch, capsys):
+    """Refused before planning, so not even an empty results folder is made."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    args = run("--methods", "ce", "--pairs", PAIR, "--gpus", gpus)
+    refused(args, finished, capsys, expected)
+    assert main([*args, "--results-dir", str(tmp_path / "new")]) == 2
+    assert not (tmp_path / "new").exists()
+
+
+def test_teacher_cache_on_that_no_run_can_use(finished, tmp_path, capsys):
+    refused(run("--methods", "fitnets,at", "--pairs", PAIR, "--teacher-cache", "on"), finished, capsys,
+            r"--teacher-cache on, but no run of this sweep can use the teacher cache: method 'at' \(the method taps "
+            r"stage maps, which the cache does not hold\); method 'fitnets' \(", r"Use --teacher-cache auto or off")
+    refused(run("--methods", "kd", "--pairs", PAIR, "--teacher-cache", "on", "--mixup", "0.8"), finished, capsys,
+            r"no run of this sweep can use the teacher cache: method 'kd' \(mixup/CutMix: the teachers see each "
+            r"mixed batch, which no cached view holds\)")
+    # Beside a method that uses it, "on" is "wherever it can": the plan names the method that cannot.
+    assert main([*run("--methods", "kd,fitnets", "--pairs", PAIR, "--teacher-cache", "on"), "--dry-run",
+                 "--results-dir", str(tmp_path / "dry")]) == 0
+    assert "note: --teacher-cache on: method 'fitnets' (the method taps stage maps" in capsys.readouterr().out
+
+
+# -- locks ------------------------------------------------------------------------------------------
+def test_no_lock_is_left_behind(tmp_path):
+    """A teacher trained, or loaded from the store for a later command, leaves no state/<id>/lock."""
+    for method in ("kd", "dkd"):  # dkd's command loads the teacher kd's trained
+        assert main([*run("--methods", method, "--pairs", PAIR), "--results-dir", str(tmp_path)]) == 0
+        assert not list((tmp_path / "state").rglob("*")), method
+    assert len(list((tmp_path / "runs").glob("*.json"))) == 3  # the teacher's row and the two students'

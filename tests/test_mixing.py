@@ -113,13 +113,14 @@ def test_loader_mixes_repeatably_from_the_runs_generator():
 
 def test_cli_run_with_mixup_and_cutmix_records_it(tmp_path):
     """A digits run with both: the teachers run online (the cache is off, the row says why), the schedule label
-    and the run ids carry the mixing, and the results are finite."""
+    and the run ids carry the mixing, and the results are finite. (--teacher-cache on, which no run could
+    follow here, is refused: tests/test_bad_input.py.)"""
     from kdbench.cli import main
 
     res = tmp_path / "r"
     code = main(["run", "--pairs", "hinton_mlp_300:hinton_mlp_30", "--methods", "ce,kd", "--seeds", "0",
                  "--epochs", "2", "--limit", "256", "--mixup", "0.8", "--cutmix", "1.0", "--results-dir", str(res),
-                 "--throughput-batch", "16", "--quiet", "--no-report", "--teacher-cache", "on"])
+                 "--throughput-batch", "16", "--quiet", "--no-report", "--teacher-cache", "auto"])
     assert code == 0
     rows = [json.loads(p.read_text()) for p in (res / "runs").glob("*.json")]
     assert {r["method"] for r in rows} == {"teacher", "ce", "kd"}

@@ -156,12 +156,7 @@ def build_executor(args: argparse.Namespace, req: Request) -> Executor | None:
         from ..executors.local import LocalExecutor
 
         if args.gpus:
-            import torch
-
-            gpus = ([str(i) for i in range(torch.cuda.device_count())] if args.gpus.strip() == "all"
-                    else _csv(args.gpus))
-            if not gpus:
-                raise KdbenchError("--gpus all: torch sees no CUDA GPU on this machine; drop --gpus")
+            gpus = local_gpus(args)
             # Several processes per GPU: small CIFAR models leave an H100 mostly idle at batch 64,
             # and separate processes keep each run's data order, augmentation and BN statistics.
             return LocalExecutor(do_task, gpus=[g for g in gpus for _ in range(args.runs_per_gpu)])
@@ -185,6 +180,33 @@ def build_executor(args: argparse.Namespace, req: Request) -> Executor | None:
                          cluster="slurm", partition=args.slurm_partition, max_concurrent=args.slurm_max_concurrent,
                          time_min=args.slurm_time, gpus_per_run=gpus_per_run, cpus_per_run=args.cpus_per_run,
                          mem_gb=args.slurm_mem, account=args.slurm_account, qos=args.slurm_qos, extra=extra, env=env)
+
+
+def local_gpus(args: argparse.Namespace) -> list[str]:
+    """The GPUs ``--gpus`` names for the local executor, as this process numbers them ([] without --gpus).
+
+    Checked before anything is planned or written: a GPU torch does not see would leave its worker
+    on the CPU (``--device auto``) while the command asked for a GPU.
+    """
+    if args.executor != "local" or not args.gpus:
+        return []
+    import torch
+
+    count = torch.cuda.device_count()
+    if args.gpus.strip() == "all":
+        if not count:
+            raise KdbenchError("--gpus all: torch sees no CUDA GPU on this machine; drop --gpus")
+        return [str(i) for i in range(count)]
+    gpus = _csv(args.gpus)
+    if not gpus:
+        raise KdbenchError(f"--gpus '{args.gpus}' names no GPU; give GPU indices (e.g. --gpus 0,1) or 'all'")
+    if not count:
+        raise KdbenchError(f"--gpus {args.gpus}: torch sees no CUDA GPU on this machine, so the runs would train on "
+                           "the CPU; drop --gpus (--workers N runs N CPU processes)")
+    if beyond := [g for g in gpus if g.isascii() and g.isdigit() and int(g) >= count]:
+        raise KdbenchError(f"--gpus {args.gpus}: torch sees {count} GPU(s) here, numbered 0 to {count - 1}, so "
+                           f"GPU {beyond[0]} is not among them; give indices from 0 to {count - 1}, or 'all'")
+    return gpus
 
 
 def _has_cuda() -> bool:

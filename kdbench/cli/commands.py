@@ -24,7 +24,7 @@ from ..sweep.driver import Sweep
 from ..sweep.plan import resolve_device
 from ..sweep.request import Request
 from .args import _csv, results_dir
-from .build import build_executor, build_request, model_name
+from .build import build_executor, build_request, local_gpus, model_name
 
 
 def _print_plan(sweep: Sweep) -> None:
@@ -37,6 +37,8 @@ def _print_plan(sweep: Sweep) -> None:
         print("  NOT REAL DATA: synthetic stand-in images; accuracies mean nothing, the run only proves the suite works")
     for note in sweep.plan.skipped:
         print(f"  left out: {note}")
+    for note in sweep.plan.notes:
+        print(f"  note: {note}")
 
 
 def _print_estimate(sweep: Sweep) -> None:
@@ -61,6 +63,7 @@ def plan_and_execute(req: Request, args: argparse.Namespace) -> tuple[Sweep | No
     """Plan (printing it), then run what is not in the store yet; (sweep, exit code), sweep None for --dry-run."""
     # Under torchrun: join the process group first, so the plan's runs carry the world size.
     distributed.check_options(executor=args.executor, gpus=args.gpus, workers=args.workers)
+    local_gpus(args)  # a GPU this machine lacks: refused before planning (and before the results folder is made)
     if distributed.launched():
         distributed.init(resolve_device(req.device))
     sweep = Sweep.prepare(req)

@@ -67,9 +67,10 @@ def load_dataset(
     data_dir: root for torchvision datasets (see :func:`resolve_data_dir`).
     download: let torchvision fetch missing files into the data folder (needs internet).
         Ignored for ``digits`` and ImageFolder, which have nothing to fetch.
-    limit: keep only the first ``limit`` train and the first ``limit`` test images (not
-        stratified), for fast tests and smoke runs. Normalisation stats of ``digits`` still come
-        from its full train split; an ImageFolder's come from the images actually loaded.
+    limit: keep only the first ``limit`` train and the first ``limit`` test images, for fast tests
+        and smoke runs; from an ImageFolder (whose files are listed class by class) ``limit`` taken
+        in turn from each class instead. Normalisation stats of ``digits`` still come from its full
+        train split; an ImageFolder's come from the images actually loaded.
     image_size: ImageFolder only: each image's shorter side is resized to this, then
         center-cropped to image_size × image_size.
     pad_to: zero-pad every image to pad_to × pad_to (0 = as stored), e.g. 28×28 MNIST to the

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -68,7 +70,8 @@ def _split_dirs(path: Path) -> tuple[Path, Path]:
 
 
 def _read_split(split_dir: Path, image_size: int, limit: int | None) -> tuple[list[str], Tensor, Tensor]:
-    """One split's class names, uint8 images (image_size², RGB) and labels; the first ``limit`` only."""
+    """One split's class names, uint8 images (image_size², RGB) and labels; ``limit`` of them taken
+    across the classes (:func:`stratified_take`)."""
     from torchvision import datasets, transforms
 
     # Resize the shorter side then center-crop: every image becomes image_size², keeping aspect.
@@ -79,8 +82,47 @@ def _read_split(split_dir: Path, image_size: int, limit: int | None) -> tuple[li
         ds = datasets.ImageFolder(str(split_dir))
     except FileNotFoundError as e:  # no class folders, or a class folder with no images
         raise KdbenchError(f"ImageFolder split {split_dir}: {e}") from None
-    samples = ds.samples[:limit] if limit is not None else ds.samples
-    imgs = [to_tensor(ds.loader(p)) for p, _ in samples]  # loader gives RGB PIL images
+    if len(ds.classes) < 2:
+        raise KdbenchError(
+            f"ImageFolder split {split_dir} has {len(ds.classes)} class folder ({', '.join(ds.classes)}): "
+            f"classifying needs at least 2. Put each class's images in its own folder, "
+            f"{split_dir}/<class>/<image>, with two or more classes."
+        )
+    samples = ds.samples if limit is None else [ds.samples[i] for i in stratified_take(ds.targets, limit)]
+    imgs = [_read_image(ds.loader, path, to_tensor) for path, _ in samples]  # loader gives RGB PIL images
     images = torch.stack(imgs) if imgs else torch.empty(0, 3, image_size, image_size, dtype=torch.uint8)
     labels = torch.tensor([t for _, t in samples], dtype=torch.int64)
     return ds.classes, images, labels
+
+
+def stratified_take(labels: list[int], limit: int) -> list[int]:
+    """Positions of ``limit`` samples taken in turn from each class: the first image of every class,
+    then the second of every class, and so on (ascending positions).
+
+    ImageFolder lists its samples class by class, so its first ``limit`` would be about one class:
+    a test set of one class scores 100% whatever the model. This take keeps the classes balanced
+    (their counts differ by at most one, until a class runs out) and is deterministic.
+    """
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(label, []).append(i)
+    taken: list[int] = []
+    for rank in range(max((len(v) for v in by_class.values()), default=0)):
+        if len(taken) >= limit:
+            break
+        taken += [idx[rank] for _, idx in sorted(by_class.items()) if rank < len(idx)]
+    return sorted(taken[:limit])
+
+
+def _read_image(loader: Callable[[str], Any], path: str, to_tensor: Callable[[Any], Tensor]) -> Tensor:
+    """One image as a uint8 tensor, or an error naming the file that cannot be read (not a traceback)."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        return to_tensor(loader(path))
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL: not an image, truncated, a broken header
+        why = "no image format PIL knows" if isinstance(exc, UnidentifiedImageError) else f"{type(exc).__name__}: {exc}"
+        raise KdbenchError(
+            f"ImageFolder image {path} cannot be read ({why}); replace it with a readable image, or move it out "
+            f"of the dataset folder"
+        ) from None

@@ -18,8 +18,10 @@ from ..data import DataSplits
 from ..errors import KdbenchError, unknown
 from ..features import NoPreact, NoSuchStage, probe
 from ..method import Method, Probe, Taps
+from ..recipe import Recipe
 from ..registry import build_method, method_source
 from ..suites import Pair, pair_label
+from ..train.teacher_cache import cacheable
 from .hparams import settings
 from .request import Request
 from .spec import RunSpec, TeacherSpec
@@ -36,6 +38,7 @@ class Plan:
     probes: dict[tuple[str, Taps], Probe] = field(default_factory=dict)  # shapes, per (model, taps)
     #: Other datasets transfer sets take their images from, loaded and checked (sweep/transfer.py).
     sources: dict[str, DataSplits] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # other things the plan tells the user (printed with it)
 
     def run_ids(self) -> set[str]:
         """The ids of every planned run, the teachers' included."""
@@ -138,6 +141,8 @@ def build_plan(req: Request, methods: Mapping[str, type[Method]], data: DataSpli
     probes: dict[tuple[str, Taps], Probe] = {}
     fits, skipped = fitting(req, names, methods, data, probes)
     specs: dict[str, RunSpec] = {}
+    uncached: dict[str, str] = {}  # method -> why its runs cannot distil from cached teacher outputs
+    cached: set[str] = set()       # methods with a run that can
     for seed in req.seeds:
         for pair in req.pairs:
             for name in names:
@@ -157,7 +162,35 @@ def build_plan(req: Request, methods: Mapping[str, type[Method]], data: DataSpli
                         world_size=world, precision=precision, method_source=method_source(methods[name]),
                         pair=pair_label(labels, pair.student), transfer=pair.transfer, bias=pair.bias)
                     specs.setdefault(spec.run_id, spec)
-    return Plan(list(specs.values()), skipped, dict(req.teacher_checkpoints), probes, sources)
+                    if teachers:
+                        if why := cache_unusable(method.taps(), spec.recipe):
+                            uncached.setdefault(name, why)
+                        else:
+                            cached.add(name)
+    notes = check_teacher_cache(req.teacher_cache, uncached, cached)
+    return Plan(list(specs.values()), skipped, dict(req.teacher_checkpoints), probes, sources, notes)
+
+
+def cache_unusable(taps: Taps, recipe: Recipe) -> str:
+    """Why a run with these taps and this recipe cannot distil from cached teacher outputs ('' when it can)."""
+    if not cacheable(taps):
+        return "the method taps stage maps, which the cache does not hold"
+    if recipe.mixing.enabled:
+        return "mixup/CutMix: the teachers see each mixed batch, which no cached view holds"
+    return ""
+
+
+def check_teacher_cache(mode: str, uncached: Mapping[str, str], cached: set[str]) -> list[str]:
+    """``--teacher-cache on`` that no run can follow is an error, naming each method and why; beside runs
+    that do use the cache, the others are notes (``on`` is then "wherever it can be used")."""
+    if mode != "on" or not uncached:
+        return []
+    whys = [f"method '{m}' ({why})" for m, why in sorted(uncached.items())]
+    if not cached:
+        raise KdbenchError("--teacher-cache on, but no run of this sweep can use the teacher cache: "
+                           f"{'; '.join(whys)}. Use --teacher-cache auto or off (the teachers then run online), "
+                           "or add a method that taps no stage maps (e.g. kd)")
+    return [f"--teacher-cache on: {m} runs its teachers online" for m in whys]
 
 
 class CannotDistil(KdbenchError):

@@ -28,10 +28,10 @@ from ..files import atomic_torch_save, warn
 from ..ids import digest
 from ..method import Method, Taps, init_epochs_for
 from ..registry import build_method
-from ..train import EngineOptions, ViewCache, build_view_cache, cacheable
+from ..train import EngineOptions, ViewCache, build_view_cache
 from . import rows
 from .measure import Measurer
-from .plan import Plan, dataset_label, probed
+from .plan import Plan, cache_unusable, dataset_label, probed
 from .request import Request
 from .spec import RunSpec, Spec, TeacherSpec
 from .store import Busy, ResultsStore
@@ -97,6 +97,8 @@ class Runner:
             return self.store.read(spec.run_id) if main else None
         with self.store.main_lock(spec.run_id, wait=wait):
             if distributed.on_main(lambda: self.store.has(spec.run_id)):
+                if distributed.is_main():  # done by another process meanwhile: no lock left behind either
+                    self.store.finish(spec.run_id)
                 return None
             row = self.train_student(spec)
             if distributed.is_main():
@@ -162,7 +164,10 @@ class Runner:
                 self._write_teacher_row(ts, model, train.TrainResult.untrained(model, self.data), trained=False)
         else:
             with self.store.main_lock(ts.run_id, wait=True):
-                if not self._load_stored_teacher(ts, model):
+                if self._load_stored_teacher(ts, model):
+                    if distributed.is_main():  # finished: the lock (made by taking it) goes, as a trained one's does
+                        self.store.finish(ts.run_id)
+                else:
                     self._train_teacher(ts, model)
         self._teachers[ts.run_id] = model
         return model
@@ -282,10 +287,8 @@ class Runner:
             return "no teachers"
         if mode == "off":
             return "--teacher-cache off"
-        if not cacheable(taps):
-            return "the method taps stage maps, which the cache does not hold"
-        if spec.recipe.mixing.enabled:
-            return "mixup/CutMix: the teachers see each mixed batch, which no cached view holds"
+        if why := cache_unusable(taps, spec.recipe):
+            return why
         if mode == "on":
             return ""
         sharing = sum(1 for s in self.plan.specs if s.teachers == spec.teachers) or 1

@@ -282,6 +282,14 @@ class TrainStep:
                     shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                     raise KdbenchError(f"{self.who} returned loss term '{name}' that is not a scalar tensor "
                                        f"({shape}); each term must be one already-weighted number per batch")
+                if not value.requires_grad and torch.is_grad_enabled():
+                    # Added to the loss it would change no weight: the run would be cross-entropy under the
+                    # method's name (an `ok` row). Checked on every step: a cheap flag, no device sync.
+                    raise KdbenchError(f"{self.who} returned loss term '{name}' with no gradient: it depends on no "
+                                       "trainable weight (a constant, the teachers' outputs alone, or computed under "
+                                       ".detach() or torch.no_grad()), so it would train nothing and the run would be "
+                                       "cross-entropy alone under the method's name; compute it from the student's "
+                                       "outputs (student.logits, student.stages, ...)")
             clash = set(extra) & set(own)
             if clash:
                 raise KdbenchError(f"{self.who} returned a term named {sorted(clash)}, which the engine owns; "
