@@ -8,7 +8,8 @@ order; a failure is recorded and the run goes on. The checks:
 1. ``engine_probe``: a KD step whose ``ce_weight`` changes every epoch (1, 0.25, 4, 0, 1), compiled
    (CUDA graphs on CUDA) against eager, step by step on the same batches and from the same weights:
    the loss terms (forward) and every gradient (backward) must agree, so a weight baked into a
-   recorded CUDA graph would show at the first replay after it changes.
+   recorded CUDA graph would show at the first replay after it changes. Dynamo's graph count must
+   not grow with epochs or ``ce_weight`` changes (see ``_graph_growth`` for the graphs allowed).
 2. ``compiled_vs_eager``: every method (with two teachers where it takes them), with and without
    the teacher cache, trained eagerly and compiled: every epoch's mean loss terms within a stated
    relative tolerance.
@@ -317,8 +318,8 @@ def check_cuda_tests(ctx: Context) -> dict[str, Any]:
 
 
 SWEEP_COLUMNS = ("kind", "method", "pair", "seed", "status", "train_time_s", "first_epoch_s", "epoch_time_s",
-                 "throughput_img_s", "peak_mem_mb", "peak_mem_kind", "precision", "compiled", "teacher_cache",
-                 "teacher_cache_build_s", "compile_error", "top1_last")
+                 "throughput_img_s", "throughput_note", "peak_mem_mb", "peak_mem_kind", "precision", "compiled",
+                 "teacher_cache", "teacher_cache_build_s", "compile_error", "top1_last")
 
 
 def check_worker_sweep(ctx: Context) -> dict[str, Any]:
@@ -497,6 +498,24 @@ def _graph_count(plan: Plan) -> int | None:
     return int(counters["stats"]["unique_graphs"])
 
 
+def _graph_growth(graphs0: int | None, counts: list[int | None], weights: Sequence[float]) -> str:
+    """Why the compiled step's graph count grew where it must not ('' when it did not), given the count before
+    the probe's first epoch and after each epoch so far (None: nothing compiled).
+
+    Epoch 0 compiles the step (a full and a short last batch). Epoch 1 may recompile once: dynamo's automatic
+    dynamic turns the epoch number and ``ce_weight``, constants at first, into inputs. An epoch whose
+    ``ce_weight`` is the first 0 may add graphs (the cross-entropy term is dropped). Any other epoch (a new
+    non-zero ``ce_weight``, or a later epoch) must add none: a graph per epoch or per weight means Python
+    scalars reach the graph (issue 17, item 6), and on CUDA a CUDA graph is recorded per value."""
+    epoch = len(counts) - 1
+    if epoch < 2 or graphs0 is None or counts[-1] is None or counts[-2] is None:
+        return ""
+    if counts[-1] == counts[-2] or not any(bool(w) == bool(weights[epoch]) for w in weights[1:epoch]):
+        return ""
+    return (f"dynamo graphs grew from {counts[-2] - graphs0} to {counts[-1] - graphs0} at epoch {epoch} "
+            f"(ce_weight {weights[epoch]:g}): the step recompiles per epoch or per ce_weight")
+
+
 def _reset_compiler(plan: Plan) -> None:
     """Forget compiled code and CUDA graphs: every comparison compiles its own."""
     if plan.compile:
@@ -560,6 +579,7 @@ def engine_probe(plan: Plan) -> dict[str, Any]:
                         generator=torch.Generator(device=device).manual_seed(0), crop_padding=1, flip=True)
         epochs = []
         steps = 0
+        counts = []  # dynamo's graph count after each epoch
         for epoch, weight in enumerate(CE_WEIGHTS):
             term_err = grad_err = 0.0
             problems: list[str] = []
@@ -582,6 +602,10 @@ def engine_probe(plan: Plan) -> dict[str, Any]:
                 (_, s_e, m_e), (_, s_c, m_c) = arms["eager"], arms["compiled"]
                 s_c.load_state_dict(s_e.state_dict())
                 m_c.load_state_dict(m_e.state_dict())
+            counts.append(_graph_count(plan))
+            growth = _graph_growth(graphs0, counts, CE_WEIGHTS)
+            if growth:
+                problems.append(growth)
             problems = list(dict.fromkeys(problems))  # once each, not once per step
             epoch_ok = not problems and term_err <= rtol and grad_err <= rtol
             ok &= epoch_ok
@@ -594,6 +618,7 @@ def engine_probe(plan: Plan) -> dict[str, Any]:
         graphs = _graph_count(plan)
         runs[label] = {"rtol": rtol, "epochs": epochs, "steps": steps,
                        "dynamo_graphs": graphs - graphs0 if graphs is not None else None,
+                       "dynamo_graphs_per_epoch": [c - graphs0 if c is not None else None for c in counts],
                        "ok": all(e["ok"] for e in epochs)}
     worst = max((e["max_grad_rel_err"] for r in runs.values() for e in r["epochs"]), default=0.0)
     what = "compiled vs eager" if plan.compile else "eager vs eager (compile not exercised on the CPU)"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import resource
 import statistics
 import sys
@@ -12,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import KdbenchError
 
 
 def topk_accuracy(logits: Tensor, labels: Tensor, k: int) -> float:
@@ -76,38 +80,78 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: How long each throughput repeat runs by default: shorter repeats of one model varied 2-3x (issue 17).
+THROUGHPUT_MIN_TIME_S = 1.0
+#: Overrides it (seconds): the test suite sets it low, so that its many short sweeps stay fast.
+THROUGHPUT_MIN_TIME_ENV = "KDBENCH_THROUGHPUT_MIN_S"
+
+
+def throughput_min_time_s() -> float:
+    """Seconds per throughput repeat: ``$KDBENCH_THROUGHPUT_MIN_S`` when set, else :data:`THROUGHPUT_MIN_TIME_S`."""
+    value = os.environ.get(THROUGHPUT_MIN_TIME_ENV, "").strip()
+    if not value:
+        return THROUGHPUT_MIN_TIME_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0 or math.isinf(seconds):
+        raise KdbenchError(f"${THROUGHPUT_MIN_TIME_ENV} is {value!r}: give seconds per throughput repeat, "
+                           f"a number >= 0 (unset: {THROUGHPUT_MIN_TIME_S:g})")
+    return seconds
+
+
+def _timed(fn: Callable[[], object], device: torch.device, calls: int) -> float:
+    """Seconds ``calls`` back-to-back calls of ``fn`` take, synchronised on GPU."""
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def calls_for(fn: Callable[[], object], device: torch.device, min_time_s: float) -> int:
+    """Calls of ``fn`` that take about ``min_time_s``, from a timed pass of already warm calls: 1, 2, 4, ...
+    calls until a pass takes a tenth of ``min_time_s`` (one call is noise on a fast model). 1 when
+    ``min_time_s`` is 0 (nothing is called)."""
+    if min_time_s <= 0:
+        return 1
+    calls = 1
+    while True:
+        elapsed = _timed(fn, device, calls)
+        if elapsed >= min_time_s / 10 or calls >= 1 << 20:
+            break
+        calls *= 2
+    return max(1, math.ceil(min_time_s / max(elapsed / calls, 1e-9)))
+
+
 def seconds_per_call(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, repeats: int = 2,
                      min_time_s: float = 0.0) -> tuple[list[float], int]:
     """kdbench's one timing helper: seconds per call of ``fn``, one figure per repeat, and the
     number of calls each repeat timed.
 
-    ``warmup`` calls first (allocator, kernel selection); then each repeat times back-to-back
-    calls for at least ``min_time_s`` (the count is fixed after warm-up, so every repeat does the
-    same work), synchronised on GPU so the time is the device's, not the launch queue's.
+    ``warmup`` untimed calls first (allocator, kernel selection, compiling); then the calls per repeat
+    are calibrated on warm calls (:func:`calls_for`), not on the warm-up's, which pay for the first
+    call's setup; then each repeat times that many back-to-back calls, about ``min_time_s`` (every
+    repeat does the same work), synchronised on GPU so the time is the device's, not the launch queue's.
     """
-    _sync(device)
-    start = time.perf_counter()
     for _ in range(warmup):
         fn()
-    _sync(device)
-    per_call = max((time.perf_counter() - start) / max(warmup, 1), 1e-6)
-    iters = max(1, int(min_time_s / per_call))
+    iters = calls_for(fn, device, min_time_s)
     out = []
     for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        _sync(device)
-        out.append((time.perf_counter() - t0) / iters)
+        out.append(_timed(fn, device, iters) / iters)
     return out, iters
 
 
 @torch.inference_mode()
 def measure_throughput(model: nn.Module, input_shape: tuple[int, ...], *, batch_size: int = 256,
                        dtype: torch.dtype = torch.float32, warmup: int = 3, repeats: int = 5,
-                       min_time_s: float = 0.2) -> Throughput:
-    """Inference images/s: eval mode, inference mode, fixed batch, warm-up, median of repeats."""
+                       min_time_s: float | None = None) -> Throughput:
+    """Inference images/s: eval mode, inference mode, fixed batch, warm-up, median of repeats of at least
+    ``min_time_s`` each (None: :func:`throughput_min_time_s`, 1 s by default)."""
+    min_time_s = throughput_min_time_s() if min_time_s is None else min_time_s
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -14,6 +14,8 @@ from datasets_offline import fashion_root, mnist_root  # noqa: F401  (fixtures, 
 # KDBENCH_TEST_DEVICE=auto (or cuda) runs the --device auto tests on the GPU instead; an exported
 # KDBENCH_DEVICE meant for real sweeps does not leak in.
 os.environ["KDBENCH_DEVICE"] = os.environ.get("KDBENCH_TEST_DEVICE", "cpu")
+# Throughput repeats of 0.05 s instead of 1 s: the suite's many short sweeps each measure their models.
+os.environ.setdefault("KDBENCH_THROUGHPUT_MIN_S", "0.05")
 
 
 @pytest.fixture(autouse=True)

@@ -155,3 +155,57 @@ def test_rows_without_compile_or_steady_epochs(tmp_path):
         assert r[Col.COMPILED] is False and r[Col.COMPILE_ERROR] == ""
         assert 0 < r[Col.FIRST_EPOCH_TIME] <= r[Col.TRAIN_TIME]
         assert r[Col.EPOCH_TIME] is None  # one epoch: no steady state to measure (NaN, stored as null)
+
+
+@pytest.mark.parametrize("device, world, mode", [("cuda", 1, "reduce-overhead"), ("cuda", 2, None),
+                                                 ("cpu", 1, None), ("cpu", 2, None)])
+def test_no_cuda_graphs_under_ddp(monkeypatch, device, world, mode):
+    """Issue 17, item 8: DDP (find_unused_parameters) with CUDA graphs has known upstream failures, so with more
+    than one rank the step compiles in the default mode. Nothing is compiled: torch.compile records its kwargs."""
+    from kdbench.train import step as step_module
+
+    seen: list = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: seen.append(kwargs) or module)
+    monkeypatch.setattr(step_module.distributed, "world_size", lambda: world)
+    model = zoo.create("hinton_mlp_800", num_classes=10, in_chans=1, img_size=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = step_module.TrainStep(model, None, [], opt, recipe=get_recipe("digits"), device=torch.device(device))
+    assert step.world == world
+    step.compile()
+    assert seen == [{"mode": mode}] and step.compiled
+    assert step_module.compile_mode(torch.device(device), world) == mode
+
+
+@pytest.mark.parametrize("name", ["fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"])
+def test_hitting_a_recompile_limit_is_an_error(name):
+    """Issue 17, item 3: dynamo would silently go on eagerly at the limit while the row says compiled."""
+    config = SimpleNamespace(recompile_limit=8, **{name: False})
+    assert raise_recompile_limits(config) == ["recompile_limit", name] and getattr(config, name) is True
+    both = SimpleNamespace(fail_on_recompile_limit_hit=False, fail_on_cache_limit_hit=False)  # new name first
+    assert raise_recompile_limits(both) == ["fail_on_recompile_limit_hit"]
+
+
+def test_a_recompile_limit_hit_falls_back_to_eager_and_is_recorded(monkeypatch, capsys):
+    """A real limit hit (dynamo with the 'eager' backend, nothing compiled, and a limit of 1 graph) under
+    --compile auto: the step records the fallback instead of running eagerly in silence."""
+    import torch._dynamo
+
+    from kdbench.train import step as step_module
+
+    real_compile, real_raise = torch.compile, step_module.raise_recompile_limits
+    for n in ("recompile_limit", "accumulated_recompile_limit", "fail_on_recompile_limit_hit"):
+        monkeypatch.setattr(torch._dynamo.config, n, getattr(torch._dynamo.config, n))  # restored afterwards
+
+    def tiny_limits(config):
+        real_raise(config)
+        config.recompile_limit = 1
+
+    monkeypatch.setattr(step_module, "raise_recompile_limits", tiny_limits)
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: real_compile(module, backend="eager"))
+    torch._dynamo.reset()
+    try:
+        res = _train_mlp(EngineOptions(compile=True, compile_fallback=True))
+    finally:
+        torch._dynamo.reset()
+    assert "recompil" in res.compile_error.lower() or "limit" in res.compile_error.lower(), res.compile_error
+    assert capsys.readouterr().err.count("torch.compile failed") == 1

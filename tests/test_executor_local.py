@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from kdbench.errors import KdbenchError
@@ -60,3 +62,69 @@ def test_cli_gpus_map_through_the_mask(monkeypatch, gpus):
     args = build_parser().parse_args(["run", "--gpus", gpus, "--runs-per-gpu", "2"])
     ex = build_executor(args, None)
     assert isinstance(ex, LocalExecutor) and ex.slots == ["4", "4", "5", "5", "6", "6", "7", "7"]
+
+
+def test_compile_threads_share_the_cpus():
+    from kdbench.executors.local import compile_threads
+
+    assert compile_threads(4, cpus=16) == 4 and compile_threads(3, cpus=16) == 5
+    assert compile_threads(8, cpus=4) == 1 and compile_threads(1, cpus=128) == 32  # at least 1, torch's cap
+    assert compile_threads(0, cpus=2) == 2
+
+
+class _InlineProcess:
+    """A worker 'process' that runs in this one when started (what the fake spawn context makes)."""
+
+    def __init__(self, target, args, daemon):
+        self.target, self.args = target, args
+
+    def start(self):
+        self.target(*self.args)
+
+    def is_alive(self):
+        return False
+
+    def join(self, timeout=None):
+        pass
+
+
+def _env_threads(task):
+    return os.environ.get("TORCHINDUCTOR_COMPILE_THREADS")
+
+
+@pytest.mark.parametrize("user", [None, "7"])
+def test_workers_share_one_compile_pool(monkeypatch, user):
+    """Each worker gets cpus // workers inductor compile processes (issue 17, item 10), unless the user set
+    TORCHINDUCTOR_COMPILE_THREADS. The workers run inline here, through a fake spawn context."""
+    import queue
+    from types import SimpleNamespace
+
+    import torch._inductor.config
+
+    from kdbench.executors import local
+
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "0")  # recorded, so the test's changes are undone
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS")
+    if user is not None:
+        monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", user)
+    monkeypatch.setattr(local.os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    started = []
+
+    def process(target, args, daemon):
+        started.append(args)
+        return _InlineProcess(target, args, daemon)
+
+    ctx = SimpleNamespace(Queue=queue.Queue, Process=process)
+    monkeypatch.setattr(local.mp, "get_context", lambda method: ctx)
+    tasks = [SimpleNamespace(run_id=f"r{i}", label=f"r{i}") for i in range(3)]
+    seen = []
+    config = torch._inductor.config
+    old, config.compile_threads = config.compile_threads, 99  # (monkeypatch's undo hides a config entry)
+    try:
+        local.LocalExecutor(_env_threads, workers=3).execute(tasks, seen.append)
+        threads = config.compile_threads
+    finally:
+        config.compile_threads = old
+    assert [args[-1] for args in started] == [4, 4, 4]  # 12 CPUs, 3 workers
+    assert seen == [user or "4"] * 3
+    assert threads == (99 if user else 4)

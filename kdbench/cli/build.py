@@ -127,6 +127,7 @@ def build_request(args: argparse.Namespace, suite: Suite, *, dataset: str, recip
         results_dir=results_dir(args.results_dir), data_dir=args.data_dir, download=args.download,
         limit=args.limit, pad_to=suite.pad_to if args.pad_to is None else args.pad_to,
         device=device, remote=remote, throughput_batch=args.throughput_batch, quiet=args.quiet,
+        runs_per_gpu=getattr(args, "runs_per_gpu", 1) if getattr(args, "gpus", None) else 1,
         command=command_line(), precision=args.precision, compile=args.compile,
         channels_last=args.channels_last, teacher_cache=args.teacher_cache,
     )

@@ -82,11 +82,37 @@ def _mask_entries(mask: str) -> list[str]:
     return entries
 
 
-def _worker(do_task: TaskFunction, gpu: str | None, inbox: Any, outbox: Any) -> None:
-    """A worker process: pins itself to one GPU, then runs tasks until it gets None."""
+#: Inductor's compile processes per process; torch's default is the machine's CPUs (up to 32) for each.
+COMPILE_THREADS_ENV = "TORCHINDUCTOR_COMPILE_THREADS"
+
+
+def compile_threads(workers: int, cpus: int | None = None) -> int:
+    """Compile processes each of ``workers`` worker processes gets: the CPUs shared among them (torch's own
+    default gives every worker a pool as large as the machine), at least 1, at most torch's cap of 32."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(32, cpus // max(1, workers)))
+
+
+def _share_compile_pool(threads: int) -> None:
+    """Give this process's torch.compile ``threads`` compile processes, unless the user set
+    ``$TORCHINDUCTOR_COMPILE_THREADS`` (which the worker inherits)."""
+    if COMPILE_THREADS_ENV in os.environ:
+        return
+    os.environ[COMPILE_THREADS_ENV] = str(threads)
+    import torch._inductor.config  # it reads the variable when imported, which importing kdbench has done
+
+    torch._inductor.config.compile_threads = threads
+
+
+def _worker(do_task: TaskFunction, gpu: str | None, inbox: Any, outbox: Any, threads: int | None = None) -> None:
+    """A worker process: pins itself to one GPU and to its share of compile processes (``threads``), then
+    runs tasks until it gets None."""
     if gpu is not None:
         # Before torch touches CUDA in this process: it then sees only its own GPU, as cuda:0.
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    if threads is not None:
+        _share_compile_pool(threads)
     try:
         while (item := inbox.get()) is not None:
             index, task = item
@@ -126,8 +152,10 @@ class LocalExecutor(Executor):
         inbox, outbox = ctx.Queue(), ctx.Queue()
         for i, task in enumerate(tasks):
             inbox.put((i, task))
-        procs = [ctx.Process(target=_worker, args=(self.do_task, gpu, inbox, outbox), daemon=True)
-                 for gpu in self.slots[: len(tasks)]]
+        slots = self.slots[: len(tasks)]
+        threads = compile_threads(len(slots))  # one pool of compile processes in all, not one per worker
+        procs = [ctx.Process(target=_worker, args=(self.do_task, gpu, inbox, outbox, threads), daemon=True)
+                 for gpu in slots]
         for proc in procs:
             inbox.put(None)
             proc.start()

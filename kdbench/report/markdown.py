@@ -133,22 +133,37 @@ def _models(rows: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
 def cost_table(rows: pd.DataFrame) -> tuple[str, list[str]]:
     """Per model: parameters, FLOPs/image and throughput, one throughput column per device setup."""
     setups = throughput_setups(rows)
+    unmeasured = _unmeasured_throughput(rows)
     header = ["model", "role", "params", "FLOPs/image"]
-    header += [f"images/s ({s.text})" for s in setups]
+    header += [f"images/s ({s.text})" for s in setups] or (["images/s"] if unmeasured.any() else [])
     lines = []
     for model, role, group in _models(rows):
         line = [model, role, fmt_count(mean_of(group, Col.PARAMS)), fmt_count(mean_of(group, Col.FLOPS))]
+        missing = "not measured" if unmeasured[group.index].any() else "—"
         for s in setups:
-            line.append(fmt(mean_of(setup_rows(group, s), Col.THROUGHPUT), 0) or "—")
+            line.append(fmt(mean_of(setup_rows(group, s), Col.THROUGHPUT), 0) or missing)
+        if not setups and unmeasured.any():
+            line.append(missing)
         lines.append(line)
     notes = []
     if setups:
         notes.append("Throughput is inference images/s, averaged over the runs of each model.")
+    if unmeasured.any():
+        why = "; ".join(sorted({n.removeprefix("not measured: ") for n in rows.loc[unmeasured, Col.THROUGHPUT_NOTE]
+                                .astype(str)}))
+        notes.append(f"Throughput was not measured for {int(unmeasured.sum())} run(s): {why}.")
     devices = sorted({s.device for s in setups})
     if len(devices) > 1:
         notes.insert(0, f"**These runs measured throughput on {len(devices)} different devices "
                         f"({', '.join(devices)}): the columns are not comparable with each other.**")
     return md_table(header, lines), notes
+
+
+def _unmeasured_throughput(rows: pd.DataFrame) -> pd.Series:
+    """True for the rows whose throughput was not measured on purpose (``throughput_note`` says why)."""
+    if Col.THROUGHPUT_NOTE not in rows:
+        return pd.Series(False, index=rows.index)
+    return rows[Col.THROUGHPUT_NOTE].fillna("").astype(str).str.strip() != ""
 
 
 def method_cost_section(rows: pd.DataFrame) -> list[str]:

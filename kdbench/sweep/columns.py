@@ -42,6 +42,7 @@ class Col:
     THROUGHPUT_DTYPE = "throughput_dtype"
     THROUGHPUT_REPEATS = "throughput_repeats"
     THROUGHPUT_ITERS = "throughput_iters"
+    THROUGHPUT_NOTE = "throughput_note"  # why throughput_img_s is NaN (not measured), '' when measured
     DEVICE = "device"
     GIT_COMMIT = "git_commit"
     COMMAND = "command"
@@ -74,6 +75,8 @@ class Col:
     PEAK_MEM_KIND = "peak_mem_kind"
     FLUSH_DENORMAL = "flush_denormal"
     CHANNELS_LAST = "channels_last"
+    TF32_CONV = "tf32_conv"  # TF32 allowed in cuDNN convolutions (None off CUDA); off for fp32 runs
+    TF32_MATMUL = "tf32_matmul"  # TF32 allowed in CUDA matmuls (None off CUDA); off for fp32 runs
     COMPILED = "compiled"  # whether the run trained compiled (false after a fallback to eager)
     COMPILE_ERROR = "compile_error"  # why torch.compile failed under --compile auto ('' when it did not)
     HISTORY_TOP1 = "history_top1"

@@ -38,8 +38,8 @@ class Measurements:
 class Measurer:
     """Measures models of one sweep on one device, caching what does not depend on the run."""
 
-    def __init__(self, data: DataSplits, throughput_batch: int) -> None:
-        self.data, self.throughput_batch = data, throughput_batch
+    def __init__(self, data: DataSplits, throughput_batch: int, runs_per_gpu: int = 1) -> None:
+        self.data, self.throughput_batch, self.runs_per_gpu = data, throughput_batch, runs_per_gpu
         info = data.info
         self.shape = (info.in_chans, info.img_size, info.img_size)
         self._costs: dict[str, dict[str, Any]] = {}        # per architecture
@@ -48,14 +48,23 @@ class Measurer:
     def costs(self, name: str, model: nn.Module) -> dict[str, Any]:
         """FLOPs per image and inference throughput of an architecture, measured once per sweep."""
         if name not in self._costs:
-            tp = metrics.measure_throughput(model, self.shape, batch_size=self.throughput_batch)
-            self._costs[name] = {
-                Col.FLOPS: metrics.flops_per_image(model, self.shape),
-                Col.THROUGHPUT: tp.images_per_s, Col.THROUGHPUT_BATCH: tp.batch_size,
+            self._costs[name] = {Col.FLOPS: metrics.flops_per_image(model, self.shape), **self._throughput(model)}
+        return self._costs[name]
+
+    def _throughput(self, model: nn.Module) -> dict[str, Any]:
+        """The throughput columns: measured, or NaN with ``throughput_note`` saying why not."""
+        if self.runs_per_gpu > 1:
+            # The other runs on this GPU train while this one would time: images/s would count their load.
+            return {Col.THROUGHPUT: float("nan"), Col.THROUGHPUT_BATCH: self.throughput_batch,
+                    Col.THROUGHPUT_DEVICE: "", Col.THROUGHPUT_DTYPE: "", Col.THROUGHPUT_REPEATS: 0,
+                    Col.THROUGHPUT_ITERS: 0,
+                    Col.THROUGHPUT_NOTE: f"not measured: {self.runs_per_gpu} runs shared the GPU "
+                                         f"(--runs-per-gpu {self.runs_per_gpu})"}
+        tp = metrics.measure_throughput(model, self.shape, batch_size=self.throughput_batch)
+        return {Col.THROUGHPUT: tp.images_per_s, Col.THROUGHPUT_BATCH: tp.batch_size,
                 Col.THROUGHPUT_DEVICE: tp.device, Col.THROUGHPUT_DTYPE: tp.dtype,
                 Col.THROUGHPUT_REPEATS: tp.repeats, Col.THROUGHPUT_ITERS: tp.iters_per_repeat,
-            }
-        return self._costs[name]
+                Col.THROUGHPUT_NOTE: ""}
 
     def teacher_probs(self, run_id: str, teacher: Callable[[], nn.Module]) -> Tensor:
         """A teacher's test-set class probabilities, computed once per sweep (``teacher()`` gives it)."""

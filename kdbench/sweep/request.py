@@ -55,6 +55,7 @@ class Request:
     device: str = _AUTO
     remote: bool = False
     throughput_batch: int = 256
+    runs_per_gpu: int = 1          # --runs-per-gpu: K > 1 runs share a GPU, so throughput is not measured
     quiet: bool = False
     command: str = ""              # the command line, recorded in every row (workers have other argv)
     # How the engine computes: "auto" picks by device (fast on CUDA, plain fp32 on the CPU). Only

@@ -17,6 +17,7 @@ from ..executors.base import DIVERGED, OK
 from ..recipe import Recipe
 from ..suites import pair_label
 from ..train import EngineOptions, TrainResult
+from ..train.options import tf32_flags
 from .columns import Col
 from .measure import Measurements, evaluated
 from .spec import RunSpec, TeacherSpec
@@ -43,6 +44,7 @@ def common(ctx: Context, *, run_id: str, kind: str, method: str, model: str, pai
            seed: int, result: TrainResult, measured: Measurements, peak: Any) -> dict[str, Any]:
     """The fields every row has: the spec, accuracy, size, speed, the training log, provenance."""
     ok = evaluated(result)
+    tf32 = tf32_flags(ctx.device_type)
     return {
         Col.RUN_ID: run_id, Col.KIND: kind, Col.METHOD: method, Col.STUDENT: model, Col.PAIR: pair,
         Col.DATASET: ctx.dataset, Col.DATASET_SOURCE: ctx.dataset_source, Col.REAL_DATA: ctx.real_data,
@@ -63,6 +65,7 @@ def common(ctx: Context, *, run_id: str, kind: str, method: str, model: str, pai
         Col.PEAK_MEM: peak.mb if peak else NAN, Col.PEAK_MEM_KIND: peak.kind if peak else "",
         Col.FLUSH_DENORMAL: ctx.device_type == "cpu",
         Col.PRECISION: ctx.options.precision, Col.CHANNELS_LAST: ctx.options.channels_last,
+        Col.TF32_CONV: tf32[Col.TF32_CONV], Col.TF32_MATMUL: tf32[Col.TF32_MATMUL],  # as the run set them
         Col.COMPILED: ctx.options.compile and not result.compile_error, Col.COMPILE_ERROR: result.compile_error,
         **epoch_time_columns(result),
         Col.HISTORY_TOP1: json.dumps([round(h.top1, 4) for h in result.history]),

@@ -308,6 +308,7 @@ def _prepare(model: nn.Module, teachers: Sequence[nn.Module], method: Method | N
     options.prepare(model)
     for t in teachers:
         options.prepare(t)
+    options.set_tf32(device)  # fp32 on CUDA: no TF32 (rows record the flags)
     if method is not None:
         method.setup_data(train_size=len(data.train_labels), labels=data.train_labels if labelled else None)
         method.to(device)

@@ -39,7 +39,7 @@ class EngineOptions:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise KdbenchError(f"precision '{self.precision}' is not one of {', '.join(PRECISIONS)}; "
-                               "use fp32 (exact) or bf16 (autocast, fp32 weights and losses)")
+                               "use fp32 (exact: no TF32 on CUDA) or bf16 (autocast, fp32 weights and losses)")
 
     @classmethod
     def fast_for(cls, device: torch.device | str) -> EngineOptions:
@@ -64,6 +64,24 @@ class EngineOptions:
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def set_tf32(self, device: torch.device) -> dict[str, bool | None]:
+        """On CUDA in fp32, turn TF32 off in cuDNN convolutions and in matmuls: fp32 means fp32, not TF32's
+        10-bit mantissa (cuDNN's default allows it). Call it at a run's start; bf16 runs keep torch's
+        settings. Returns :func:`tf32_flags`, what the row records."""
+        if device.type == "cuda" and self.precision == "fp32":
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+        return tf32_flags(device)
+
+
+def tf32_flags(device: torch.device | str) -> dict[str, bool | None]:
+    """Whether TF32 is allowed in cuDNN convolutions (``tf32_conv``) and in CUDA matmuls (``tf32_matmul``); None
+    for both off CUDA, where TF32 does not exist."""
+    if torch.device(device).type != "cuda":
+        return {"tf32_conv": None, "tf32_matmul": None}
+    return {"tf32_conv": bool(torch.backends.cudnn.allow_tf32),
+            "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32)}
 
 
 def as_fp32(out: Outputs) -> Outputs:

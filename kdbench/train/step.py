@@ -65,19 +65,36 @@ RECOMPILE_LIMIT = 256
 #: Dynamo's limits under their torch >= 2.7 names, then the older names (pyproject allows older torch).
 _LIMIT_NAMES = (("recompile_limit", "cache_size_limit"),
                 ("accumulated_recompile_limit", "accumulated_cache_size_limit"))
+#: The switch that makes hitting a limit an error instead of a silent fall back to eager, new name first.
+_FAIL_NAMES = ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit")
 
 
 def raise_recompile_limits(config: Any, at_least: int = RECOMPILE_LIMIT) -> list[str]:
     """Raise dynamo's per-code-object and accumulated recompile limits in ``config`` (``torch._dynamo.config``)
     to at least ``at_least``, under whichever name this torch has; a limit with neither name is skipped.
-    Returns the names set. The accumulated limit is raised too: below the other it would cap it first."""
+    Returns the names set. The accumulated limit is raised too: below the other it would cap it first.
+
+    Hitting a limit is made an error (``fail_on_recompile_limit_hit``, ``fail_on_cache_limit_hit`` before it):
+    dynamo would otherwise go on eagerly in silence while the row says ``compiled``. Under ``--compile auto``
+    the step then falls back to eager and records ``compile_error``; under ``--compile on`` the run fails."""
     done = []
     for names in _LIMIT_NAMES:
         name = next((n for n in names if hasattr(config, n)), None)
         if name is not None:
             setattr(config, name, max(getattr(config, name), at_least))
             done.append(name)
+    fail = next((n for n in _FAIL_NAMES if hasattr(config, n)), None)
+    if fail is not None:
+        setattr(config, fail, True)
+        done.append(fail)
     return done
+
+
+def compile_mode(device: torch.device, world: int = 1) -> str | None:
+    """``torch.compile``'s mode for the step: CUDA graphs (``reduce-overhead``) on one CUDA process; the default
+    mode (no CUDA graphs) on the CPU and under DDP with more than one rank, where CUDA graphs with
+    ``find_unused_parameters`` have known upstream failures (issue 17, item 8)."""
+    return "reduce-overhead" if device.type == "cuda" and world <= 1 else None
 
 
 class _Forward(nn.Module):
@@ -178,12 +195,13 @@ class TrainStep:
         return self
 
     def compile(self) -> TrainStep:
-        """``torch.compile`` the forward; on CUDA its forward and backward replay as CUDA graphs."""
+        """``torch.compile`` the forward; on one CUDA process its forward and backward replay as CUDA graphs
+        (not under DDP with more than one rank: :func:`compile_mode`)."""
         import torch._dynamo
 
         raise_recompile_limits(torch._dynamo.config)
         self._eager = self.net  # what a failed compilation falls back to (options.compile_fallback)
-        self.net = torch.compile(self.net, mode="reduce-overhead" if self.device.type == "cuda" else None)
+        self.net = torch.compile(self.net, mode=compile_mode(self.device, self.world))
         self.compiled = True
         return self
 
