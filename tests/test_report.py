@@ -359,6 +359,19 @@ def test_a_one_hyperparameter_sweep_gets_its_curve_and_its_best_value(tmp_path):
     assert f"kd on {R56}→{W16}" not in table
 
 
+def test_a_setting_that_differs_as_a_list_is_no_sweep(tmp_path):
+    """fsp with its stages set per pair (lists, as the CRD suites set them): the report is written, with no sweep
+    figure. (pandas cannot count lists as unique values: this crashed `kdbench report` on the CRD suites.)"""
+    (tmp_path / "runs").mkdir()
+    for student, teacher, stages in ((W16, WRN, [0, 1, 2]), (R20, R56, [1, 2, 3]), (R20, WRN, [0, 2, 3])):
+        r = row("fsp", teacher, student, 0, 60.0)
+        r.update(run_id=f"{r['run_id']}-{student}-{teacher}", hparams=json.dumps({"stages": stages, "fsp_weight": 50}))
+        (tmp_path / "runs" / f"{r['run_id']}.json").write_text(json.dumps(r))
+    written = build_report(tmp_path)
+    assert not [p for p in written if p.name.startswith("sweep_")]
+    assert "fsp" in next(p for p in written if p.name.startswith("table_") and p.suffix == ".md").read_text()
+
+
 def test_a_single_setting_draws_no_sweep(report):
     _, written = report
     assert not [p for p in written if p.name.startswith("sweep_")]

@@ -38,7 +38,9 @@ def swept(rows: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
             continue
         key = differ[0]
         values = group[Col.HPARAMS].map(lambda h, key=key: json.loads(h).get(key) if isinstance(h, str) else None)
-        if values.nunique() < 3 or not all(isinstance(v, (int, float)) for v in values.dropna()):
+        # Numbers only, checked first: a setting that differs as a list (per-pair stages) is no sweep, and
+        # lists cannot be counted as unique values.
+        if not all(isinstance(v, (int, float)) for v in values.dropna()) or values.nunique() < 3:
             continue
         runs = group.assign(value=values.astype(float))
         # Only the pairs the sweep ran at several values: a pair run at one value has no curve.
