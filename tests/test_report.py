@@ -372,6 +372,17 @@ def test_a_setting_that_differs_as_a_list_is_no_sweep(tmp_path):
     assert "fsp" in next(p for p in written if p.name.startswith("table_") and p.suffix == ".md").read_text()
 
 
+def test_one_value_per_pair_is_no_sweep(tmp_path):
+    """dkd at a different beta on each of three pairs (DKD's table sets beta per pair): no pair has a curve, so no
+    (empty) sweep figure is drawn."""
+    (tmp_path / "runs").mkdir()
+    for student, teacher, beta in ((W16, WRN, 8.0), (R20, R56, 2.0), (R20, WRN, 4.0)):
+        r = row("dkd", teacher, student, 0, 60.0)
+        r.update(run_id=f"{r['run_id']}-{student}-{teacher}", hparams=json.dumps({"beta": beta, "alpha": 1.0}))
+        (tmp_path / "runs" / f"{r['run_id']}.json").write_text(json.dumps(r))
+    assert not [p for p in build_report(tmp_path) if p.name.startswith("sweep_")]
+
+
 def test_a_single_setting_draws_no_sweep(report):
     _, written = report
     assert not [p for p in written if p.name.startswith("sweep_")]

@@ -45,7 +45,9 @@ def swept(rows: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
         runs = group.assign(value=values.astype(float))
         # Only the pairs the sweep ran at several values: a pair run at one value has no curve.
         swept_pairs = runs.groupby(Col.PAIR)["value"].nunique()
-        out.append((str(method), key, runs[runs[Col.PAIR].isin(swept_pairs[swept_pairs > 1].index)]))
+        curves = runs[runs[Col.PAIR].isin(swept_pairs[swept_pairs > 1].index)]
+        if len(curves):  # a value per pair (a suite's per-pair setting) is no sweep: no empty figure
+            out.append((str(method), key, curves))
     return out
 
 
