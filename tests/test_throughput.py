@@ -80,17 +80,21 @@ def test_fp32_on_cuda_turns_tf32_off(precision, off):
     """Issue 17, item 10: "fp32 (exact)" must not be TF32 in cuDNN convolutions. The flags are plain settings
     (set here, and restored), so no GPU is needed."""
     from kdbench.train import EngineOptions
+    from kdbench.train.options import tf32_flags
 
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     old = cudnn.allow_tf32, matmul.allow_tf32  # restored by hand: monkeypatch cannot undo torch's flag objects
     try:
         cudnn.allow_tf32 = matmul.allow_tf32 = True
-        flags = EngineOptions(precision).set_tf32(torch.device("cuda"))
+        EngineOptions(precision).set_tf32(torch.device("cuda"))
+        flags = tf32_flags("cuda")  # what the row records
         now = cudnn.allow_tf32, matmul.allow_tf32
+        EngineOptions(precision).set_tf32(CPU)  # nothing to set off CUDA
+        after_cpu = cudnn.allow_tf32, matmul.allow_tf32
     finally:
         cudnn.allow_tf32, matmul.allow_tf32 = old
     assert flags == {"tf32_conv": not off, "tf32_matmul": not off} and now == (not off, not off)
-    assert EngineOptions(precision).set_tf32(CPU) == {"tf32_conv": None, "tf32_matmul": None}
+    assert after_cpu == now and tf32_flags(CPU) == {"tf32_conv": None, "tf32_matmul": None}
 
 
 def test_rows_record_tf32(tmp_path):

@@ -65,14 +65,13 @@ class EngineOptions:
     def prepare(self, model: nn.Module) -> nn.Module:
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
-    def set_tf32(self, device: torch.device) -> dict[str, bool | None]:
+    def set_tf32(self, device: torch.device) -> None:
         """On CUDA in fp32, turn TF32 off in cuDNN convolutions and in matmuls: fp32 means fp32, not TF32's
         10-bit mantissa (cuDNN's default allows it). Call it at a run's start; bf16 runs keep torch's
-        settings. Returns :func:`tf32_flags`, what the row records."""
+        settings. The row records the flags as the run left them (:func:`tf32_flags`)."""
         if device.type == "cuda" and self.precision == "fp32":
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
-        return tf32_flags(device)
 
 
 def tf32_flags(device: torch.device | str) -> dict[str, bool | None]:
