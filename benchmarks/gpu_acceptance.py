@@ -502,15 +502,14 @@ def _graph_growth(graphs0: int | None, counts: list[int | None], weights: Sequen
     """Why the compiled step's graph count grew where it must not ('' when it did not), given the count before
     the probe's first epoch and after each epoch so far (None: nothing compiled).
 
-    Epoch 0 compiles the step (a full and a short last batch). Epoch 1 may recompile once: dynamo's automatic
-    dynamic turns the epoch number and ``ce_weight``, constants at first, into inputs. An epoch whose
-    ``ce_weight`` is the first 0 may add graphs (the cross-entropy term is dropped). Any other epoch (a new
-    non-zero ``ce_weight``, or a later epoch) must add none: a graph per epoch or per weight means Python
-    scalars reach the graph (issue 17, item 6), and on CUDA a CUDA graph is recorded per value."""
+    Epoch 0 compiles the step (a full and a short last batch). An epoch whose ``ce_weight`` is the first 0 may
+    add graphs (the cross-entropy term is dropped). Any other epoch (a new non-zero ``ce_weight``, or a later
+    epoch) must add none: the engine weighs terms outside the graph, so a graph per epoch or per weight means
+    Python scalars reach the graph again (issue 17, item 6), and on CUDA a CUDA graph is recorded per value."""
     epoch = len(counts) - 1
-    if epoch < 2 or graphs0 is None or counts[-1] is None or counts[-2] is None:
+    if epoch < 1 or graphs0 is None or counts[-1] is None or counts[-2] is None:
         return ""
-    if counts[-1] == counts[-2] or not any(bool(w) == bool(weights[epoch]) for w in weights[1:epoch]):
+    if counts[-1] == counts[-2] or not any(bool(w) == bool(weights[epoch]) for w in weights[:epoch]):
         return ""
     return (f"dynamo graphs grew from {counts[-2] - graphs0} to {counts[-1] - graphs0} at epoch {epoch} "
             f"(ce_weight {weights[epoch]:g}): the step recompiles per epoch or per ce_weight")

@@ -5,6 +5,12 @@ A method is an ``nn.Module`` that never touches a model. The engine runs the stu
 weighted* loss terms. The engine adds cross-entropy (weighted by the method's ``ce_weight``), sums
 the terms, and logs each one by name.
 
+What changes over the schedule stays out of ``forward``: ``forward`` runs inside ``torch.compile``'s
+graph, where a Python number that changes per epoch is a new graph (and on a GPU a new CUDA graph)
+per value. The engine asks the method outside the graph instead: :meth:`Method.ce_weight_at` (the
+cross-entropy's weight), :meth:`Method.term_weights_at` (a warm-up ramp on the method's terms) and
+:meth:`Method.stage_at` (a named phase such as FitNets' hint stage, in ``batch.stage``).
+
 A plugin is one file with one class::
 
     class MyKD(Method):
@@ -27,6 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
+
+from .errors import KdbenchError
 
 
 @dataclass(frozen=True)
@@ -76,7 +84,12 @@ class Batch:
     ``index`` holds each image's position in the training set (0 .. ``train_size`` - 1, as
     :meth:`Method.setup_data` was told): what a memory bank of every training image (CRD) is
     indexed by. ``stage`` is ``"init"`` during a method's init stage (``Method.init_epochs``),
-    when ``epoch`` and ``epochs`` count the init stage's epochs, and ``"train"`` after it.
+    when ``epoch`` and ``epochs`` count the init stage's epochs, and after it what
+    :meth:`Method.stage_at` names (``"train"`` unless the method has phases).
+
+    ``epoch`` and ``epochs`` are for reading outside the compiled step (logging, tests): a ``forward``
+    that reads ``epoch`` makes ``torch.compile`` treat it as an input and record a CUDA graph per
+    epoch. Per-epoch weights belong in :meth:`Method.term_weights_at`, phases in :meth:`Method.stage_at`.
     """
 
     images: Tensor
@@ -148,6 +161,22 @@ class Method(nn.Module):
         """Weight of the engine's cross-entropy term at ``epoch`` (0-based) of ``epochs``."""
         return self.ce_weight
 
+    def term_weights_at(self, epoch: int, epochs: int) -> dict[str, float]:
+        """Multipliers of the method's terms at ``epoch`` (0-based) of ``epochs``, by term name (a warm-up
+        ramp); a term not named keeps the weight ``forward`` gave it. The engine multiplies outside the
+        compiled step, so the number never enters the graph. Not asked during an init stage."""
+        return {}
+
+    def stage_at(self, epoch: int, epochs: int) -> str:
+        """The phase of the schedule at ``epoch`` (0-based) of ``epochs``, given to ``forward`` as
+        ``batch.stage`` (FitNets' ``"hint"`` stage); ``"train"`` for a method without phases. A new name is
+        one more compiled graph, not one per epoch. (``"init"`` is the init stage's, set by the engine.)"""
+        return "train"
+
+    def weigh(self, terms: dict[str, Tensor], epoch: int, epochs: int) -> dict[str, Tensor]:
+        """``terms`` (from ``forward``) times :meth:`term_weights_at`: what the engine trains on."""
+        return weigh_terms(terms, self.term_weights_at(epoch, epochs), f"method '{self.name}'")
+
     def forward(self, student: Outputs, teachers: Sequence[Outputs], batch: Batch) -> dict[str, Tensor]:
         """Return named, already weighted loss terms (scalars) for one batch."""
         raise NotImplementedError
@@ -185,6 +214,16 @@ class Method(nn.Module):
     def extra_parameters(self) -> int:
         """Number of trainable parameters the method adds (adapters, regressors)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def weigh_terms(terms: dict[str, Tensor], weights: dict[str, float], who: str) -> dict[str, Tensor]:
+    """Each term times its weight in ``weights`` (1 where not named); ``who`` names the method in the error
+    raised for a weight whose term is missing (a typo would otherwise leave a ramp silently unapplied)."""
+    missing = sorted(set(weights) - set(terms))
+    if missing:
+        raise KdbenchError(f"{who} weights term(s) {missing} that its forward did not return (it returned "
+                           f"{sorted(terms)}); term_weights_at must name only terms forward returns")
+    return {k: v if weights.get(k, 1.0) == 1.0 else v * weights[k] for k, v in terms.items()}
 
 
 def init_epochs_for(method: Method | None, epochs: int, full_epochs: int) -> int:
@@ -242,4 +281,4 @@ def check_maps(stages: Sequence[int], student: Probe, teachers: Sequence[Probe],
 
 
 __all__ = ["Batch", "Method", "Outputs", "Probe", "Taps", "check_maps", "check_stages", "check_temperature",
-           "check_init_epochs", "check_weights", "init_epochs_for"]
+           "check_init_epochs", "check_weights", "init_epochs_for", "weigh_terms"]

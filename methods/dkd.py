@@ -77,5 +77,10 @@ class DKD(Method):
         t_nt = t.masked_fill(target, float("-inf"))
         log_q, log_p = F.log_softmax(s_nt, 1), F.log_softmax(t_nt, 1)
         nckd = (log_p.exp() * (log_p - log_q)).masked_fill(target, 0.0).sum(1).mean() * T**2
-        w = self.ramp(batch.epoch)
-        return {"tckd": w * self.alpha * tckd, "nckd": w * self.beta * nckd}
+        return {"tckd": self.alpha * tckd, "nckd": self.beta * nckd}
+
+    def term_weights_at(self, epoch: int, epochs: int) -> dict[str, float]:
+        # The warm-up ramp, applied by the engine outside the compiled step (an epoch in the graph would
+        # record a new CUDA graph per epoch).
+        w = self.ramp(epoch)
+        return {} if w == 1.0 else {"tckd": w, "nckd": w}

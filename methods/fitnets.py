@@ -81,8 +81,12 @@ class FitNets(Method):
     def ce_weight_at(self, epoch: int, epochs: int) -> float:
         return 0.0 if self._hint_phase(epoch, epochs) else self.ce_weight
 
+    def stage_at(self, epoch: int, epochs: int) -> str:
+        return "hint" if self._hint_phase(epoch, epochs) else "train"
+
     def forward(self, student: Outputs, teachers: Sequence[Outputs], batch: Batch) -> dict[str, Tensor]:
-        if self.schedule == "two_stage" and not self._hint_phase(batch.epoch, batch.epochs):
+        # The phase comes as batch.stage (decided outside the compiled step), not from batch.epoch.
+        if self.schedule == "two_stage" and batch.stage != "hint":
             return {"kd": self.kd_weight * kd_loss(student.logits, teachers[0].logits, self.temperature)}
         hint = F.mse_loss(self.regressor(student.stages[self.stage]), teachers[0].stages[self.stage])
         return {"hint": self.hint_weight * hint}

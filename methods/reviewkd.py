@@ -193,4 +193,9 @@ class ReviewKD(Method):
         t = teachers[0]
         targets = [t.stages[i] for i in self.stages] + [t.pooled[:, :, None, None]]
         loss = sum(hcl(f_s, f_t) for f_s, f_t in zip(self.review(student), targets))
-        return {"reviewkd": self.reviewkd_weight * self.ramp(batch.epoch) * loss}
+        return {"reviewkd": self.reviewkd_weight * loss}
+
+    def term_weights_at(self, epoch: int, epochs: int) -> dict[str, float]:
+        # The warm-up ramp, applied by the engine outside the compiled step (see Method.term_weights_at).
+        w = self.ramp(epoch)
+        return {} if w == 1.0 else {"reviewkd": w}

@@ -5,6 +5,9 @@ checked where a GPU exists, and skipped with the reason elsewhere."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -38,7 +41,7 @@ def _models(n_teachers: int) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
 
 
 def _train(name: str, data, *, cached: bool = False, options: EngineOptions = EngineOptions(),
-           method: Method | None = None, recipe: Recipe = RECIPE) -> TrainResult:
+           method: Method | None = None, recipe: Recipe = RECIPE, progress=None) -> TrainResult:
     cls = METHODS[name] if method is None else type(method)
     student, teachers = _models(min(cls.max_teachers, 2))
     method = method or build_method(cls)
@@ -47,7 +50,7 @@ def _train(name: str, data, *, cached: bool = False, options: EngineOptions = En
     caches = [build_view_cache(t, data, recipe, pooled=taps.pooled, options=options) for t in teachers] \
         if cached else ()
     return train(student, data, recipe, seed=3, method=method, teachers=teachers, options=options,
-                 teacher_caches=caches)
+                 teacher_caches=caches, progress=progress)
 
 
 def _losses(result: TrainResult) -> list[dict[str, float]]:
@@ -346,6 +349,69 @@ def test_method_losses_trace_as_one_graph(name):
     # (ce returns no terms: no graph at all, and no break)
     assert not unplanned, unplanned
     assert explained.graph_count <= 1 + len(reasons), reasons
+
+
+class _GraphLog:
+    """A ``torch.compile`` backend that runs each graph as traced (nothing compiled: seconds, not minutes, on
+    the CPU) and records, per graph, its inputs that are Python numbers made inputs: SymInts and SymFloats,
+    and 0-dim float64 tensors (how dynamo passes a float that changed). Doubles as the progress bar that
+    notes the graph count at each epoch's end."""
+
+    def __init__(self) -> None:
+        self.graphs: list[list[str]] = []
+        self.per_epoch: list[int] = []
+
+    def __call__(self, gm, example_inputs):
+        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        # A size symbol (s0, s1, ...: a dimension that varies, as the short last batch's does after a graph
+        # break) is a shape, not a Python number; a number passed in is named after its source (l_batch_epoch).
+        scalars = [f"{type(x).__name__} {name}" for name, x in zip(names, example_inputs)
+                   if (not isinstance(x, torch.Tensor) and not re.fullmatch(r"s\d+", name))
+                   or (isinstance(x, torch.Tensor) and x.dim() == 0 and x.dtype == torch.float64)]
+        self.graphs.append(scalars)
+        return gm.forward
+
+    def update(self, k: int) -> None:
+        self.per_epoch += [len(self.graphs)] * k
+
+    def set_postfix(self, **_: object) -> None:
+        pass
+
+
+#: What makes each method's schedule change in a short run: an init stage of 2 epochs, a warm-up ramp
+#: over 3 epochs, FitNets' hint stage over half the epochs.
+_SCHEDULED = {"ab": {"init_epochs": 2}, "fsp": {"init_epochs": 2}, "ft": {"init_epochs": 2}, "dkd": {"warmup": 3},
+              "reviewkd": {"warmup": 3}, "fitnets": {"schedule": "two_stage", "hint_fraction": 0.5}}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_compiled_graphs_do_not_grow_with_epochs(name, data, monkeypatch):
+    """Issue 17, item 6: nothing that changes per epoch reaches the compiled step. The epoch, a warm-up ramp and
+    the cross-entropy's weight are decided and multiplied outside the graph, so after the first epoch of each
+    stage (init, FitNets' hint, train) no epoch compiles a graph, and no graph takes a Python number as an
+    input (on a GPU each value of one would record a new CUDA graph). Checked with dynamo's real tracing and
+    guards; only the backend is a recorder."""
+    import torch._dynamo
+
+    log = _GraphLog()
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: real_compile(module, backend=log))
+    method = build_method(METHODS[name], _SCHEDULED.get(name, {}))
+    if name == "kd":  # a cross-entropy weight that changes every epoch (as a schedule of one would)
+        monkeypatch.setattr(method, "ce_weight_at", lambda epoch, epochs: (1.0, 0.25, 4.0, 0.5, 1.0, 2.0)[epoch])
+    torch._dynamo.reset()
+    try:
+        _train(name, data, method=method, options=EngineOptions(compile=True), recipe=replace(RECIPE, epochs=6),
+               progress=log)
+    finally:
+        torch._dynamo.reset()
+    stages = [("init" if e < method.init_epochs else method.stage_at(e - method.init_epochs, 6 - method.init_epochs))
+              for e in range(6)]
+    # a stage's first epoch may compile (its graphs, one per batch size); any later epoch must not
+    grew = [e for e in range(1, 6) if stages[e] == stages[e - 1] and log.per_epoch[e] > log.per_epoch[e - 1]]
+    assert not grew, f"{name}: graphs compiled in epochs {grew} (counts {log.per_epoch}, stages {stages})"
+    assert not any(log.graphs), f"{name}: Python numbers are graph inputs: {log.graphs}"
+    assert log.per_epoch[-1] > 0 or name == "ce"  # it did compile (ce's forward returns no terms: still a graph)
 
 
 def test_a_damaged_cache_file_is_rebuilt(tmp_path, capsys):

@@ -58,8 +58,11 @@ def one_step(method, student, teachers, epoch: int = 0, epochs: int = 10, stage:
     out = FeatureCapture(student, taps)(x)
     with torch.no_grad():
         t_out = [FeatureCapture(t, taps)(x) for t in teachers]
+    if stage == "train":  # the engine's per-epoch decisions, made outside the compiled step
+        stage = method.stage_at(epoch, epochs)
     terms = method(out, t_out, Batch(x, y, epoch, epochs, torch.arange(16), stage))
-    ce_w = method.ce_weight_at(epoch, epochs) if stage == "train" else 0.0
+    terms = method.weigh(terms, epoch, epochs) if stage != "init" else terms
+    ce_w = method.ce_weight_at(epoch, epochs) if stage != "init" else 0.0
     total = sum(terms.values()) + (ce_w * F.cross_entropy(out.logits, y) if ce_w else 0)
     return terms, total
 
@@ -234,7 +237,8 @@ def test_dkd_matches_the_papers_definition():
         nckd += float((q_t * (q_t / q_s).log()).sum())
     tckd, nckd = tckd / 6 * T * T, nckd / 6 * T * T
     for epoch, ramp in [(4, 0.25), (19, 1.0), (100, 1.0)]:
-        terms = method(s, ts[:1], Batch(torch.zeros(6, 1, 8, 8), labels, epoch, 240))
+        terms = method.weigh(method(s, ts[:1], Batch(torch.zeros(6, 1, 8, 8), labels, epoch, 240)), epoch, 240)
+        assert method.term_weights_at(epoch, 240) == ({} if ramp == 1.0 else {"tckd": ramp, "nckd": ramp})
         assert terms["tckd"].item() == pytest.approx(ramp * 1.0 * tckd, rel=1e-5)
         assert terms["nckd"].item() == pytest.approx(ramp * 6.0 * nckd, rel=1e-5)
     # DKD with alpha = beta = 1 and no ramp is not KD: KD couples the two terms by p_target
@@ -309,10 +313,13 @@ def test_fitnets_two_stage_schedule():
     s, ts, _ = fixed_outputs()
     from kdbench.method import Probe
     m.setup(Probe("s", 5, {2: (4, 4, 4)}, None), [Probe("t", 5, {2: (6, 2, 2)}, None)])
-    early = m(s, ts[:1], Batch(None, None, 4, 10))
-    late = m(s, ts[:1], Batch(None, None, 5, 10))
+    # The phase reaches forward as batch.stage, decided outside the compiled step (never from batch.epoch).
+    assert [m.stage_at(e, 10) for e in (0, 4, 5, 9)] == ["hint", "hint", "train", "train"]
+    early = m(s, ts[:1], Batch(None, None, 4, 10, stage=m.stage_at(4, 10)))
+    late = m(s, ts[:1], Batch(None, None, 5, 10, stage=m.stage_at(5, 10)))
     assert set(early) == {"hint"} and m.ce_weight_at(4, 10) == 0.0
     assert set(late) == {"kd"} and m.ce_weight_at(5, 10) == 1.0
+    assert build_method(METHODS["fitnets"]).stage_at(0, 10) == "train"  # the default one-stage schedule
 
 
 def test_fitnets_regressor_is_built_from_probed_shapes():
@@ -377,7 +384,8 @@ def golden_values() -> dict[str, dict[str, float]]:
             m.setup(s_probe, t_probes)
         m.setup_data(train_size=len(batch.images), labels=torch.arange(len(batch.images)) % 3)
         batch = replace(batch, index=torch.arange(len(batch.images)))
-        values[name] = {k: round(v.item(), 6) for k, v in m(s, ts, batch).items()}
+        batch = replace(batch, stage=m.stage_at(batch.epoch, batch.epochs))
+        values[name] = {k: round(v.item(), 6) for k, v in m.weigh(m(s, ts, batch), batch.epoch, batch.epochs).items()}
         if m.init_epochs:
             init = replace(batch, stage="init", epochs=m.init_epochs)
             values[name].update({f"init.{k}": round(v.item(), 6) for k, v in m(s, ts, init).items()})

@@ -30,7 +30,7 @@ from ..data import TrainBatch
 from ..errors import KdbenchError
 from ..features import FeatureCapture
 from ..files import warn
-from ..method import Batch, Method, Outputs, Taps
+from ..method import Batch, Method, Outputs, Taps, weigh_terms
 from ..recipe import Recipe
 from .options import EngineOptions, as_fp32, freeze
 from .teacher_cache import ViewCache
@@ -113,8 +113,11 @@ class _Forward(nn.Module):
         self.capture, self.teachers, self.options = student, list(teachers), options
 
     def forward(self, images: Tensor, labels: Tensor, cached: list[Outputs] | None, batch: Batch,
-                ce_weight: float) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """(the engine's terms, the method's terms)."""
+                with_ce: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(the engine's terms, the method's terms), before the schedule's weights: the cross-entropy comes
+        unweighted (``with_ce``: whether it is a term at all) and the method's terms as ``forward`` gives them.
+        :meth:`TrainStep._step` weighs both outside the graph: a weight that changes over the schedule is a
+        plain multiplication there, not a new compiled (and CUDA) graph per value (issue 17, item 6)."""
         with self.options.autocast(images.device):
             if cached is None:
                 with torch.no_grad():
@@ -124,7 +127,7 @@ class _Forward(nn.Module):
         out, t_out = as_fp32(out), [as_fp32(t) for t in cached]
         # Skipped when its weight is 0, so layers no term reaches get no gradient at all
         # (FitNets' hint stage trains only the student's lower layers).
-        own = {"ce": ce_weight * F.cross_entropy(out.logits, labels)} if ce_weight else {}
+        own = {"ce": F.cross_entropy(out.logits, labels)} if with_ce else {}
         return own, (self.method(out, t_out, batch) if self.method is not None else {})
 
 
@@ -233,19 +236,26 @@ class TrainStep:
     def _step(self, images: Tensor, labels: Tensor, index: Tensor | None, cached: list[Outputs] | None,
               epoch: int, share: float, soft: Tensor | None = None) -> dict[str, Tensor]:
         shown = labels if self.labelled else None
+        # Everything that changes over the schedule is decided here, outside the compiled forward: the
+        # stage (a string: one graph per stage), the cross-entropy's weight and the method's term weights
+        # (multiplied below, never graph inputs).
         if epoch < self.init_epochs:  # the method's init stage: its init terms alone
-            ce_weight = 0.0
+            ce_weight, weights = 0.0, {}
             seen = Batch(images, shown, epoch, self.init_epochs, index, "init", soft)
         else:
             epoch -= self.init_epochs
-            ce_weight = self.method.ce_weight_at(epoch, self.epochs) if self.method is not None else 1.0
-            seen = Batch(images, shown, epoch, self.epochs, index, soft_labels=soft)  # what the method sees
+            ce_weight, weights, stage = 1.0, {}, "train"
+            if self.method is not None:
+                ce_weight = self.method.ce_weight_at(epoch, self.epochs)
+                weights, stage = self.method.term_weights_at(epoch, self.epochs), self.method.stage_at(epoch, self.epochs)
+            seen = Batch(images, shown, epoch, self.epochs, index, stage, soft)  # what the method sees
         if not self.labelled:  # an unlabelled transfer set: the engine's label term is dropped
             ce_weight = 0.0
         # Under mixup/CutMix the cross-entropy is against the mixed label distributions; the method sees
         # each image's own label in batch.labels and the distributions in batch.soft_labels.
-        own, extra = self.net(images, labels if soft is None else soft, cached, seen, ce_weight)
+        own, extra = self.net(images, labels if soft is None else soft, cached, seen, bool(ce_weight))
         terms = self._merge(own, extra, epoch)
+        terms = weigh_terms(terms, {**weights, "ce": ce_weight} if "ce" in terms else weights, self.who)
         self._update(sum(terms.values()), share)
         return {k: v.detach() * share for k, v in terms.items()}
 
