@@ -493,9 +493,9 @@ def _graph_count(plan: Plan) -> int | None:
     """Graphs dynamo has compiled in this process (None: nothing is compiled)."""
     if not plan.compile:
         return None
-    from torch._dynamo.utils import counters
+    from kdbench.train.step import compiled_graphs
 
-    return int(counters["stats"]["unique_graphs"])
+    return compiled_graphs()
 
 
 def _graph_growth(graphs0: int | None, counts: list[int | None], weights: Sequence[float]) -> str:

@@ -211,3 +211,29 @@ def test_a_recompile_limit_hit_falls_back_to_eager_and_is_recorded(monkeypatch, 
         torch._dynamo.config.load_config(saved)
     assert "recompil" in res.compile_error.lower() or "limit" in res.compile_error.lower(), res.compile_error
     assert capsys.readouterr().err.count("torch.compile failed") == 1
+
+
+def test_compile_time_is_the_time_of_the_steps_that_compiled(monkeypatch):
+    """Issue 17, item 1: compile time is recorded apart from the steady state. Dynamo traces for real; its backend
+    sleeps 0.3 s per graph, as code generation would take. 3 epochs of 130 images in batches of 64: two graphs
+    (a full and the short last batch) in epoch 0 and none after, so compile_time_s is at least 0.6 s and at most
+    epoch 0's time, and the later epochs (whose steps compile nothing) are far shorter."""
+    import time
+
+    import torch._dynamo
+
+    def slow_backend(gm, example_inputs):
+        time.sleep(0.3)
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: real_compile(module, backend=slow_backend))
+    torch._dynamo.reset()
+    try:
+        res = _train_mlp(EngineOptions(compile=True))
+    finally:
+        torch._dynamo.reset()
+    assert 0.6 <= res.compile_time_s <= res.epoch_train_s[0] <= res.train_time_s
+    assert max(res.epoch_train_s[1], res.epoch_train_s[2]) < 0.3  # no compiling after epoch 0
+    assert _train_mlp(EngineOptions()).compile_time_s == 0.0  # eager: nothing compiled
+    assert epoch_time_columns(res)[Col.COMPILE_TIME] == res.compile_time_s

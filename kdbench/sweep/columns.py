@@ -67,6 +67,10 @@ class Col:
     # when there is none). first_epoch_s - epoch_time_s is about what compiling and warming up cost.
     FIRST_EPOCH_TIME = "first_epoch_s"
     EPOCH_TIME = "epoch_time_s"
+    # The wall time of the training steps that compiled a graph (torch.compile's tracing and code generation,
+    # the lazily compiled backward, and the step itself), summed over the run; part of train_time_s. 0 for an
+    # eager run.
+    COMPILE_TIME = "compile_time_s"
     EVAL_TIME = "eval_time_s"
     CHECKPOINT_TIME = "checkpoint_time_s"
     RESUMED_FROM = "resumed_from_epoch"

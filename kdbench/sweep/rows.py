@@ -81,11 +81,13 @@ def common(ctx: Context, *, run_id: str, kind: str, method: str, model: str, pai
 
 def epoch_time_columns(result: TrainResult) -> dict[str, float]:
     """The run's first epoch's training time and the median of its steady-state epochs' (NaN where unknown:
-    an evaluated checkpoint, a one-epoch run, epochs from a checkpoint of an older version)."""
+    an evaluated checkpoint, a one-epoch run, epochs from a checkpoint of an older version), and the time its
+    steps spent compiling."""
     first = result.epoch_train_s.get(0)
     steady = [t for epoch, t in result.epoch_train_s.items() if epoch not in result.warm_up_epochs]
     return {Col.FIRST_EPOCH_TIME: NAN if first is None else first,
-            Col.EPOCH_TIME: statistics.median(steady) if steady else NAN}
+            Col.EPOCH_TIME: statistics.median(steady) if steady else NAN,
+            Col.COMPILE_TIME: result.compile_time_s}
 
 
 def validation_columns(recipe: Recipe, result: TrainResult, ok: bool) -> dict[str, Any]:

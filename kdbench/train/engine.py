@@ -70,6 +70,8 @@ class TrainResult:
     # time includes torch.compile, CUDA-graph recording and cold caches, so steady-state times leave them out.
     epoch_train_s: dict[int, float] = field(default_factory=dict)
     warm_up_epochs: list[int] = field(default_factory=list)
+    # Of the training time, the steps that compiled a graph (TrainStep.compile_time_s), over every process.
+    compile_time_s: float = 0.0
     # A method's init stage (Method.init_epochs): how many epochs it trained before the schedule, and each
     # one's mean loss terms. It is not evaluated (as in RepDistiller), so history holds the schedule's epochs.
     init_epochs: int = 0
@@ -358,7 +360,7 @@ def _train_epoch(step: TrainStep, loader: Loader, epoch: int, result: TrainResul
     The sums stay on the device and are read once, at the epoch's end: nothing inside the epoch
     waits for the device, and that read makes the time the device's too, not just the launches'.
     """
-    t0 = time.perf_counter()
+    t0, compiling0 = time.perf_counter(), step.compile_time_s
     sums: dict[str, Tensor] = {}
     steps = 0
     for batch in loader.batches(views=step.uses_cache):
@@ -372,6 +374,7 @@ def _train_epoch(step: TrainStep, loader: Loader, epoch: int, result: TrainResul
         step.sync_buffers()
     means = {k: float(v) / steps for k, v in sums.items()}
     result.epoch_train_s[epoch] = time.perf_counter() - t0
+    result.compile_time_s += step.compile_time_s - compiling0
     if warm_up:
         result.warm_up_epochs.append(epoch)
     result.compile_error = step.compile_error or result.compile_error

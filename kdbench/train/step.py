@@ -17,6 +17,7 @@ statistics are rank 0's (plain DDP, no SyncBatchNorm).
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -88,6 +89,13 @@ def raise_recompile_limits(config: Any, at_least: int = RECOMPILE_LIMIT) -> list
         setattr(config, fail, True)
         done.append(fail)
     return done
+
+
+def compiled_graphs() -> int:
+    """How many graphs dynamo has compiled in this process (its ``unique_graphs`` counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def compile_mode(device: torch.device, world: int = 1) -> str | None:
@@ -168,6 +176,7 @@ class TrainStep:
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.distributed = self.compiled = False
         self.compile_error = ""  # why compiling failed and the step went on eagerly ('' when it did not)
+        self.compile_time_s = 0.0  # wall time of the steps that compiled a graph (issue 17, item 1)
         self.labelled = labelled
         if not labelled and method is None:
             raise KdbenchError("training without labels needs a method with teachers to learn from; "
@@ -220,6 +229,17 @@ class TrainStep:
         cached = [c.lookup(index, view) for c in self.caches] if self.caches else None
         if not self.compiled:
             return self._step(images, labels, index, cached, epoch, share, soft)
+        graphs, t0 = compiled_graphs(), time.perf_counter()
+        try:
+            return self._compiled_step(images, labels, index, cached, epoch, share, soft)
+        finally:
+            if compiled_graphs() > graphs:  # this step compiled: its time is compile time (synced: all of it)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                self.compile_time_s += time.perf_counter() - t0
+
+    def _compiled_step(self, images: Tensor, labels: Tensor, index: Tensor | None, cached: list[Outputs] | None,
+                       epoch: int, share: float, soft: Tensor | None) -> dict[str, Tensor]:
         self._mark_step(images, labels, cached)
         if not self.options.compile_fallback:
             return self._step(images, labels, index, cached, epoch, share, soft)
