@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import resource
@@ -10,12 +11,17 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import KdbenchError
+from .files import warn
+
+if TYPE_CHECKING:
+    from .train.options import EngineOptions
 
 
 def topk_accuracy(logits: Tensor, labels: Tensor, k: int) -> float:
@@ -148,21 +154,57 @@ def seconds_per_call(fn: Callable[[], object], device: torch.device, *, warmup: 
 @torch.inference_mode()
 def measure_throughput(model: nn.Module, input_shape: tuple[int, ...], *, batch_size: int = 256,
                        dtype: torch.dtype = torch.float32, warmup: int = 3, repeats: int = 5,
-                       min_time_s: float | None = None) -> Throughput:
+                       min_time_s: float | None = None, options: EngineOptions | None = None) -> Throughput:
     """Inference images/s: eval mode, inference mode, fixed batch, warm-up, median of repeats of at least
-    ``min_time_s`` each (None: :func:`throughput_min_time_s`, 1 s by default)."""
+    ``min_time_s`` each (None: :func:`throughput_min_time_s`, 1 s by default).
+
+    With ``options`` (the run's :class:`~kdbench.train.EngineOptions`) the model runs as the run trained: under
+    its autocast, on input in its memory order, and compiled when it compiled (a compilation that fails is
+    measured eagerly, with a warning). ``Throughput.dtype`` names the setting: ``float32`` for
+    plain fp32 eager, else e.g. ``bfloat16 (autocast), channels_last, compiled``."""
     min_time_s = throughput_min_time_s() if min_time_s is None else min_time_s
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     x = torch.randn(batch_size, *input_shape, device=device, dtype=dtype)
+    setting = [str(dtype).replace("torch.", "")]
+    autocast: Callable[[], Any] = contextlib.nullcontext
+    run = model
+    if options is not None:
+        x = options.layout(x)
+        autocast = lambda: options.autocast(device)  # noqa: E731
+        if options.precision == "bf16":
+            setting = ["bfloat16 (autocast)"]
+        setting += ["channels_last"] * options.channels_last
+        if options.compile:
+            from torch import _dynamo
+
+            from .train.step import compile_mode, raise_recompile_limits
+
+            raise_recompile_limits(_dynamo.config)
+            run = torch.compile(model, mode=compile_mode(device))
+
+    def call() -> object:
+        with autocast():
+            return run(x)
+
     try:
-        seconds, iters = seconds_per_call(lambda: model(x), device, warmup=warmup, repeats=repeats,
-                                          min_time_s=min_time_s)
+        try:
+            seconds, iters = seconds_per_call(call, device, warmup=warmup, repeats=repeats, min_time_s=min_time_s)
+            setting += ["compiled"] * (run is not model)
+        except Exception as exc:
+            if run is model:
+                raise
+            # Compiling failed (as it may under --compile auto): the eager model's figure (the setting then
+            # does not say "compiled"), and a warning saying why.
+            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+            warn(f"throughput: torch.compile failed ({type(exc).__name__}: {first[:160]}); timing the model eagerly")
+            run = model
+            seconds, iters = seconds_per_call(call, device, warmup=warmup, repeats=repeats, min_time_s=min_time_s)
     finally:
         model.train(was_training)
     return Throughput(batch_size / statistics.median(seconds), batch_size, device_name(device),
-                      str(dtype).replace("torch.", ""), repeats, iters)
+                      ", ".join(setting), repeats, iters)
 
 
 def device_name(device: torch.device) -> str:
@@ -191,15 +233,20 @@ class PeakMemory:
         self.device = device
         self.kind = "cuda_max_allocated" if device.type == "cuda" else "process_max_rss"
         self.mb = 0.0
+        # On a GPU, what was allocated when the block began (the dataset, teachers, caches, the new model), and
+        # the block's own peak above it; NaN on the CPU, whose process-wide peak RSS cannot be split so.
+        self.base_mb = self.run_mb = float("nan")
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.base_mb = torch.cuda.memory_allocated(self.device) / 2**20
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
             self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self.run_mb = self.mb - self.base_mb
         else:
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             self.mb = rss / 2**20 if sys.platform == "darwin" else rss / 2**10

@@ -147,3 +147,82 @@ def test_rows_and_report_say_throughput_was_not_measured(monkeypatch, tmp_path):
     table, notes = cost_table(pd.DataFrame(rows))
     assert "| images/s |" in table and table.count("not measured") == 1
     assert any("not measured for 1 run(s): 2 runs shared the GPU (--runs-per-gpu 2)." in n for n in notes), notes
+
+
+class _Seen(torch.nn.Module):
+    """A conv net that records, per call, its input's memory order and the conv's output dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.seen = torch.nn.Conv2d(3, 4, 3), []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        self.seen.append((x.is_contiguous(memory_format=torch.channels_last), y.dtype))
+        return y.float().mean((2, 3))
+
+
+def test_throughput_is_timed_in_the_runs_settings():
+    """Issue 17, item 10: the model runs as the run trained (autocast, memory order) and the setting is named."""
+    from kdbench.train import EngineOptions
+
+    plain = _Seen()
+    tp = metrics.measure_throughput(plain, (3, 8, 8), batch_size=4, min_time_s=0)
+    assert tp.dtype == "float32" and set(plain.seen) == {(False, torch.float32)}
+    fast = _Seen().to(memory_format=torch.channels_last)
+    opts = EngineOptions("bf16", channels_last=True)
+    tp = metrics.measure_throughput(fast, (3, 8, 8), batch_size=4, min_time_s=0, options=opts)
+    assert tp.dtype == "bfloat16 (autocast), channels_last" and set(fast.seen) == {(True, torch.bfloat16)}
+    assert tp.images_per_s > 0 and fast.training  # train mode restored
+
+
+def test_a_compiled_run_times_its_model_compiled_or_says_it_did_not(monkeypatch, capsys):
+    """Compiled runs time a compiled model (dynamo traces for real; its backend runs the graph as traced) and
+    say so; a compilation that fails is timed eagerly, with a warning and without "compiled" in the setting."""
+    import torch._dynamo
+
+    from kdbench.train import EngineOptions
+
+    real_compile = torch.compile
+    graphs = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, backend=lambda gm, ex: graphs.append(gm)
+                                                                          or gm.forward))
+    torch._dynamo.reset()
+    try:
+        tp = metrics.measure_throughput(_Seen(), (3, 8, 8), batch_size=4, min_time_s=0,
+                                        options=EngineOptions(compile=True))
+    finally:
+        torch._dynamo.reset()
+    assert tp.dtype == "float32, compiled" and graphs
+
+    def broken(m, **kw):
+        def fail(*a, **k):
+            raise RuntimeError("backend exploded\nmore")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    model = _Seen()
+    tp = metrics.measure_throughput(model, (3, 8, 8), batch_size=4, min_time_s=0, options=EngineOptions(compile=True))
+    assert tp.dtype == "float32" and tp.images_per_s > 0 and model.seen
+    assert "throughput: torch.compile failed (RuntimeError: backend exploded); timing the model eagerly" in \
+        capsys.readouterr().err
+
+
+def test_peak_memory_of_the_run_alone():
+    """On the CPU the peak is the process's RSS and the run's own part is unknown (NaN)."""
+    with metrics.PeakMemory(CPU) as peak:
+        torch.zeros(1000)
+    assert peak.kind == "process_max_rss" and peak.mb > 0 and peak.run_mb != peak.run_mb
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the run's own peak is CUDA's allocator's")
+def test_peak_memory_of_the_run_alone_on_cuda():
+    """What was allocated before the run (a dataset) is in peak_mem_mb but not in the run's own peak."""
+    dev = torch.device("cuda")
+    held = torch.zeros(64 * 2**20 // 4, device=dev)  # 64 MiB, as a dataset on the device
+    with metrics.PeakMemory(dev) as peak:
+        work = torch.zeros(32 * 2**20 // 4, device=dev)  # 32 MiB the run allocates
+        del work
+    assert peak.base_mb >= 64 and peak.mb >= peak.base_mb + 32
+    assert 32 <= peak.run_mb < 64  # the run's 32 MiB (and rounding), not the dataset's 64
+    del held

@@ -77,6 +77,9 @@ class Col:
     WORLD_SIZE = "world_size"
     PEAK_MEM = "peak_mem_mb"
     PEAK_MEM_KIND = "peak_mem_kind"
+    # On a GPU, the run's own peak: peak_mem_mb less what was allocated when it began (the dataset, teachers,
+    # caches and the student's weights, shared with other runs); NaN on the CPU.
+    PEAK_MEM_RUN = "peak_mem_run_mb"
     FLUSH_DENORMAL = "flush_denormal"
     CHANNELS_LAST = "channels_last"
     TF32_CONV = "tf32_conv"  # TF32 allowed in cuDNN convolutions (None off CUDA); off for fp32 runs

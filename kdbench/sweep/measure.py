@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .. import metrics
 from ..bias import error_counts
 from ..data import DataSplits
-from ..train import TrainResult, predict
+from ..train import EngineOptions, TrainResult, predict
 from .columns import Col
 
 
@@ -38,8 +38,10 @@ class Measurements:
 class Measurer:
     """Measures models of one sweep on one device, caching what does not depend on the run."""
 
-    def __init__(self, data: DataSplits, throughput_batch: int, runs_per_gpu: int = 1) -> None:
+    def __init__(self, data: DataSplits, throughput_batch: int, runs_per_gpu: int = 1,
+                 options: EngineOptions | None = None) -> None:
         self.data, self.throughput_batch, self.runs_per_gpu = data, throughput_batch, runs_per_gpu
+        self.options = options  # the runs' precision, memory order and compilation: throughput is timed in them
         info = data.info
         self.shape = (info.in_chans, info.img_size, info.img_size)
         self._costs: dict[str, dict[str, Any]] = {}        # per architecture
@@ -60,7 +62,7 @@ class Measurer:
                     Col.THROUGHPUT_ITERS: 0,
                     Col.THROUGHPUT_NOTE: f"not measured: {self.runs_per_gpu} runs shared the GPU "
                                          f"(--runs-per-gpu {self.runs_per_gpu})"}
-        tp = metrics.measure_throughput(model, self.shape, batch_size=self.throughput_batch)
+        tp = metrics.measure_throughput(model, self.shape, batch_size=self.throughput_batch, options=self.options)
         return {Col.THROUGHPUT: tp.images_per_s, Col.THROUGHPUT_BATCH: tp.batch_size,
                 Col.THROUGHPUT_DEVICE: tp.device, Col.THROUGHPUT_DTYPE: tp.dtype,
                 Col.THROUGHPUT_REPEATS: tp.repeats, Col.THROUGHPUT_ITERS: tp.iters_per_repeat,

@@ -63,6 +63,7 @@ def common(ctx: Context, *, run_id: str, kind: str, method: str, model: str, pai
         Col.CHECKPOINT_TIME: result.checkpoint_time_s, Col.RESUMED_FROM: result.resumed_from,
         Col.WORLD_SIZE: ctx.world_size,
         Col.PEAK_MEM: peak.mb if peak else NAN, Col.PEAK_MEM_KIND: peak.kind if peak else "",
+        Col.PEAK_MEM_RUN: peak.run_mb if peak else NAN,
         Col.FLUSH_DENORMAL: ctx.device_type == "cpu",
         Col.PRECISION: ctx.options.precision, Col.CHANNELS_LAST: ctx.options.channels_last,
         Col.TF32_CONV: tf32[Col.TF32_CONV], Col.TF32_MATMUL: tf32[Col.TF32_MATMUL],  # as the run set them

@@ -55,7 +55,7 @@ class Runner:
             real_data=self.info.real_data, train_size=len(data.train_labels), test_size=len(data.test_labels),
             device_type=device.type, world_size=distributed.world_size(), options=self.options,
             provenance={**prov, "command": req.command} if req.command else prov)
-        self.measurer = Measurer(data, req.throughput_batch, req.runs_per_gpu)
+        self.measurer = Measurer(data, req.throughput_batch, req.runs_per_gpu, self.options)
         self._teachers: dict[str, nn.Module] = {}
         self._trained_here: set[str] = set()               # teachers this process trained
         self._caches: dict[tuple, ViewCache] = {}          # the last teachers' view caches (large: one set kept)
