@@ -223,6 +223,28 @@ def device_name(device: torch.device) -> str:
     return f"cpu:{cpu} ({torch.get_num_threads()} threads)"
 
 
+def device_free_bytes(device: torch.device) -> int | None:
+    """Free memory on a CUDA device as the driver reports it (other processes' use counted); None on the CPU."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
+#: Of a GPU's free memory, what one resident thing (a dataset, a teacher cache) may take: the rest is for the
+#: training itself (weights, activations, optimizer state) and for the other runs sharing the GPU.
+RESIDENT_FRACTION = 0.8
+
+
+def fits_on_device(nbytes: int, device: torch.device, fraction: float = RESIDENT_FRACTION) -> tuple[bool, str]:
+    """Whether ``nbytes`` fit in ``fraction`` of ``device``'s free memory, and the figures in words
+    ("3.2 GiB of 1.5 GiB free on cuda:0"); always (True, '') on the CPU."""
+    free = device_free_bytes(device)
+    if free is None:
+        return True, ""
+    return nbytes <= fraction * free, f"{nbytes / 2**30:.2f} GiB, with {free / 2**30:.2f} GiB free on {device}"
+
+
 class PeakMemory:
     """Peak memory over a block: CUDA's max allocated on GPU; the process's max RSS on CPU.
 

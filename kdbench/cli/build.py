@@ -19,7 +19,7 @@ from ..recipe import Recipe
 from ..registry import load_methods
 from ..suites import Pair, Suite, check_seed
 from ..sweep.hparams import HParams, parse_cli, parse_sweeps, parse_table
-from ..sweep.plan import device_override
+from ..sweep.plan import device_override, resolve_device
 from ..sweep.request import Request
 from ..sweep.worker import do_task
 from .args import _csv, results_dir
@@ -79,7 +79,14 @@ def _where_runs(args: argparse.Namespace) -> tuple[str, bool, float | None]:
                            "or add --executor slurm")
     device, gpus = args.device, args.gpus_per_run
     if args.executor == "local":
-        return device, False, gpus
+        if not (getattr(args, "gpus", None) or getattr(args, "workers", 0) > 1):
+            return device, False, gpus
+        # A local worker pool: the workers train, each on its own device, and this process only plans. It plans
+        # on its CPU, as for Ray and Slurm: on a GPU it would hold a copy of the dataset on GPU 0 while the
+        # workers train (issue 17, item 9). The device is made concrete here (the workers' device type).
+        if device == "auto":
+            device = "cuda" if args.gpus else (device_override() or resolve_device("auto").type)
+        return device, True, gpus
     if device == "auto":  # $KDBENCH_DEVICE, when set, is what auto means, on the workers too
         device = device_override() or device
     if gpus is None:

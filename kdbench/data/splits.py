@@ -39,6 +39,12 @@ class DataSplits:
     test_images: Tensor
     test_labels: Tensor
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the four tensors (what a copy on a device takes)."""
+        return sum(t.numel() * t.element_size()
+                   for t in (self.train_images, self.train_labels, self.test_images, self.test_labels))
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> DataSplits:
         """Return a copy with all four tensors on ``device`` (still uint8, so 4× cheaper than floats)."""
         return DataSplits(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .. import distributed
+from .. import distributed, metrics
 from ..data import DataSplits, load_dataset
 from ..errors import KdbenchError
 from ..executors.base import DIVERGED, FAILED, OK, Executor, Outcome, Task
@@ -29,9 +29,17 @@ from .store import ResultsStore
 
 
 def load_data(req: Request, device: torch.device) -> DataSplits:
-    """The request's dataset, held on the training device for the whole sweep."""
-    return load_dataset(req.dataset, data_dir=req.data_dir, download=req.download, limit=req.limit or None,
-                        pad_to=req.pad_to).to(device)
+    """The request's dataset, held on the training device for the whole sweep; refused, with what to do, when it
+    would not fit in the device's free memory (issue 17, item 9) rather than failing later with an OOM."""
+    data = load_dataset(req.dataset, data_dir=req.data_dir, download=req.download, limit=req.limit or None,
+                        pad_to=req.pad_to)
+    fits, figures = metrics.fits_on_device(data.nbytes, device)
+    if not fits:
+        raise KdbenchError(
+            f"dataset {data.info.name} would take {figures} (kdbench holds it on the training device, at most "
+            f"{metrics.RESIDENT_FRACTION:.0%} of the free memory); use --limit N or a smaller --pad-to, fewer "
+            "--runs-per-gpu (each run holds its own copy), free the GPU, or --device cpu")
+    return data.to(device)
 
 
 @dataclass

@@ -29,7 +29,8 @@ class Request:
         named: the user named the methods (``--methods a,b``): a method that can take none of the
             pairs is an error then; otherwise (all, or a suite's list) it is left out with a note.
         device: ``auto``, ``cpu`` or ``cuda[:N]``; for Ray and Slurm the workers' device.
-        remote: the runs happen on other machines (Ray, Slurm): this process plans on its CPU.
+        remote: the runs happen in other processes (Ray, Slurm, or a local worker pool: ``--gpus``,
+            ``--workers N``): this process only plans, on its CPU, and ``device`` is the workers'.
     """
 
     methods: tuple[str, ...] | None

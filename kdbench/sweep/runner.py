@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed, metrics, provenance, train, zoo
 from ..data import DataSplits, holdout_indices, view_count
-from ..errors import DiskFull
+from ..errors import DiskFull, KdbenchError
 from ..executors.base import BUSY, DONE, OK, Outcome
 from ..files import atomic_torch_save, warn
 from ..ids import digest
@@ -39,6 +39,8 @@ from .transfer import bias_columns, student_data, transfer_columns, validation_s
 
 #: On the CPU, --teacher-cache auto builds a cache only up to this size (host memory is shared).
 CPU_CACHE_BYTES = 1 << 30
+#: On a GPU, a teacher cache may take at most this fraction of the free memory (the dataset is already in).
+CUDA_CACHE_FRACTION = 0.5
 
 
 class Runner:
@@ -59,6 +61,7 @@ class Runner:
         self._teachers: dict[str, nn.Module] = {}
         self._trained_here: set[str] = set()               # teachers this process trained
         self._caches: dict[tuple, ViewCache] = {}          # the last teachers' view caches (large: one set kept)
+        self._cache_reasons: dict[str, str] = {}           # cache_off_reason, per run id
         self._student_data: dict[tuple, DataSplits] = {}   # per (transfer set, val_fraction)
 
     # -- one task -------------------------------------------------------------------------
@@ -281,7 +284,13 @@ class Runner:
         return not self.cache_off_reason(spec, taps)
 
     def cache_off_reason(self, spec: RunSpec, taps: Taps) -> str:
-        """Why ``spec``'s teachers run online rather than from the cache ('' when it is used); the row records it."""
+        """Why ``spec``'s teachers run online rather than from the cache ('' when it is used); the row records it.
+        Decided once per run: on a GPU the answer depends on free memory, which the cache itself then takes."""
+        if spec.run_id not in self._cache_reasons:
+            self._cache_reasons[spec.run_id] = self._cache_off_reason(spec, taps)
+        return self._cache_reasons[spec.run_id]
+
+    def _cache_off_reason(self, spec: RunSpec, taps: Taps) -> str:
         mode = self.req.teacher_cache
         if not spec.teachers:
             return "no teachers"
@@ -289,10 +298,19 @@ class Runner:
             return "--teacher-cache off"
         if why := cache_unusable(taps, spec.recipe):
             return why
+        views = view_count(spec.recipe.crop_padding, spec.recipe.flip)
+        if self.device.type == "cuda":  # each run (each of --runs-per-gpu K workers) holds its own copy
+            fits, figures = metrics.fits_on_device(self._cache_bytes(spec, taps, views), self.device,
+                                                   CUDA_CACHE_FRACTION)
+            if not fits and mode == "on":
+                raise KdbenchError(f"--teacher-cache on: the teacher cache of {spec.label} would take {figures} "
+                                   f"(at most {CUDA_CACHE_FRACTION:.0%} of it is for the cache); use --teacher-cache "
+                                   "auto or off, or fewer --runs-per-gpu (each run holds its own copy)")
+            if not fits:
+                return f"auto: the cache would not fit in the GPU's free memory ({figures})"
         if mode == "on":
             return ""
         sharing = sum(1 for s in self.plan.specs if s.teachers == spec.teachers) or 1
-        views = view_count(spec.recipe.crop_padding, spec.recipe.flip)
         if spec.recipe.epochs * sharing < views:
             return (f"auto: {views} views per image to cache cost more teacher passes than {spec.recipe.epochs} "
                     f"epochs x {sharing} runs online")
