@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -128,3 +129,69 @@ def test_workers_share_one_compile_pool(monkeypatch, user):
     assert [args[-1] for args in started] == [4, 4, 4]  # 12 CPUs, 3 workers
     assert seen == [user or "4"] * 3
     assert threads == (99 if user else 4)
+
+
+def _children(pid: int) -> set[int]:
+    """The process ids whose parent is ``pid`` (Linux /proc)."""
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.add(int(stat.parent.name))
+    return out
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads worker processes from Linux's /proc")
+def test_sigterm_stops_the_workers_too(tmp_path):
+    """SIGTERM to `kdbench run --workers 2` (issue 17): the driver stops its workers on the way out and says so;
+    they used to keep training and writing rows. Run as a user would, in a subprocess; the runs are long enough
+    (many epochs) that they are still training when the signal comes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    res = tmp_path / "res"
+    cmd = [sys.executable, "-m", "kdbench", "run", "--workers", "2", "--methods", "ce", "--seeds", "0,1",
+           "--pairs", "hinton_mlp_1200:hinton_mlp_800", "--epochs", "400", "--throughput-batch", "8",
+           "--quiet", "--no-report", "--results-dir", str(res)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers: set[int] = set()
+    deadline = time.monotonic() + 120
+    # Wait until both workers train (each run's checkpoint folder exists), so the signal finds them busy.
+    while time.monotonic() < deadline and proc.poll() is None:
+        workers |= {c for c in _children(proc.pid) if _alive(c) and b"spawn_main" in _cmdline(c)}
+        if len([p for p in (res / "state").glob("*") if p.is_dir()]) >= 2 and len(workers) >= 2:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None and len(workers) >= 2, "the workers did not start training within 2 minutes"
+    proc.send_signal(signal.SIGTERM)
+    try:  # (orphaned workers would hold the output pipes open: communicate would time out)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        for pid in [proc.pid, *workers]:  # whatever the outcome, leave no process behind
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "kdbench: terminated (SIGTERM); finished runs are kept, re-run the same command to resume" in err
+    time.sleep(1)
+    assert not [w for w in workers if _alive(w)], "worker processes outlived the driver"
+    assert not list((res / "runs").glob("*.json"))  # 400 epochs: nothing finished, and no worker goes on to

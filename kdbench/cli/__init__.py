@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from ..errors import KdbenchError
@@ -11,7 +13,27 @@ from .commands import cmd_reproduce, cmd_run, report
 from .listing import cmd_list
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler's preemption), raised where the process is: it then stops as after Ctrl-C,
+    stopping its worker processes on the way out, instead of dying at once and leaving them training."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    # Only the main thread may set a handler (an embedding application's thread keeps the default).
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -31,8 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KdbenchError as exc:
         print(f"kdbench: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("kdbench: interrupted; finished runs are kept, re-run the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"kdbench: {what}; finished runs are kept, re-run the same command to resume", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
     finally:
         distributed.shutdown()
