@@ -9,11 +9,12 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -48,6 +49,46 @@ def per_class_prf(pred: Tensor, labels: Tensor, num_classes: int) -> dict[str, l
     denom = precision + recall
     f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-12), torch.zeros_like(tp))
     return {k: (100.0 * v).tolist() for k, v in (("precision", precision), ("recall", recall), ("f1", f1))}
+
+
+#: Bins of the expected calibration error (Guo et al., ICML 2017, use 15).
+ECE_BINS = 15
+
+
+def macro_prf(pred: Tensor, labels: Tensor, num_classes: int) -> tuple[float, float, float]:
+    """Macro precision, recall and F1 in %: the per-class scores (:func:`per_class_prf`) averaged with equal
+    weight, as scikit-learn's ``average="macro"``."""
+    scores = per_class_prf(pred, labels, num_classes)
+    return tuple(statistics.fmean(scores[k]) for k in ("precision", "recall", "f1"))  # type: ignore[return-value]
+
+
+def expected_calibration_error(probs: Tensor, labels: Tensor, bins: int = ECE_BINS) -> float:
+    """ECE in %: confidences (top probabilities) in ``bins`` equal-width bins over (0, 1]; the mean over images
+    of |accuracy − mean confidence| of each image's bin."""
+    conf, pred = probs.double().max(1)
+    correct = (pred == labels).double()
+    which = (conf * bins).ceil().long().clamp(1, bins) - 1  # bin b holds (b/bins, (b+1)/bins]
+    count = torch.bincount(which, minlength=bins).double()
+    gap = (torch.bincount(which, correct, minlength=bins) - torch.bincount(which, conf, minlength=bins)).abs()
+    return 100 * float(gap.sum() / count.sum())
+
+
+def nll(logits: Tensor, labels: Tensor) -> float:
+    """The mean negative log-likelihood of the true labels (nats)."""
+    return float(F.cross_entropy(logits.double(), labels))
+
+
+def kl_to_teacher(teacher_logits: Sequence[Tensor], student_logits: Tensor, temperature: float = 1.0) -> float:
+    """KL(teacher ‖ student) between the softmaxes at ``temperature``, the mean over images (nats), without KD's
+    T² factor. With several teachers the teacher's distribution is the mean of theirs (the teachers' ensemble).
+    NaN for a temperature that is not a positive number."""
+    if not temperature > 0 or math.isinf(temperature):
+        return math.nan
+    p = torch.stack([F.softmax(t.double() / temperature, 1) for t in teacher_logits]).mean(0)
+    log_q = F.log_softmax(student_logits.double() / temperature, 1)
+    # 0 · log 0 = 0: a class the teacher gives no probability adds nothing
+    terms = torch.where(p > 0, p * (p.clamp(min=1e-300).log() - log_q), torch.zeros_like(p))
+    return float(terms.sum(1).mean())
 
 
 def count_params(module: nn.Module, trainable_only: bool = False) -> int:

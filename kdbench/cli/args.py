@@ -109,11 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--results-dir", default=None, help="results folder (default: $KDBENCH_RESULTS, "
                      "else ./kdbench-results)")
     rep.add_argument("--out", type=Path, default=None, help="where to write (default: RESULTS_DIR/report)")
-    rep.add_argument("--metric", default="top1_last",
-                     choices=["top1_last", "top1_best", "top5_last", "top5_best", "top1_val_best", "top5_val_best"],
-                     help="accuracy shown (default top1_last: the CRD tables report the last epoch; "
-                          "the DKD tables the best, chosen on the test set; *_val_best: at the epoch with the "
-                          "best validation top-1, for runs with a recipe val_fraction)")
+    rep.add_argument("--metric", default="top1_last", metavar="M[,M...]",
+                     help="what the tables show; several, comma-separated, give a table each (the first also the "
+                          "plots). top1_last (default: the CRD tables report the last epoch), top1_best (the DKD "
+                          "tables: the best epoch, chosen on the test set), top5_last, top5_best, top1_val_best and "
+                          "top5_val_best (at the epoch with the best validation top-1, for runs with a recipe "
+                          "val_fraction), agreement (with the teacher). From the stored test-set predictions, at the "
+                          "last epoch: precision_macro, recall_macro, f1_macro, ece (15 bins), nll, kl_teacher "
+                          "(KL(teacher || student) at T = 1), kl_teacher_t (at the method's temperature)")
 
     ls = sub.add_parser("list", help="list methods, models, suites, recipes or datasets")
     ls.add_argument("what", choices=["methods", "models", "suites", "recipes", "datasets"])

@@ -24,32 +24,38 @@ from .cost import cost_frame
 from .markdown import benchmark_markdown, csv_frame, write_text
 from .plots import method_colours, plot_benchmark, style
 from .sweep_plot import plot_sweeps, sweep_lines
-from .rows import METRICS, Col, finished, load_rows
+from .derived import DERIVED, add_derived, check_test_sets
+from .rows import METRICS, Col, finished, load_rows, numeric
 
 
-def build_benchmark(bench: Benchmark, metric: str, colours: dict[str, str],
+def build_benchmark(bench: Benchmark, metrics: Sequence[str], colours: dict[str, str],
                     out_dir: Path) -> list[Path]:
-    """Write one benchmark's plots, CSV and markdown table; return their paths."""
+    """Write one benchmark's plots, CSV and markdown table; return their paths. The first metric is the main
+    table's and the plots'; each further one adds a table of its own (and its lines to the CSV)."""
+    metric, more = metrics[0], metrics[1:]
     entries = aggregate(bench.rows, metric)
     plots = plot_benchmark(bench, entries, metric, colours, out_dir)
     with style():
         plots += plot_sweeps(bench, metric, out_dir)
-    csv = write_text(out_dir / f"table_{bench.slug}.csv", csv_frame(bench, entries, metric).to_csv(index=False))
+    frames = [csv_frame(bench, entries, metric)] + [csv_frame(bench, aggregate(bench.rows, m), m) for m in more]
+    csv = write_text(out_dir / f"table_{bench.slug}.csv", pd.concat(frames, ignore_index=True).to_csv(index=False))
     costs = cost_frame(bench.rows)
     extra = [write_text(out_dir / f"costs_{bench.slug}.csv", costs.to_csv(index=False))] if not costs.empty else []
-    text = benchmark_markdown(bench, entries, metric, plots)
+    text = benchmark_markdown(bench, entries, metric, plots, more=more)
     if lines := sweep_lines(bench, metric):
         text = text.rstrip("\n") + "\n\nSweeps (test error = 100 − " + metric + "):\n\n" + "\n".join(lines) + "\n"
     md = write_text(out_dir / f"table_{bench.slug}.md", text)
     return [md, csv, *extra, *plots]
 
 
-def index(benches: Sequence[Benchmark], files: dict[str, list[Path]], metric: str,
+def index(benches: Sequence[Benchmark], files: dict[str, list[Path]], metrics: Sequence[str],
           results_dir: Path) -> str:
     """index.md: per benchmark, a link to every table and plot."""
     runs = sum(len(b.rows) for b in benches)
+    named = "Metric" if len(metrics) == 1 else "Metrics"
     lines = ["# kdbench report", "",
-             f"Metric: {METRICS[metric]}. Built from {runs} finished runs in `{results_dir}`.", ""]
+             f"{named}: {'; '.join(METRICS[m] for m in metrics)}. Built from {runs} finished runs in "
+             f"`{results_dir}`.", ""]
     for bench in benches:
         lines += [f"## {bench.title}", ""]
         lines += [f"- [{p.name}]({p.name})" for p in files[bench.slug]]
@@ -67,29 +73,48 @@ def without_result(rows: pd.DataFrame) -> str:
         f"**{r[Col.STATUS]}**: {r.get(Col.ERROR, '')}\n" for _, r in failed.iterrows())
 
 
+def parse_metrics(metric: str | Sequence[str]) -> list[str]:
+    """``top1_last`` or ``top1_last,ece,kl_teacher`` (or a list) as the metric names, each checked."""
+    names = [m.strip() for m in metric.split(",")] if isinstance(metric, str) else list(metric)
+    names = [m for m in names if m]
+    if not names:
+        raise KdbenchError(f"--metric names no metric; give one or more of {', '.join(METRICS)}, comma-separated")
+    for m in names:
+        if m not in METRICS:
+            raise unknown("metric", m, METRICS)
+    return list(dict.fromkeys(names))
+
+
 def build_report(results_dir: str | os.PathLike[str],
                  out_dir: str | os.PathLike[str] | None = None, *,
-                 metric: str = "top1_last") -> list[Path]:
+                 metric: str | Sequence[str] = "top1_last") -> list[Path]:
     """Write every benchmark's tables and plots plus ``index.md``; return the written paths.
 
-    ``index.md`` is the last path. ``out_dir`` defaults to ``results_dir``.
+    ``index.md`` is the last path. ``out_dir`` defaults to ``results_dir``. ``metric``: one metric or several
+    (comma-separated); the first is the main table's and the plots'.
     """
-    if metric not in METRICS:
-        raise unknown("metric", metric, METRICS)
+    metrics = parse_metrics(metric)
     results = Path(results_dir)
-    runs = ResultsStore(results).runs
+    store = ResultsStore(results)
+    runs = store.runs
     everything = load_rows(results, finished_only=False)
     rows = finished(everything, runs)
-    if metric not in rows:
-        raise KdbenchError(f"no run in {runs} records the metric '{metric}'")
+    check_test_sets(rows, store)
+    if any(m in DERIVED for m in metrics):  # read the predictions files only when asked for what they give
+        rows = add_derived(rows, store)
+    for m in metrics:
+        if m not in rows or numeric(rows, m).isna().all():
+            raise KdbenchError(f"no run in {runs} records the metric '{m}'" + (
+                " (it is derived from stored test-set predictions, which rows written before kdbench kept them "
+                "lack; re-run those runs to get it)" if m in DERIVED else ""))
     out = output_folder(Path(out_dir) if out_dir is not None else results, "report folder")
     out.mkdir(parents=True, exist_ok=True)
     benches = benchmarks(rows)
     # After benchmarks(): variant labels (kd[temperature=8.0]) get colours of their own.
     colours = method_colours({m for b in benches for m in b.rows[Col.METHOD]})
-    files = {b.slug: build_benchmark(b, metric, colours, out) for b in benches}
+    files = {b.slug: build_benchmark(b, metrics, colours, out) for b in benches}
     written = [p for b in benches for p in files[b.slug]]
-    text = index(benches, files, metric, results) + without_result(everything)
+    text = index(benches, files, metrics, results) + without_result(everything)
     return written + [write_text(out / "index.md", text)]
 
 

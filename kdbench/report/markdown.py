@@ -19,6 +19,7 @@ from .aggregate import (
     Benchmark,
     Entry,
     PairColumn,
+    aggregate,
     method_order,
     pairs_of,
     schedule_label,
@@ -34,6 +35,7 @@ from .rows import (
     is_teacher,
     mean_of,
     numeric,
+    unit,
 )
 from .cost import REFERENCE, cost_frame
 from .transfer import errors_table
@@ -232,8 +234,8 @@ def ensemble_section(rows: pd.DataFrame) -> list[str]:
 
 
 def benchmark_markdown(bench: Benchmark, entries: Sequence[Entry], metric: str,
-                       plots: Sequence[Path] = ()) -> str:
-    """The whole markdown report of one benchmark."""
+                       plots: Sequence[Path] = (), *, more: Sequence[str] = ()) -> str:
+    """The whole markdown report of one benchmark; ``more``: further metrics, a table each after the main one."""
     rows = bench.rows
     main, main_notes = metric_table(entries, pairs_of(rows), method_order(rows))
     costs, cost_notes = cost_table(rows)
@@ -246,6 +248,9 @@ def benchmark_markdown(bench: Benchmark, entries: Sequence[Entry], metric: str,
                   "that the runs work end to end.", ""]
     parts += [main, ""]
     parts += [f"- {n}" for n in main_notes]
+    for other in more:
+        table, _ = metric_table(aggregate(rows, other), pairs_of(rows), method_order(rows))
+        parts += ["", f"## {METRICS[other][0].upper()}{METRICS[other][1:]} ({unit(other)})", "", table]
     papers = rows[~is_teacher(rows)].drop_duplicates(Col.METHOD)
     papers = [(m, p) for m, p in zip(papers[Col.METHOD], papers[Col.METHOD_PAPER]) if p]
     if papers:

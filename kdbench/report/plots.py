@@ -33,7 +33,7 @@ from .aggregate import (
     throughput_setups,
 )
 from .markdown import fmt
-from .rows import BASELINE, METRICS, TEACHER, Col
+from .rows import BASELINE, METRICS, TEACHER, Col, unit
 
 #: Markers that tell pairs (or paper tables) apart; "o" and "*" are kept for ce and teachers.
 MARKERS = ("s", "D", "^", "v", "P", "X", "<", ">", "h", "p", "d", "8")
@@ -128,7 +128,7 @@ def plot_acc_vs_params(bench: Benchmark, entries: Sequence[Entry], metric: str,
     """acc_vs_params: metric against student parameters (log x); None if no run has params."""
     return _scatter(entries, lambda e: e.params, unit="M",
                     xlabel="parameters of the trained model (log scale)",
-                    title=f"{bench.title}\n{METRICS[metric]}", ylabel=f"{METRICS[metric]} (%)",
+                    title=f"{bench.title}\n{METRICS[metric]}", ylabel=f"{METRICS[metric]} ({unit(metric)})",
                     colours=colours, path=path)
 
 
@@ -147,7 +147,7 @@ def plot_acc_vs_throughput(bench: Benchmark, metric: str, colours: dict[str, str
         path = _scatter(aggregate(sub, metric), lambda e: e.throughput_img_s, unit="k",
                         xlabel=f"inference throughput, images/s (log scale; {described})",
                         title=f"{bench.title}\n{METRICS[metric]} vs throughput on {on}",
-                        ylabel=f"{METRICS[metric]} (%)", colours=colours,
+                        ylabel=f"{METRICS[metric]} ({unit(metric)})", colours=colours,
                         path=out_dir / f"acc_vs_throughput_{bench.slug}{suffix}.png")
         if path:
             written.append(path)
@@ -296,7 +296,7 @@ def plot_bars(bench: Benchmark, entries: Sequence[Entry], metric: str, colours: 
     ax.set_xticks([x for x, _ in ticks], [label for _, label in ticks], fontsize=8.5)
     ax.tick_params(axis="x", length=0)
     ax.grid(axis="y", color="#eeeeee", zorder=0)
-    ax.set_ylabel(f"{METRICS[metric]} (%)")
+    ax.set_ylabel(f"{METRICS[metric]} ({unit(metric)})")
     ax.set_title(f"{bench.title}\n{METRICS[metric]}, mean ± std over seeds")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="method")
     return save_figure(fig, path)

@@ -32,7 +32,25 @@ METRICS: dict[str, str] = {
     # Runs whose recipe holds out a validation split (val_fraction); empty for the others.
     "top1_val_best": "top-1 at the epoch with the best validation top-1",
     "top5_val_best": "top-5 at the epoch with the best validation top-1",
+    "agreement": "top-1 agreement with the teacher (or the teachers' ensemble) at the last epoch",
+    # Derived from the stored test-set predictions (kdbench.report.derived), at the last epoch.
+    "precision_macro": "macro precision at the last epoch",
+    "recall_macro": "macro recall at the last epoch",
+    "f1_macro": "macro F1 at the last epoch",
+    "ece": "expected calibration error (15 bins) at the last epoch, lower is better",
+    "nll": "test negative log-likelihood at the last epoch, lower is better",
+    "kl_teacher": "KL(teacher ‖ student) at T = 1 on the test set, lower is better",
+    "kl_teacher_t": "KL(teacher ‖ student) at the method's temperature on the test set, lower is better",
 }
+#: The unit of each metric where it is not % (a plot's axis says it).
+UNITS: dict[str, str] = {"nll": "nats", "kl_teacher": "nats", "kl_teacher_t": "nats"}
+#: The accuracies: what a sweep plot shows as test error, 100 − accuracy.
+ACCURACIES = ("top1_last", "top1_best", "top5_last", "top5_best", "top1_val_best", "top5_val_best")
+
+
+def unit(metric: str) -> str:
+    """A metric's unit, '%' unless :data:`UNITS` says otherwise."""
+    return UNITS.get(metric, "%")
 
 #: Columns every row must have (the rest may be missing and show as blanks).
 REQUIRED = (Col.RUN_ID, Col.KIND, Col.METHOD, Col.STUDENT, Col.DATASET, Col.SCHEDULE)

@@ -21,7 +21,7 @@ import pandas as pd
 
 from ..suites import PAIR_ARROW
 from .aggregate import Benchmark, slugify
-from .rows import BASELINE, METRICS, Col, is_teacher, numeric
+from .rows import ACCURACIES, BASELINE, METRICS, Col, is_teacher, numeric
 
 
 def swept(rows: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
@@ -52,7 +52,10 @@ def swept(rows: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
 
 
 def plot_sweeps(bench: Benchmark, metric: str, out_dir: Path) -> list[Path]:
-    """One figure per sweep of ``bench`` (see the module docstring); [] when it has none."""
+    """One figure per sweep of ``bench`` (see the module docstring); [] when it has none, or when ``metric`` is no
+    accuracy (the figures show test error, 100 − accuracy)."""
+    if metric not in ACCURACIES:
+        return []
     return [_plot(bench, method, key, runs, metric, out_dir) for method, key, runs in swept(bench.rows)]
 
 
@@ -91,8 +94,11 @@ def _tick(value: float) -> str:
 
 
 def sweep_lines(bench: Benchmark, metric: str) -> Sequence[str]:
-    """Markdown: per sweep, each pair's value with the lowest mean error (what the figure shows)."""
-    lines = []
+    """Markdown: per sweep, each pair's value with the lowest mean error (what the figure shows); none for a
+    metric that is no accuracy."""
+    lines: list[str] = []
+    if metric not in ACCURACIES:
+        return lines
     for method, key, runs in swept(bench.rows):
         for pair, group in runs.groupby(Col.PAIR, sort=True):
             err = (100 - numeric(group, metric)).groupby(group["value"]).mean()

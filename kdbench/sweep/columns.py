@@ -106,6 +106,10 @@ class Col:
     STOPPED_AT = "stopped_at_epoch"  # the epoch early stopping ended training after
     # Test errors at the last epoch: a count, and per class (class_errors.<i>: errors on the test images
     # of class i); every row has them.
+    # The run's test-set predictions (kdbench.predictions): the file, relative to the results folder ('' for a run
+    # without an evaluated epoch), and the test set's identity, which every row has.
+    PREDICTIONS = "predictions"
+    TEST_SET = "test_set_id"
     TEST_ERRORS = "test_errors"
     CLASS_ERRORS = "class_errors"
     # Transfer sets (kdbench.data.transfer) and bias adjustment (kdbench.bias), in student rows.

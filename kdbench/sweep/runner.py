@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import distributed, metrics, provenance, train, zoo
+from .. import distributed, metrics, predictions, provenance, train, zoo
 from ..data import DataSplits, holdout_indices, view_count
 from ..errors import DiskFull, KdbenchError
 from ..executors.base import BUSY, DONE, OK, Outcome
@@ -30,7 +30,7 @@ from ..method import Method, Taps, init_epochs_for
 from ..registry import build_method
 from ..train import EngineOptions, ViewCache, build_view_cache
 from . import rows
-from .measure import Measurer
+from .measure import Measurer, evaluated
 from .plan import Plan, cache_unusable, dataset_label, probed
 from .request import Request
 from .spec import RunSpec, Spec, TeacherSpec
@@ -58,6 +58,7 @@ class Runner:
             device_type=device.type, world_size=distributed.world_size(), options=self.options,
             provenance={**prov, "command": req.command} if req.command else prov)
         self.measurer = Measurer(data, req.throughput_batch, req.runs_per_gpu, self.options)
+        self.test_set = predictions.test_set_id(self.context.dataset, data.test_labels)
         self._teachers: dict[str, nn.Module] = {}
         self._trained_here: set[str] = set()               # teachers this process trained
         self._caches: dict[tuple, ViewCache] = {}          # the last teachers' view caches (large: one set kept)
@@ -203,8 +204,8 @@ class Runner:
     def _write_teacher_row(self, ts: TeacherSpec, model: nn.Module, result: train.TrainResult, *, trained: bool,
                            peak: metrics.PeakMemory | None = None) -> None:
         measured = self.measurer.measure(ts.model, model, result)
-        self.store.write(rows.teacher_row(self.context, ts, result=result, measured=measured, trained=trained,
-                                          peak=peak))
+        row = rows.teacher_row(self.context, ts, result=result, measured=measured, trained=trained, peak=peak)
+        self.store.write({**row, **self._keep_predictions(ts.run_id, result)})
 
     # -- student runs ---------------------------------------------------------------------
     def train_student(self, spec: RunSpec) -> dict[str, Any]:
@@ -243,8 +244,19 @@ class Runner:
         row[rows.Col.TEACHER_CACHE_OFF] = self.cache_off_reason(spec, taps)
         row[rows.Col.METHOD_VARIANT] = method.variant()
         row.update(self._transfer_columns(spec, student, data, None if error else result.test_logits))
+        row.update(self._keep_predictions(spec.run_id, result))
         self.store.write(row)
         return row
+
+    def _keep_predictions(self, run_id: str, result: train.TrainResult) -> dict[str, Any]:
+        """Write the run's test-set predictions (before its row, so a row never names a missing file); its
+        columns. A run without an evaluated epoch (diverged in the first) has none."""
+        cols = {rows.Col.TEST_SET: self.test_set, rows.Col.PREDICTIONS: ""}
+        if evaluated(result):
+            path = predictions.save(self.store.predictions_path(run_id), run_id=run_id, test_set=self.test_set,
+                                    logits=result.test_logits, labels=self.data.test_labels)
+            cols[rows.Col.PREDICTIONS] = path.relative_to(self.store.root).as_posix()
+        return cols
 
     # -- transfer sets and bias adjustment (sweep/transfer.py) --------------------------------
     def student_data(self, spec: RunSpec) -> DataSplits:

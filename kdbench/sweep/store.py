@@ -114,6 +114,10 @@ class ResultsStore:
     def teacher_path(self, teacher_id: str) -> Path:
         return self.teachers / f"{teacher_id}.pt"
 
+    def predictions_path(self, run_id: str) -> Path:
+        """A run's test-set predictions (:mod:`kdbench.predictions`), written before its row."""
+        return self.root / "predictions" / f"{run_id}.pt"
+
     def cache_path(self, name: str) -> Path:
         """A teacher-output cache (:mod:`kdbench.train.teacher_cache`): derived data, safe to delete."""
         return self.root / "cache" / f"{name}.pt"
