@@ -86,16 +86,18 @@ def test_kl_to_the_teacher_and_the_teachers_ensemble(temperature):
 # -- stored with every run, derived by the report -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> Path:
-    """A real sweep: kd and ce students of a tiny CIFAR ResNet teacher on the embedded digits, 2 epochs."""
+    """A real sweep: kd and ce students (seeds 0 and 1) of a tiny CIFAR ResNet teacher on the embedded digits,
+    2 epochs."""
     root = tmp_path_factory.mktemp("preds")
-    assert main(["run", "--methods", "kd,ce", "--pairs", "cifar_resnet14:cifar_resnet8", "--seeds", "0",
+    assert main(["run", "--methods", "kd,ce", "--pairs", "cifar_resnet14:cifar_resnet8", "--seeds", "0,1",
                  "--limit", "96", "--epochs", "2", "--throughput-batch", "8", "-q", "--no-report",
                  "--results-dir", str(root)]) == 0
     return root
 
 
 def _rows(root: Path) -> dict[str, dict]:
-    return {r["method"]: r for r in ResultsStore(root).rows()}
+    """Seed 0's row of each method (and the teacher's)."""
+    return {r["method"]: r for r in ResultsStore(root).rows() if r["seed"] == 0}
 
 
 def test_every_run_keeps_its_predictions_and_the_report_derives_each_metric(results):
@@ -117,6 +119,7 @@ def test_every_run_keeps_its_predictions_and_the_report_derives_each_metric(resu
     kd, labels = data["kd"]["logits"].float(), data["kd"]["labels"]
     p, r_, f, _ = precision_recall_fscore_support(labels.numpy(), kd.argmax(1).numpy(), average="macro",
                                                   zero_division=0, labels=list(range(10)))
+    assert frame.loc["kd", "precision_macro"] == pytest.approx(100 * p)
     assert frame.loc["kd", "f1_macro"] == pytest.approx(100 * f) and frame.loc["kd", "recall_macro"] == \
         pytest.approx(100 * r_)
     probs = torch.softmax(kd.double(), 1)
@@ -205,3 +208,62 @@ def test_test_set_id_depends_on_the_labels_and_their_order():
     assert predictions.test_set_id("digits", labels) == predictions.test_set_id("digits", labels.clone())
     assert predictions.test_set_id("digits", labels) != predictions.test_set_id("digits", labels.flip(0))
     assert predictions.test_set_id("digits", labels) != predictions.test_set_id("mnist", labels)
+
+
+# -- student ensembles from seeds (item 3) --------------------------------------------------------------------------
+def test_an_ensembles_accuracy_is_the_mean_of_its_members_probabilities():
+    """Three members on four images, by hand. Image 0: all right. Image 1: members 0 and 1 wrong with low
+    confidence, member 2 right with high: the mean of probabilities is right (a majority vote would not be).
+    Image 2: all wrong. Image 3: only member 0 right."""
+    from kdbench.report.ensembles import ensemble_of
+
+    labels = torch.tensor([0, 1, 1, 0])
+    m0 = torch.tensor([[5.0, 0.0], [0.2, 0.0], [3.0, 0.0], [2.0, 0.0]])
+    m1 = torch.tensor([[5.0, 0.0], [0.2, 0.0], [3.0, 0.0], [0.0, 2.0]])
+    m2 = torch.tensor([[5.0, 0.0], [0.0, 4.0], [3.0, 0.0], [0.0, 2.0]])
+    members, top1, diversity = ensemble_of([m0, m1, m2], labels)
+    assert members == [50.0, 25.0, 50.0]
+    # mean probability of class 1 on image 1: (σ(-0.2) + σ(-0.2) + σ(4)) / 3 = (0.450 + 0.450 + 0.982) / 3 > 0.5
+    # on image 3: (σ(-2) + σ(2) + σ(2)) / 3 = (0.119 + 0.881 + 0.881) / 3 > 0.5: class 1, wrong
+    assert top1 == 50.0  # images 0 and 1
+    # disagreements: (m0, m1) image 3; (m0, m2) images 1 and 3; (m1, m2) image 1: 1/4, 2/4, 1/4 of the images
+    assert diversity == pytest.approx(100 * (1 + 2 + 1) / 4 / 3)
+
+
+def test_the_report_judges_seeds_as_ensembles(results, tmp_path):
+    from kdbench.report.ensembles import seed_ensembles
+    from kdbench.report.rows import load_rows
+
+    store = ResultsStore(results)
+    got = {e.method: e for e in seed_ensembles(load_rows(results), store)}
+    assert set(got) == {"kd", "ce"}  # the teacher has one seed
+    kd_rows = sorted((r for r in store.rows() if r["method"] == "kd"), key=lambda r: r["seed"])
+    logits = [torch.load(results / r["predictions"], weights_only=True)["logits"].double() for r in kd_rows]
+    labels = torch.load(results / kd_rows[0]["predictions"], weights_only=True)["labels"]
+    mean = sum(torch.softmax(x, 1) for x in logits) / 2  # by hand: the mean of the two members' probabilities
+    kd = got["kd"]
+    assert kd.seeds == (0, 1) and kd.top1 == pytest.approx(100 * float((mean.argmax(1) == labels).double().mean()))
+    assert kd.member_top1 == pytest.approx(tuple(r["top1_last"] for r in kd_rows), abs=100 / len(labels) + 1e-9)
+    assert kd.params == sum(r["params"] for r in kd_rows)
+    assert kd.throughput == pytest.approx(1 / sum(1 / r["throughput_img_s"] for r in kd_rows))
+    assert main(["report", "--results-dir", str(results), "--out", str(tmp_path / "rep"), "--ensemble-seeds"]) == 0
+    table = next((tmp_path / "rep").glob("table_*.md")).read_text()
+    assert "## Student ensembles (seeds)" in table and "| `kd` | cifar_resnet14→cifar_resnet8 | 2 |" in table
+    assert next((tmp_path / "rep").glob("ensembles_*.csv")).read_text().startswith("method,pair,seeds,")
+
+
+def test_the_cost_table_shows_the_ce_ratio_memory_and_what_teachers_cost(results, tmp_path):
+    """Issue 16, item 4: per method the whole run's time, × ce on the same student and peak memory; per teacher its
+    training time shared by its students."""
+    build_report(results, tmp_path / "rep")
+    table = next((tmp_path / "rep").glob("table_*.md")).read_text()
+    assert "| method | s/epoch | s total | × ce | × kd | peak MB | extra params |" in table
+    assert next(line for line in table.splitlines() if line.startswith("| `ce` |")).split(" | ")[3] == "1.00×"
+    teachers = [r for r in ResultsStore(results).rows() if r["kind"] == "teacher"]
+    students = [r for r in ResultsStore(results).rows() if r["kind"] == "student" and r["teacher_ids"]]
+    for t in teachers:
+        n = sum(t["run_id"] in s["teacher_ids"].split("+") for s in students)
+        line = next(x for x in table.splitlines() if f"`{t['run_id']}`" in x).strip("|").split(" | ")
+        assert [c.strip() for c in line] == ["cifar_resnet14", f"`{t['run_id']}`", f"{t['train_time_s']:.1f}", "—",
+                                             str(n), f"{t['train_time_s'] / n:.2f}"]
+    assert (tmp_path / "rep").glob("acc_vs_cost_*.png")

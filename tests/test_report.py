@@ -114,7 +114,8 @@ def test_files_per_benchmark(report):
 def test_pngs_are_valid(report):
     _, paths = report
     pngs = [p for p in paths if p.suffix == ".png"]
-    assert len(pngs) == 6
+    # per benchmark (2): accuracy against parameters, throughput and training cost, and the bars
+    assert len(pngs) == 8 and sum(p.name.startswith("acc_vs_cost_") for p in pngs) == 2
     for p in pngs:
         data = p.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
@@ -420,3 +421,19 @@ def test_method_cost_is_relative_to_kd_on_the_same_pair():
     assert costs.loc["ce", "vs_kd"] == pytest.approx(1 / 3)
     text = "\n".join(method_cost_section(rows))
     assert "## Training cost per method" in text and "| `crd` | 8.00" in text and "2.83×" in text
+
+
+def test_index_opens_with_each_main_table_and_the_speed_plot(report):
+    """Issue 16, item 5: what a reader takes in at a glance comes first, per benchmark: the main table, then the
+    Pareto plot of accuracy against throughput; the links to everything follow."""
+    root, _ = report
+    index = (root / "index.md").read_text()
+    for slug, title in ((FULL_SLUG, "## cifar100 · crd, 240 epochs"),
+                        (SHORT_SLUG, "## cifar100 · crd, shortened: 24 of 240 epochs")):
+        section = index[index.index(f"{title}\n"):]
+        table, plot, links = (section.index("| method |"), section.index(f"![acc_vs_throughput_{slug}]"),
+                              section.index("All tables and plots:"))
+        assert table < plot < links
+    full = index[index.index("## cifar100 · crd, 240 epochs\n"):index.index("## cifar100 · crd, shortened")]
+    mean, std = stat(FULL_RUNS[("kd", R56, R20)])
+    assert f"{mean:.2f} ± {std:.2f}" in full  # the same cells as table_<slug>.md

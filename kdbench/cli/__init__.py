@@ -48,7 +48,7 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.command == "reproduce":
             return cmd_reproduce(args)
         if args.command == "report":
-            return report(results_dir(args.results_dir), args.out, args.metric)
+            return report(results_dir(args.results_dir), args.out, args.metric, args.ensemble_seeds)
         return cmd_list(args)
     except KdbenchError as exc:
         print(f"kdbench: error: {exc}", file=sys.stderr)

@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "last epoch: precision_macro, recall_macro, f1_macro, ece (15 bins), nll, kl_teacher "
                           "(KL(teacher || student) at T = 1), kl_teacher_t (at the method's temperature)")
 
+    rep.add_argument("--ensemble-seeds", action="store_true",
+                     help="also judge each method's students of one pair with different seeds as one ensemble (the "
+                          "mean of their probabilities): each member's and the ensemble's top-1, diversity, summed "
+                          "parameters; from the stored test-set predictions")
+
     ls = sub.add_parser("list", help="list methods, models, suites, recipes or datasets")
     ls.add_argument("what", choices=["methods", "models", "suites", "recipes", "datasets"])
     ls.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="FILE.py",

@@ -213,11 +213,11 @@ def transfer_sections(rows: pd.DataFrame) -> list[str]:
     return parts
 
 
-def report(root: Path, out: Path | None, metric: str) -> int:
+def report(root: Path, out: Path | None, metric: str, ensemble_seeds: bool = False) -> int:
     from ..report import build_report
 
     out = out or root / "report"
-    paths = build_report(root, out, metric=metric)
+    paths = build_report(root, out, metric=metric, ensemble_seeds=ensemble_seeds)
     print(f"kdbench report: {len(paths)} files in {out}")
     for path in paths:
         print(f"  {path}")

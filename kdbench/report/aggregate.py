@@ -261,6 +261,7 @@ class Entry:
     throughput_img_s: float  # NaN when the runs measured throughput on different devices
     throughput_device: str
     repeated_seed: bool  # some seed appears in more than one run of this cell
+    train_time_s: float = math.nan  # mean training time of a run; NaN when the runs trained on different devices
 
 
 def _entry(method: str, pair: PairColumn, model: str, runs: pd.DataFrame, metric: str,
@@ -277,6 +278,7 @@ def _entry(method: str, pair: PairColumn, model: str, runs: pd.DataFrame, metric
         throughput_img_s=mean_of(runs, Col.THROUGHPUT) if len(devices) <= 1 else math.nan,
         throughput_device="+".join(devices),
         repeated_seed=len(seeds) != len(set(seeds)),
+        train_time_s=mean_of(runs, Col.TRAIN_TIME) if len(set(runs.get(Col.DEVICE, []))) <= 1 else math.nan,
     )
 
 

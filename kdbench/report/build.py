@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -19,19 +20,21 @@ from ..errors import KdbenchError, unknown
 from ..executors.base import OK
 from ..files import output_folder
 from ..sweep.store import ResultsStore
-from .aggregate import Benchmark, aggregate, benchmarks
+from .aggregate import Benchmark, aggregate, benchmarks, method_order, pairs_of
 from .cost import cost_frame
-from .markdown import benchmark_markdown, csv_frame, write_text
+from .markdown import benchmark_markdown, csv_frame, metric_table, student_ensemble_section, write_text
 from .plots import method_colours, plot_benchmark, style
 from .sweep_plot import plot_sweeps, sweep_lines
 from .derived import DERIVED, add_derived, check_test_sets
+from .ensembles import Ensemble, seed_ensembles
 from .rows import METRICS, Col, finished, load_rows, numeric
 
 
 def build_benchmark(bench: Benchmark, metrics: Sequence[str], colours: dict[str, str],
-                    out_dir: Path) -> list[Path]:
+                    out_dir: Path, ensembles: Sequence[Ensemble] = ()) -> list[Path]:
     """Write one benchmark's plots, CSV and markdown table; return their paths. The first metric is the main
-    table's and the plots'; each further one adds a table of its own (and its lines to the CSV)."""
+    table's and the plots'; each further one adds a table of its own (and its lines to the CSV). ``ensembles``:
+    the benchmark's student ensembles from seeds (``--ensemble-seeds``), a table and a CSV of their own."""
     metric, more = metrics[0], metrics[1:]
     entries = aggregate(bench.rows, metric)
     plots = plot_benchmark(bench, entries, metric, colours, out_dir)
@@ -42,6 +45,11 @@ def build_benchmark(bench: Benchmark, metrics: Sequence[str], colours: dict[str,
     costs = cost_frame(bench.rows)
     extra = [write_text(out_dir / f"costs_{bench.slug}.csv", costs.to_csv(index=False))] if not costs.empty else []
     text = benchmark_markdown(bench, entries, metric, plots, more=more)
+    if ensembles:
+        text = text.rstrip("\n") + "\n" + "\n".join(student_ensemble_section(ensembles)) + "\n"
+        frame = pd.DataFrame([{**asdict(e), "seeds": "+".join(map(str, e.seeds)),
+                               "member_top1": "+".join(f"{x:.4f}" for x in e.member_top1)} for e in ensembles])
+        extra.append(write_text(out_dir / f"ensembles_{bench.slug}.csv", frame.to_csv(index=False)))
     if lines := sweep_lines(bench, metric):
         text = text.rstrip("\n") + "\n\nSweeps (test error = 100 − " + metric + "):\n\n" + "\n".join(lines) + "\n"
     md = write_text(out_dir / f"table_{bench.slug}.md", text)
@@ -57,7 +65,11 @@ def index(benches: Sequence[Benchmark], files: dict[str, list[Path]], metrics: S
              f"{named}: {'; '.join(METRICS[m] for m in metrics)}. Built from {runs} finished runs in "
              f"`{results_dir}`.", ""]
     for bench in benches:
-        lines += [f"## {bench.title}", ""]
+        # What a reader takes in at a glance first: the main table and accuracy against speed, a marker per method.
+        table, notes = metric_table(aggregate(bench.rows, metrics[0]), pairs_of(bench.rows), method_order(bench.rows))
+        lines += [f"## {bench.title}", "", table, ""] + [f"- {n}" for n in notes] + [""]
+        lines += [f"![{p.stem}]({p.name})" for p in files[bench.slug] if p.name.startswith("acc_vs_throughput_")][:1]
+        lines += ["", "All tables and plots:", ""]
         lines += [f"- [{p.name}]({p.name})" for p in files[bench.slug]]
         lines.append("")
     return "\n".join(lines)
@@ -87,11 +99,12 @@ def parse_metrics(metric: str | Sequence[str]) -> list[str]:
 
 def build_report(results_dir: str | os.PathLike[str],
                  out_dir: str | os.PathLike[str] | None = None, *,
-                 metric: str | Sequence[str] = "top1_last") -> list[Path]:
+                 metric: str | Sequence[str] = "top1_last", ensemble_seeds: bool = False) -> list[Path]:
     """Write every benchmark's tables and plots plus ``index.md``; return the written paths.
 
     ``index.md`` is the last path. ``out_dir`` defaults to ``results_dir``. ``metric``: one metric or several
-    (comma-separated); the first is the main table's and the plots'.
+    (comma-separated); the first is the main table's and the plots'. ``ensemble_seeds``: each method's students
+    of one pair with different seeds are also judged as one ensemble (:mod:`kdbench.report.ensembles`).
     """
     metrics = parse_metrics(metric)
     results = Path(results_dir)
@@ -112,7 +125,8 @@ def build_report(results_dir: str | os.PathLike[str],
     benches = benchmarks(rows)
     # After benchmarks(): variant labels (kd[temperature=8.0]) get colours of their own.
     colours = method_colours({m for b in benches for m in b.rows[Col.METHOD]})
-    files = {b.slug: build_benchmark(b, metrics, colours, out) for b in benches}
+    files = {b.slug: build_benchmark(b, metrics, colours, out, seed_ensembles(b.rows, store) if ensemble_seeds else ())
+             for b in benches}
     written = [p for b in benches for p in files[b.slug]]
     text = index(benches, files, metrics, results) + without_result(everything)
     return written + [write_text(out / "index.md", text)]

@@ -50,7 +50,7 @@ def check_test_sets(rows: pd.DataFrame, store: ResultsStore) -> None:
 def add_derived(rows: pd.DataFrame, store: ResultsStore) -> pd.DataFrame:
     """``rows`` with the :data:`DERIVED` columns from the stored predictions (NaN where there are none)."""
     rows = rows.copy()
-    loaded = _load_all(rows, store)
+    loaded = load_predictions(rows, store)
     values: dict[str, list[float]] = {name: [] for name in DERIVED}
     for _, row in rows.iterrows():
         got = _derive(row, loaded)
@@ -61,7 +61,7 @@ def add_derived(rows: pd.DataFrame, store: ResultsStore) -> pd.DataFrame:
     return rows
 
 
-def _load_all(rows: pd.DataFrame, store: ResultsStore) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
+def load_predictions(rows: pd.DataFrame, store: ResultsStore) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
     """Each row's predictions that exist, by run id: (fp32 logits, labels, number of classes)."""
     out = {}
     if Col.PREDICTIONS not in rows:

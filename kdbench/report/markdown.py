@@ -8,9 +8,11 @@ the same numbers long-form (one line per method, pair and model).
 from __future__ import annotations
 
 import math
+import statistics
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -37,7 +39,7 @@ from .rows import (
     numeric,
     unit,
 )
-from .cost import REFERENCE, cost_frame
+from .cost import REFERENCE, cost_frame, teacher_cost_frame
 from .transfer import errors_table
 
 #: Marks a cell that averages several runs of one seed.
@@ -175,19 +177,35 @@ def method_cost_section(rows: pd.DataFrame) -> list[str]:
         return []
     order = {m: i for i, m in enumerate(method_order(rows))}
     costs = costs.sort_values("method", key=lambda ms: ms.map(lambda m: order.get(m, len(order))), kind="stable")
-    lines = [[f"`{c.method}`", fmt(c.epoch_s, 3), (f"{c.vs_kd:.2f}×" if not math.isnan(c.vs_kd) else "—"),
-              fmt_count(c.extra_params), f"{c.init_epochs:g}" if c.init_epochs else "—",
+    def ratio(x: float) -> str:
+        return f"{x:.2f}×" if not math.isnan(x) else "—"
+
+    kinds = distinct(rows[~is_teacher(rows)], Col.PEAK_MEM_KIND)
+    lines = [[f"`{c.method}`", fmt(c.epoch_s, 3), fmt(c.total_s, 1), ratio(c.vs_ce), ratio(c.vs_kd),
+              fmt(c.peak_mem_mb, 0) or "—", fmt_count(c.extra_params), f"{c.init_epochs:g}" if c.init_epochs else "—",
               fmt(c.state_mb, 1) if c.state_mb else "—", "yes" if c.teacher_cache else "no"]
              for c in costs.itertuples()]
-    header = ["method", "s/epoch", f"× {REFERENCE}", "extra params", "init epochs", "state (MB)", "teacher cache"]
-    return ["", "## Training cost per method", "",
-            f"Median steady-state training time per epoch (the first epoch a process trains is left out); "
-            f"× {REFERENCE}: the geometric mean over pairs of its ratio to `{REFERENCE}` on the same pair and "
-            f"device. Extra parameters are the method's own trained modules (regressors, embeddings); init "
-            f"epochs train before the schedule and are not in s/epoch's count but are in the run's training "
-            f"time; state is untrained per-image memory (CRD's bank); teacher cache: the teachers' outputs "
-            f"were looked up, not computed, which makes a method cheaper than one that runs its teachers.", "",
-            md_table(header, lines)]
+    header = ["method", "s/epoch", "s total", f"× {BASELINE}", f"× {REFERENCE}", "peak MB", "extra params",
+              "init epochs", "state (MB)", "teacher cache"]
+    section = ["", "## Training cost per method", "",
+               f"Median steady-state training time per epoch (the first epoch a process trains is left out) and "
+               f"median training time of a whole run (init stage and compiling included); × {BASELINE} and × "
+               f"{REFERENCE}: the geometric mean over students (pairs) of the epoch time's ratio to `{BASELINE}` "
+               f"on the same student (to `{REFERENCE}` on the same pair) and device. Peak MB: the median of the "
+               f"runs' peak memory ({', '.join(kinds) or 'unknown'}; on the CPU the process's peak RSS, an upper "
+               f"bound). Extra parameters are the method's own trained modules (regressors, embeddings); init "
+               f"epochs train before the schedule and are not in s/epoch's count but are in the run's training "
+               f"time; state is untrained per-image memory (CRD's bank); teacher cache: the teachers' outputs "
+               f"were looked up, not computed, which makes a method cheaper than one that runs its teachers.", "",
+               md_table(header, lines)]
+    teachers = teacher_cost_frame(rows)
+    if not teachers.empty:
+        section += ["", "What the teachers cost, paid once and shared by the students that distilled from them "
+                    "(training time, the output cache's build time where one was used, and their sum per student):",
+                    "", md_table(["teacher", "run", "s training", "s cache build", "students", "s per student"],
+                                 [[t.teacher, f"`{t.run_id}`", fmt(t.train_s, 1), fmt(t.cache_build_s, 1) or "—",
+                                   str(t.students), fmt(t.per_student_s, 2) or "—"] for t in teachers.itertuples()])]
+    return section
 
 
 def provenance(rows: pd.DataFrame) -> str:
@@ -231,6 +249,21 @@ def ensemble_section(rows: pd.DataFrame) -> list[str]:
             "Top-1 at the last epoch of each teacher, and of their ensemble (the mean of their class "
             "probabilities), on the test set.", "",
             md_table(["teachers", "each teacher", "ensemble"], lines)]
+
+
+def student_ensemble_section(ensembles: Sequence[Any]) -> list[str]:
+    """The markdown of the student ensembles from seeds (:class:`kdbench.report.ensembles.Ensemble`)."""
+    lines = [[f"`{e.method}`", e.pair, str(len(e.seeds)), " / ".join(fmt(x) for x in e.member_top1), fmt(e.top1),
+              fmt(e.top1 - statistics.fmean(e.member_top1)), fmt(e.diversity), fmt_count(e.params),
+              fmt(e.throughput, 0) or "—"] for e in ensembles]
+    header = ["method", "pair", "K", "each member's top-1", "ensemble top-1", "ensemble − mean member", "diversity (%)",
+              "params (sum)", "images/s, members in turn"]
+    return ["", "## Student ensembles (seeds)", "",
+            "The students one method distilled with K seeds, as one model: top-1 at the last epoch of each member "
+            "(in seed order) and of their ensemble (the mean of their class probabilities); diversity is the mean "
+            "over member pairs of the % of test images on which their top-1 classes differ. Images/s is derived "
+            "from the members' measured throughput as if run one after another (1 / Σ 1/images/s), not measured "
+            "on a deployed ensemble.", "", md_table(header, lines)]
 
 
 def benchmark_markdown(bench: Benchmark, entries: Sequence[Entry], metric: str,

@@ -33,7 +33,7 @@ from .aggregate import (
     throughput_setups,
 )
 from .markdown import fmt
-from .rows import BASELINE, METRICS, TEACHER, Col, unit
+from .rows import BASELINE, METRICS, TEACHER, Col, distinct, unit
 
 #: Markers that tell pairs (or paper tables) apart; "o" and "*" are kept for ce and teachers.
 MARKERS = ("s", "D", "^", "v", "P", "X", "<", ">", "h", "p", "d", "8")
@@ -119,6 +119,7 @@ def plot_benchmark(bench: Benchmark, entries: Sequence[Entry], metric: str, colo
         plots = [plot_acc_vs_params(bench, entries, metric, colours,
                                     out_dir / f"acc_vs_params_{bench.slug}.png")]
         plots += plot_acc_vs_throughput(bench, metric, colours, out_dir)
+        plots.append(plot_acc_vs_cost(bench, entries, metric, colours, out_dir / f"acc_vs_cost_{bench.slug}.png"))
         plots.append(plot_bars(bench, entries, metric, colours, out_dir / f"bars_{bench.slug}.png"))
     return [p for p in plots if p is not None]
 
@@ -130,6 +131,18 @@ def plot_acc_vs_params(bench: Benchmark, entries: Sequence[Entry], metric: str,
                     xlabel="parameters of the trained model (log scale)",
                     title=f"{bench.title}\n{METRICS[metric]}", ylabel=f"{METRICS[metric]} ({unit(metric)})",
                     colours=colours, path=path)
+
+
+def plot_acc_vs_cost(bench: Benchmark, entries: Sequence[Entry], metric: str,
+                     colours: dict[str, str], path: Path) -> Path | None:
+    """acc_vs_cost: metric against the training time of a run (log x), teachers included; None when no run has
+    one (or the runs of a cell trained on different devices)."""
+    devices = "; ".join(distinct(bench.rows, Col.DEVICE)) or "unknown device"
+    return _scatter(entries, lambda e: e.train_time_s, unit="s",
+                    xlabel=f"training time of a run, s (log scale; {devices})",
+                    title=f"{bench.title}\n{METRICS[metric]} vs training cost",
+                    ylabel=f"{METRICS[metric]} ({unit(metric)})", colours=colours, path=path,
+                    label_models=False)  # each method's own time: the model names would sit at averages
 
 
 def plot_acc_vs_throughput(bench: Benchmark, metric: str, colours: dict[str, str],
@@ -155,7 +168,7 @@ def plot_acc_vs_throughput(bench: Benchmark, metric: str, colours: dict[str, str
 
 
 def _scatter(entries: Sequence[Entry], x_of: Callable[[Entry], float], *, xlabel: str, unit: str,
-             title: str, ylabel: str, colours: dict[str, str], path: Path) -> Path | None:
+             title: str, ylabel: str, colours: dict[str, str], path: Path, label_models: bool = True) -> Path | None:
     """Metric against a per-model x (log scale): one marker per (method, pair), teachers as stars.
 
     Markers of one model share an x; they are spread slightly sideways so error bars stay visible,
@@ -188,7 +201,7 @@ def _scatter(entries: Sequence[Entry], x_of: Callable[[Entry], float], *, xlabel
                         fmt=marker, color=colours[e.method], markersize=14 if is_teacher else 7.5,
                         markeredgecolor="white", markeredgewidth=0.6, capsize=3, elinewidth=1.2,
                         zorder=3)
-    _model_axis(ax, model_x, (lo / pad, hi * pad), span, unit)
+    _model_axis(ax, model_x, (lo / pad, hi * pad), span, unit, label_models)
     ax.margins(y=0.08)
     ax.grid(axis="y", color="#eeeeee", zorder=0)
     ax.set_xlabel(xlabel)
@@ -199,12 +212,12 @@ def _scatter(entries: Sequence[Entry], x_of: Callable[[Entry], float], *, xlabel
 
 
 def _model_axis(ax, model_x: dict[str, float], xlim: tuple[float, float], span: float,
-                unit: str) -> None:
+                unit: str, label_models: bool = True) -> None:
     """The log x-axis of a scatter: counts below, model names at their x on top, a faint line
-    at each model's x."""
+    at each model's x (not with ``label_models`` False: an x that is no property of the model)."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
 
-    div = {"M": 1e6, "k": 1e3}[unit]  # ticks: 270000 -> '0.27M' (unit 'M'), 12000 -> '12k' ('k')
+    div = {"M": 1e6, "k": 1e3, "s": 1.0}[unit]  # ticks: 270000 -> '0.27M' (unit 'M'), 12000 -> '12k' ('k'), 40 -> '40s'
     xs = list(model_x.values())
     ax.set_xlim(*xlim)
     subs = (1.0, 2.0, 3.0, 5.0) if span < 1.2 else (1.0, 2.0, 5.0) if span < 3 else (1.0,)
@@ -212,6 +225,8 @@ def _model_axis(ax, model_x: dict[str, float], xlim: tuple[float, float], span: 
     ax.xaxis.set_major_formatter(FuncFormatter(
         lambda x, _pos: f"{x / div:.3g}{unit}" if x >= div or unit == "M" else f"{x:.3g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
+    if not label_models:
+        return
     top = ax.secondary_xaxis("top")
     top.set_xticks(xs, list(model_x), rotation=60, ha="left", rotation_mode="anchor", fontsize=8)
     top.xaxis.set_minor_locator(NullLocator())
