@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -50,13 +51,36 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The weights in a checkpoint file: a bare state dict, or one under 'model'/'state_dict'.
+#: The suffix of a checkpoint argument that selects its EMA weights: ``model_best.pth.tar#ema``.
+EMA_SUFFIX = "#ema"
+#: Where checkpoints keep EMA weights: timm's ``train.py`` (``CheckpointSaver``) writes ``state_dict_ema``.
+EMA_KEYS = ("state_dict_ema", "model_ema")
 
-    RepDistiller and mdistiller publish ``{'model': state_dict, ...}``; DataParallel's
-    ``module.`` prefix is removed.
+
+def split_checkpoint(spec: str | Path) -> tuple[Path, bool]:
+    """``FILE`` or ``FILE#ema`` as (the file, whether its EMA weights are asked for)."""
+    text = str(spec)
+    ema = text.endswith(EMA_SUFFIX)
+    return Path(text.removesuffix(EMA_SUFFIX)), ema
+
+
+def checkpoint_identity(spec: str | Path) -> str:
+    """What identifies a checkpoint's weights in a teacher's run id and row: the file's sha256, plus ``#ema``
+    when its EMA weights are the ones loaded (the same file holds two sets of weights)."""
+    path, ema = split_checkpoint(spec)
+    return file_sha256(path) + (EMA_SUFFIX if ema else "")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights in a checkpoint file: a bare state dict, or one under 'model'/'state_dict'; ``FILE#ema``: the
+    EMA weights (``state_dict_ema``).
+
+    RepDistiller and mdistiller publish ``{'model': state_dict, ...}``; timm's ``train.py`` writes
+    ``{'state_dict', 'state_dict_ema', 'args': argparse.Namespace, ...}`` (``model_best.pth.tar``), whose
+    Namespace is the one Python object besides tensors that is allowed (as timm's own loader allows it): nothing
+    else in a checkpoint is unpickled. DataParallel's ``module.`` prefix is removed.
     """
-    path = Path(path)
+    path, ema = split_checkpoint(path)
     if path.is_dir():
         raise KdbenchError(f"checkpoint '{path}' is a folder; pass the path of a .pt/.pth file")
     if not path.is_file():
@@ -71,9 +95,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise KdbenchError(f"checkpoint '{path}' is empty (0 bytes), e.g. an interrupted copy or download; "
                            "copy or download it again")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):  # timm train.py's 'args'
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input problem
         raise KdbenchError(_unreadable(path, exc)) from None
+    if ema:
+        key = next((k for k in EMA_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), dict)), None)
+        if key is None:
+            held = ", ".join(sorted(map(str, obj))) if isinstance(obj, dict) else type(obj).__name__
+            raise KdbenchError(f"checkpoint '{path}{EMA_SUFFIX}' asks for EMA weights, but the file holds no "
+                               f"{' or '.join(EMA_KEYS)} (it holds: {held}); drop '{EMA_SUFFIX}' to load its "
+                               "weights, or give a checkpoint saved with a model EMA (timm train.py --model-ema)")
+        obj = obj[key]
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -103,7 +136,8 @@ def _unreadable(path: Path, exc: Exception) -> str:
 
 
 def load_checkpoint(model: nn.Module, path: str | Path, model_name: str) -> None:
-    """Load weights strictly; a mismatch names the keys and says whether it is the class count."""
+    """Load weights (``FILE`` or ``FILE#ema``) strictly; a mismatch names the keys and says whether it is the
+    class count."""
     load_fitting(model, read_state_dict(path), f"checkpoint '{path}'", model_name)
 
 

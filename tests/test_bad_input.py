@@ -540,3 +540,51 @@ def test_no_lock_is_left_behind(tmp_path):
         assert main([*run("--methods", method, "--pairs", PAIR), "--results-dir", str(tmp_path)]) == 0
         assert not list((tmp_path / "state").rglob("*")), method
     assert len(list((tmp_path / "runs").glob("*.json"))) == 3  # the teacher's row and the two students'
+
+
+def _timm_train_checkpoint(folder: Path) -> tuple[Path, dict, dict]:
+    """model_best.pth.tar as timm's train.py writes it, by timm's own CheckpointSaver: 'args' is an
+    argparse.Namespace, and a model EMA (decay 0.5, updated after one changed step) sits in 'state_dict_ema'.
+    Returns the file, the model's weights and the EMA's."""
+    import argparse
+
+    from timm.utils import CheckpointSaver, ModelEmaV3
+
+    torch.manual_seed(0)
+    model = zoo.create("cifar_resnet8", num_classes=10, in_chans=1, img_size=8)
+    ema = ModelEmaV3(model, decay=0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)  # the model moves away from the EMA's copy
+    ema.update(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    saver = CheckpointSaver(model, opt, args=argparse.Namespace(model="cifar_resnet8", lr=0.1, epochs=1),
+                            model_ema=ema, checkpoint_dir=str(folder), recovery_dir=str(folder))
+    saver.save_checkpoint(0, metric=1.0)
+    return folder / "model_best.pth.tar", model.state_dict(), ema.module.state_dict()
+
+
+def test_a_timm_train_checkpoint_loads_its_weights_or_its_ema(tmp_path, capsys):
+    """Issue 12, item 3: timm's train.py checkpoint (with its argparse.Namespace) is no longer refused as 'holds
+    Python objects'; FILE#ema selects the EMA weights; the two are different teachers (ids and rows)."""
+    path, weights, ema_weights = _timm_train_checkpoint(tmp_path)
+    got, got_ema = zoo.read_state_dict(path), zoo.read_state_dict(f"{path}#ema")
+    assert got.keys() == weights.keys() and all(torch.equal(got[k], weights[k]) for k in weights)
+    assert all(torch.equal(got_ema[k], ema_weights[k]) for k in ema_weights)
+    assert not all(torch.equal(got[k], got_ema[k]) for k in weights)  # truly another set of weights
+    res = tmp_path / "res"
+    for spec in (str(path), f"{path}#ema"):
+        assert main([*with_checkpoint(spec), "--results-dir", str(res)]) == 0
+    teachers = [json.loads(p.read_text()) for p in (res / "runs").glob("*.json")]
+    teachers = {t["checkpoint_sha256"]: t for t in teachers if t["kind"] == "teacher"}
+    sha = zoo.file_sha256(path)
+    assert set(teachers) == {sha, f"{sha}#ema"}  # two teachers, told apart by the weights they loaded
+    assert teachers[sha]["run_id"] != teachers[f"{sha}#ema"]["run_id"]
+
+
+def test_ema_weights_asked_of_a_checkpoint_without_them(finished, tmp_path, capsys):
+    path = tmp_path / "plain.pt"
+    torch.save({"model": zoo.create("cifar_resnet8", num_classes=10, in_chans=1, img_size=8).state_dict()}, path)
+    refused(with_checkpoint(f"{path}#ema"), finished, capsys,
+            rf"checkpoint '{path}#ema' asks for EMA weights, but the file holds no state_dict_ema or model_ema "
+            r"\(it holds: model\)", r"drop '#ema' to load its weights")

@@ -168,8 +168,9 @@ def _what_options(parser: argparse.ArgumentParser, reproduce: bool) -> None:
     what.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="FILE.py",
                       help="load method classes from a Python file (repeatable)")
     what.add_argument("--teacher-checkpoint", dest="teacher_ckpts", action="append", default=[],
-                      metavar="[MODEL=]FILE", help="use these weights for a teacher instead of training it "
-                      "(a state dict, or a dict with it under 'model' as RepDistiller publishes)")
+                      metavar="[MODEL=]FILE[#ema]", help="use these weights for a teacher instead of training it "
+                      "(a state dict, or a dict with it under 'model' as RepDistiller publishes, or timm train.py's "
+                      "model_best.pth.tar; FILE#ema loads its EMA weights, state_dict_ema)")
 
 
 def _data_options(parser: argparse.ArgumentParser, reproduce: bool) -> None:

@@ -184,7 +184,8 @@ def _scatter(entries: Sequence[Entry], x_of: Callable[[Entry], float], *, xlabel
     for e in points:
         by_model.setdefault(e.model, []).append(e)
     model_x = {model: float(np.mean([x_of(e) for e in group])) for model, group in by_model.items()}
-    lo, hi = min(model_x.values()), max(model_x.values())
+    # every marker's own x in view (a method's training time differs from its model's mean)
+    lo, hi = min(min(model_x.values()), *map(x_of, points)), max(max(model_x.values()), *map(x_of, points))
     pad = max(10 ** 0.15, (hi / lo) ** 0.08)
     span = math.log10(hi * pad / (lo / pad))  # decades shown
     steps = _spreads(model_x, {m: len(g) for m, g in by_model.items()}, span)

@@ -120,7 +120,7 @@ def check_models(req: Request, data: DataSplits) -> dict[str, str]:
             raise KdbenchError(f"--teacher-checkpoint names model '{model}', which is no teacher of this run "
                                f"(teachers: {', '.join(sorted(teachers)) or 'none'})")
         zoo.load_checkpoint(zoo.create(model, **shape), path, model)
-    return {m: zoo.file_sha256(p) for m, p in req.teacher_checkpoints.items()}
+    return {m: zoo.checkpoint_identity(p) for m, p in req.teacher_checkpoints.items()}
 
 
 def build_plan(req: Request, methods: Mapping[str, type[Method]], data: DataSplits) -> Plan:
