@@ -18,6 +18,7 @@ from typing import Any
 import tomllib
 
 from .bias import Bias
+from .data.resolution import Resolution
 from .data.transfer import TransferSet
 from .errors import KdbenchError, suggest, unknown
 from .recipe import Recipe, get_recipe
@@ -153,6 +154,8 @@ class Suite:
     #: Extra ``timm.create_model`` arguments for one model wherever it is trained (dropout, ...).
     model_kwargs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     pad_to: int = 0                 # zero-pad images to this square size (e.g. 28 -> 32)
+    #: The resolution its runs train and evaluate at (keys image_size, crop_pct, interpolation); default: as stored.
+    resolution: Resolution = Resolution()
     reproduce: Reproduction | None = None
     path: Path | None = None        # the file it was read from
 
@@ -160,7 +163,7 @@ class Suite:
 # -- reading suite files ----------------------------------------------------------------------------
 
 _TOP_KEYS = {"name", "description", "dataset", "seeds", "methods", "pairs", "pad_to", "recipe", "hparams",
-             "sweep", "models", "reproduce"}
+             "sweep", "models", "reproduce", "image_size", "crop_pct", "interpolation"}
 _REPRO_KEYS = {"published", "tables", "method_names", "tolerance", "notes"}
 _TOL_KEYS = {"points", "sigmas", "relative", "ordering"}
 #: ``create_model`` arguments kdbench passes itself; a suite's [models.X] may not set them.
@@ -317,12 +320,19 @@ def parse_suite(data: Mapping[str, Any], path: Path) -> Suite:
                                "--teacher-checkpoint); remove it")
     reproduce = _reproduction(data["reproduce"], path, where) if "reproduce" in data else None
     pad_to = _expect(data.get("pad_to", 0), int, "pad_to", where)
+    try:
+        resolution = Resolution(_expect(data.get("image_size", 0), int, "image_size", where),
+                                float(_expect(data.get("crop_pct", 1.0), (int, float), "crop_pct", where)),
+                                _expect(data.get("interpolation", "bilinear"), str, "interpolation", where))
+    except KdbenchError as exc:
+        raise KdbenchError(f"{where}: {exc}") from None
     return Suite(
         name=name, description=str(data.get("description", "")).strip(),
         dataset=_expect(data["dataset"], str, "dataset", where), recipe=recipe, pairs=pairs, seeds=seeds,
         hparams=overrides, sweeps=tuple(sweeps), methods=tuple(_expect(data.get("methods", []), list, "methods", where)),
         recipe_by_model={m: dict(v) for m, v in by_model.items()},
-        model_kwargs={m: dict(v) for m, v in models.items()}, pad_to=pad_to, reproduce=reproduce, path=path,
+        model_kwargs={m: dict(v) for m, v in models.items()}, pad_to=pad_to, resolution=resolution,
+        reproduce=reproduce, path=path,
     )
 
 

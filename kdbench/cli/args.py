@@ -189,6 +189,14 @@ def _data_options(parser: argparse.ArgumentParser, reproduce: bool) -> None:
                       help="use only the first N train and N test images (smoke tests; labelled in every output)")
     data.add_argument("--pad-to", type=_positive, default=None, metavar="S", help="zero-pad images to S×S, e.g. "
                       "28×28 Fashion-MNIST to 32 for CIFAR models (default: the suite's, else none)")
+    data.add_argument("--image-size", type=_positive, default=None, metavar="N", help="train and evaluate at N×N: "
+                      "each image's shorter side resized to N / crop-pct, then centre-cropped to N (default: the "
+                      "suite's, else as stored; an ImageFolder 32). FLOPs and throughput are measured at it, and it "
+                      "is part of every run id and dataset label (~Npx)")
+    data.add_argument("--crop-pct", type=float, default=None, metavar="F", help="with --image-size: the fraction "
+                      "of the resized image the centre crop keeps, in (0, 1] (timm's eval default 0.875; default 1)")
+    data.add_argument("--interpolation", default=None, choices=["bilinear", "bicubic", "nearest"],
+                      help="with --image-size: how images are resized (default bilinear)")
 
 
 def _training_options(parser: argparse.ArgumentParser, reproduce: bool) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bias import Bias
+from ..data.resolution import Resolution
 from ..data.transfer import TransferSet
 from ..errors import KdbenchError, unknown
 from ..executors.base import Executor, worker_env
@@ -99,6 +100,14 @@ def _where_runs(args: argparse.Namespace) -> tuple[str, bool, float | None]:
     return device, True, gpus
 
 
+def _resolution(args: argparse.Namespace, suite: Suite) -> Resolution:
+    """--image-size, --crop-pct and --interpolation over the suite's (each given one wins on its own)."""
+    given = suite.resolution
+    return Resolution(given.size if args.image_size is None else args.image_size,
+                      given.crop_pct if args.crop_pct is None else args.crop_pct,
+                      given.interpolation if args.interpolation is None else args.interpolation)
+
+
 def _slurm_options(args: argparse.Namespace) -> list[str]:
     """The Slurm-only options given on the command line (those whose default is "not given")."""
     names = ("extra", "partition", "account", "qos", "mem", "max_concurrent", "folder")
@@ -133,6 +142,7 @@ def build_request(args: argparse.Namespace, suite: Suite, *, dataset: str, recip
         model_kwargs={k: dict(v) for k, v in suite.model_kwargs.items()},
         results_dir=results_dir(args.results_dir), data_dir=args.data_dir, download=args.download,
         limit=args.limit, pad_to=suite.pad_to if args.pad_to is None else args.pad_to,
+        resolution=_resolution(args, suite),
         device=device, remote=remote, throughput_batch=args.throughput_batch, quiet=args.quiet,
         runs_per_gpu=getattr(args, "runs_per_gpu", 1) if getattr(args, "gpus", None) else 1,
         command=command_line(), precision=args.precision, compile=args.compile,

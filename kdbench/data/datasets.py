@@ -33,6 +33,7 @@ from pathlib import Path
 
 from ..errors import KdbenchError, unknown
 from .imagefolder import IMAGEFOLDER_PREFIX, read_imagefolder
+from .resolution import Resolution, resize_splits
 from .sources import (
     SYNTHETIC_PREFIX,
     TORCHVISION_SETS,
@@ -56,8 +57,11 @@ def load_dataset(
     data_dir: str | Path | None = None,
     download: bool = False,
     limit: int | None = None,
-    image_size: int = 32,
+    image_size: int = 0,
     pad_to: int = 0,
+    crop_pct: float = 1.0,
+    interpolation: str = "bilinear",
+    imagefolder_size: int = 0,
 ) -> DataSplits:
     """Load a dataset by name into memory (CPU, uint8 images, int64 labels).
 
@@ -71,31 +75,32 @@ def load_dataset(
         and smoke runs; from an ImageFolder (whose files are listed class by class) ``limit`` taken
         in turn from each class instead. Normalisation stats of ``digits`` still come from its full
         train split; an ImageFolder's come from the images actually loaded.
-    image_size: ImageFolder only: each image's shorter side is resized to this, then
-        center-cropped to image_size × image_size.
+    image_size, crop_pct, interpolation: the run's resolution (:class:`~kdbench.data.resolution.Resolution`):
+        each image's shorter side resized to image_size / crop_pct, then centre-cropped to image_size ×
+        image_size; 0 keeps the stored size (an ImageFolder's: ``imagefolder_size``, else 32).
     pad_to: zero-pad every image to pad_to × pad_to (0 = as stored), e.g. 28×28 MNIST to the
         32×32 that CIFAR-style models expect.
     """
-    splits = _load_unpadded(name, data_dir=data_dir, download=download, limit=limit, image_size=image_size)
+    res = Resolution(image_size, crop_pct, interpolation)
+    splits = _load_unpadded(name, data_dir=data_dir, download=download, limit=limit, res=res,
+                            imagefolder=Resolution(image_size or imagefolder_size, crop_pct, interpolation))
     return pad_images(splits, pad_to) if pad_to else splits
 
 
 def _load_unpadded(name: str, *, data_dir: str | Path | None, download: bool, limit: int | None,
-                   image_size: int) -> DataSplits:
+                   res: Resolution, imagefolder: Resolution) -> DataSplits:
     if limit is not None and limit < 1:
         raise KdbenchError(f"limit must be a positive number of images, got {limit}.")
-    if image_size < 1:
-        raise KdbenchError(f"image_size must be positive, got {image_size}.")
     if name.startswith(SYNTHETIC_PREFIX):
-        return limit_splits(read_synthetic(name[len(SYNTHETIC_PREFIX):]), limit)
+        return resize_splits(limit_splits(read_synthetic(name[len(SYNTHETIC_PREFIX):]), limit), res)
     if name.startswith(IMAGEFOLDER_PREFIX):
-        return read_imagefolder(Path(name[len(IMAGEFOLDER_PREFIX) :]).expanduser().absolute(), image_size, limit)
+        return read_imagefolder(Path(name[len(IMAGEFOLDER_PREFIX) :]).expanduser().absolute(), imagefolder, limit)
     key = name.lower().replace("-", "_")
     # a registered name wins over a same-named directory in the working folder
     if key in DATASETS and "/" not in name and os.sep not in name:
-        return limit_splits(DATASETS[key](data_dir_with_origin(data_dir), download), limit)
+        return resize_splits(limit_splits(DATASETS[key](data_dir_with_origin(data_dir), download), limit), res)
     if "/" in name or os.sep in name or Path(name).expanduser().is_dir():
-        return read_imagefolder(Path(name).expanduser().absolute(), image_size, limit)
+        return read_imagefolder(Path(name).expanduser().absolute(), imagefolder, limit)
     raise unknown(
         "dataset",
         name,

@@ -10,20 +10,24 @@ import torch
 from torch import Tensor
 
 from ..errors import KdbenchError
+from .resolution import Resolution
 from .splits import DatasetInfo, DataSplits, channel_stats
 
 IMAGEFOLDER_PREFIX = "imagefolder:"
 
 
-def read_imagefolder(path: Path, image_size: int, limit: int | None) -> DataSplits:
+def read_imagefolder(path: Path, res: Resolution, limit: int | None) -> DataSplits:
     """An ImageFolder tree: ``path/train/<class>/*`` and ``path/val`` (or ``path/test``).
 
-    Each image's shorter side is resized to ``image_size``, then center-cropped to a square; the
-    normalisation is the loaded training images' own per-channel statistics.
+    Each image's shorter side is resized to ``res.size / res.crop_pct`` (32 px when no size is set) with
+    ``res.interpolation``, then centre-cropped to a square of ``res.size``; the normalisation is the loaded
+    training images' own per-channel statistics.
     """
     train_dir, test_dir = _split_dirs(path)
-    train_classes, train_images, train_labels = _read_split(train_dir, image_size, limit)
-    test_classes, test_images, test_labels = _read_split(test_dir, image_size, limit)
+    image_size = res.imagefolder_size()
+    res = Resolution(image_size, res.crop_pct, res.interpolation)
+    train_classes, train_images, train_labels = _read_split(train_dir, res, limit)
+    test_classes, test_images, test_labels = _read_split(test_dir, res, limit)
     if train_classes != test_classes:
         only_train = sorted(set(train_classes) - set(test_classes))
         only_test = sorted(set(test_classes) - set(train_classes))
@@ -69,14 +73,16 @@ def _split_dirs(path: Path) -> tuple[Path, Path]:
     return train_dir, test_dir
 
 
-def _read_split(split_dir: Path, image_size: int, limit: int | None) -> tuple[list[str], Tensor, Tensor]:
-    """One split's class names, uint8 images (image_size², RGB) and labels; ``limit`` of them taken
+def _read_split(split_dir: Path, res: Resolution, limit: int | None) -> tuple[list[str], Tensor, Tensor]:
+    """One split's class names, uint8 images (res.size², RGB) and labels; ``limit`` of them taken
     across the classes (:func:`stratified_take`)."""
     from torchvision import datasets, transforms
 
+    image_size = res.size
     # Resize the shorter side then center-crop: every image becomes image_size², keeping aspect.
     to_tensor = transforms.Compose(
-        [transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.PILToTensor()]
+        [transforms.Resize(res.resize_to, interpolation=transforms.InterpolationMode(res.interpolation)),
+         transforms.CenterCrop(image_size), transforms.PILToTensor()]
     )
     try:
         ds = datasets.ImageFolder(str(split_dir))

@@ -56,6 +56,11 @@ class Col:
     METHOD_SOURCE = "method_source"  # a fingerprint of the method's code (kdbench.registry.method_source)
     DATASET_SOURCE = "dataset_source"
     TRAIN_SIZE = "train_size"
+    # The resolution (kdbench.data.resolution): the images' side in px as trained and evaluated (FLOPs and
+    # throughput are measured at it), the centre crop's fraction and the interpolation ('' when as stored).
+    IMAGE_SIZE = "image_size"
+    CROP_PCT = "crop_pct"
+    INTERPOLATION = "interpolation"
     RECIPE = "recipe"
     RECIPE_CONFIG = "recipe_config"
     TOP1_LAST, TOP5_LAST, TOP1_BEST, TOP5_BEST = "top1_last", "top5_last", "top1_best", "top5_best"

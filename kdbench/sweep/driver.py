@@ -32,7 +32,7 @@ def load_data(req: Request, device: torch.device) -> DataSplits:
     """The request's dataset, held on the training device for the whole sweep; refused, with what to do, when it
     would not fit in the device's free memory (issue 17, item 9) rather than failing later with an OOM."""
     data = load_dataset(req.dataset, data_dir=req.data_dir, download=req.download, limit=req.limit or None,
-                        pad_to=req.pad_to)
+                        pad_to=req.pad_to, **req.resolution.kwargs())
     fits, figures = metrics.fits_on_device(data.nbytes, device)
     if not fits:
         raise KdbenchError(

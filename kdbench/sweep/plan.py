@@ -77,9 +77,11 @@ def resolve_device(name: str) -> torch.device:
         raise KdbenchError(f"--device '{name}' is not a torch device; use auto, cpu or cuda") from None
 
 
-def dataset_label(name: str, limit: int, pad_to: int = 0) -> str:
-    """The dataset as rows name it: ``name``, ``[:N]`` for a limit, ``@Spx`` when padded to S×S."""
-    return name + (f"[:{limit}]" if limit else "") + (f"@{pad_to}px" if pad_to else "")
+def dataset_label(name: str, limit: int, pad_to: int = 0, resolution: str = "") -> str:
+    """The dataset as rows name it: ``name``, ``[:N]`` for a limit, ``~Spx`` (with a crop fraction and
+    interpolation where set) when resized to S×S (:attr:`Resolution.label`), ``@Spx`` when padded to S×S. Part of
+    every run id: the same dataset at another resolution is other runs."""
+    return name + (f"[:{limit}]" if limit else "") + resolution + (f"@{pad_to}px" if pad_to else "")
 
 
 def check_request(req: Request, methods: Mapping[str, type[Method]]) -> list[str]:
@@ -131,7 +133,7 @@ def build_plan(req: Request, methods: Mapping[str, type[Method]], data: DataSpli
     check_pairs(req, data, sources)
     device = req.device.split(":")[0] if req.remote else resolve_device(req.device).type
     world = distributed.world_size()  # a DDP run (torchrun) is another run than a single-process one
-    label = dataset_label(data.info.name, req.limit, req.pad_to)
+    label = dataset_label(data.info.name, req.limit, req.pad_to, req.resolution.label)
     precision = req.engine_options(device).precision
 
     def teacher_spec(model: str, seed: int) -> TeacherSpec:
@@ -251,7 +253,8 @@ def probe_model(name: str, taps: Taps, data: DataSplits) -> Probe:
     except RuntimeError as exc:
         raise KdbenchError(f"model '{name}' cannot run on {info.name}'s {'x'.join(map(str, shape))} images: "
                            f"{str(exc).splitlines()[0]}. Choose a model for small inputs (e.g. kdbench's "
-                           "cifar_* zoo) or a dataset with larger images") from None
+                           "cifar_* zoo), a dataset with larger images, or a larger --image-size (e.g. the model's own: "
+                           "timm.data.resolve_data_config)") from None
 
 
 def probed(name: str, taps: Taps, data: DataSplits, probes: dict[tuple[str, Taps], Probe]) -> Probe:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..data.resolution import Resolution
 from ..recipe import Recipe
 from ..suites import Pair
 from ..train import EngineOptions
@@ -53,6 +54,7 @@ class Request:
     download: bool = False
     limit: int = 0
     pad_to: int = 0
+    resolution: Resolution = Resolution()  # --image-size/--crop-pct/--interpolation, or the suite's
     device: str = _AUTO
     remote: bool = False
     throughput_batch: int = 256

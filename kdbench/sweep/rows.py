@@ -38,6 +38,11 @@ class Context:
     world_size: int
     options: EngineOptions
     provenance: dict[str, Any]
+    # The resolution the runs trained and were evaluated at: the images' side in pixels, and how they were resized
+    # to it (crop fraction, interpolation; '' when they are as stored).
+    image_size: int = 0
+    crop_pct: float = 1.0
+    interpolation: str = ""
 
 
 def common(ctx: Context, *, run_id: str, kind: str, method: str, model: str, pair: str, recipe: Recipe,
@@ -49,6 +54,7 @@ def common(ctx: Context, *, run_id: str, kind: str, method: str, model: str, pai
         Col.RUN_ID: run_id, Col.KIND: kind, Col.METHOD: method, Col.STUDENT: model, Col.PAIR: pair,
         Col.DATASET: ctx.dataset, Col.DATASET_SOURCE: ctx.dataset_source, Col.REAL_DATA: ctx.real_data,
         Col.TRAIN_SIZE: ctx.train_size, Col.TEST_SIZE: ctx.test_size,
+        Col.IMAGE_SIZE: ctx.image_size, Col.CROP_PCT: ctx.crop_pct, Col.INTERPOLATION: ctx.interpolation,
         Col.RECIPE: recipe.name, Col.EPOCHS: recipe.epochs, Col.RECIPE_EPOCHS: recipe.full_epochs,
         Col.SHORTENED: recipe.shortened, Col.SCHEDULE: recipe.label, Col.RECIPE_CONFIG: json.dumps(recipe.to_dict()),
         Col.SEED: seed,

@@ -53,9 +53,12 @@ class Runner:
         self.options: EngineOptions = req.engine_options(device.type)
         prov = provenance.collect(device)
         self.context = rows.Context(
-            dataset=dataset_label(self.info.name, req.limit, req.pad_to), dataset_source=self.info.source,
+            dataset=dataset_label(self.info.name, req.limit, req.pad_to, req.resolution.label),
+            dataset_source=self.info.source,
             real_data=self.info.real_data, train_size=len(data.train_labels), test_size=len(data.test_labels),
             device_type=device.type, world_size=distributed.world_size(), options=self.options,
+            image_size=self.info.img_size, crop_pct=req.resolution.crop_pct,
+            interpolation=req.resolution.interpolation if req.resolution.size else "",
             provenance={**prov, "command": req.command} if req.command else prov)
         self.measurer = Measurer(data, req.throughput_batch, req.runs_per_gpu, self.options)
         self.test_set = predictions.test_set_id(self.context.dataset, data.test_labels)

@@ -44,8 +44,8 @@ def load_sources(req: Request, data: DataSplits) -> dict[str, DataSplits]:
     for name in names:
         # An ImageFolder is read at the suite's image size; padding as the suite's (e.g. MNIST to 32).
         out[name] = load_dataset(source_name(req, name), data_dir=req.data_dir, download=req.download,
-                                 limit=req.limit or None, image_size=data.info.img_size,
-                                 pad_to=req.pad_to).to(data.train_images.device)
+                                 limit=req.limit or None, **req.resolution.kwargs(),
+                                 imagefolder_size=data.info.img_size, pad_to=req.pad_to).to(data.train_images.device)
     return out
 
 
