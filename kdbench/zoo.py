@@ -17,8 +17,29 @@ from kdbench.models.crd_names import CRD_TO_TIMM
 from .errors import KdbenchError, suggest
 
 
+#: The prefix of a model named by its Hugging Face Hub repository (timm's ``hf-hub:timm/resnet50.a1_in1k``).
+HF_HUB_PREFIX = "hf-hub:"
+
+
+def wants_pretrained(name: str) -> bool:
+    """Whether ``name`` asks for pretrained weights: a timm pretrained tag (``resnet50.a1_in1k``) or an
+    ``hf-hub:`` name. A tag is never dropped: such a model is never built with random weights."""
+    return name.startswith(HF_HUB_PREFIX) or "." in name
+
+
 def check_model_name(name: str) -> None:
-    """Raise a clear error unless ``name`` is a model in timm's registry."""
+    """Raise a clear error unless ``name`` is a model in timm's registry (with a tag timm has weights for), or an
+    ``hf-hub:`` name (which only loading can check)."""
+    if name.startswith(HF_HUB_PREFIX) and len(name) > len(HF_HUB_PREFIX):
+        return
+    if "." in name and timm.is_model(name.split(".", 1)[0]):
+        if name in timm.list_pretrained(name):
+            return
+        tags = timm.list_pretrained(name.split(".", 1)[0] + ".*")
+        raise KdbenchError(f"model '{name}': timm has no pretrained weights tagged '{name.split('.', 1)[1]}' for "
+                           f"{name.split('.', 1)[0]}" + (f"; its tags: {', '.join(tags[:8])}" if tags else
+                                                         "; it has no pretrained weights") +
+                           " (drop the tag to train it from random weights)")
     if timm.is_model(name):
         return
     hint = ""
@@ -30,17 +51,80 @@ def check_model_name(name: str) -> None:
                        "(`kdbench list models` shows kdbench's CIFAR zoo; `timm.list_models()` all of timm's).")
 
 
-def create(name: str, *, num_classes: int, in_chans: int, img_size: int, **kwargs: Any) -> nn.Module:
-    """``timm.create_model`` without pretrained weights, sized for the dataset."""
+def create(name: str, *, num_classes: int, in_chans: int, img_size: int, pretrained_file: str | Path | None = None,
+           weights: bool = True, **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` sized for the dataset: with pretrained weights when the name has a tag or is an
+    ``hf-hub:`` name, or ``pretrained_file`` is given (timm's ``pretrained_cfg_overlay=dict(file=...)``), else
+    random. timm adapts pretrained weights to the dataset: a classifier for another class count is replaced
+    (re-initialised), a first convolution for another channel count is summed or repeated. ``weights=False``: the
+    architecture alone, random (probing shapes and costs needs no weights)."""
     check_model_name(name)
+    pretrained = weights and (wants_pretrained(name) or pretrained_file is not None)
+    if not pretrained:
+        pretrained_file = None
+    if pretrained_file is not None:
+        path = Path(pretrained_file)
+        if not path.is_file():
+            raise KdbenchError(f"pretrained weights file '{path}' for model '{name}' not found; give the path of a "
+                               "file of its weights (.safetensors, .pth or .bin, as timm reads them)")
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(path), **_file_head(name, path, num_classes))
     try:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+        return _create(name, pretrained, num_classes, in_chans, img_size, kwargs)
+    except KdbenchError:
+        raise
+    except Exception as exc:
+        if not pretrained:
+            raise
+        raise KdbenchError(_no_weights(name, pretrained_file, exc)) from None
+
+
+def _file_head(name: str, path: Path, num_classes: int) -> dict[str, int]:
+    """``num_classes`` for timm's pretrained config when the file's classifier already has the dataset's class
+    count (a model fine-tuned on it): timm then keeps that classifier instead of re-initialising it."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(name.split(".", 1)[0] if "." not in name else name)
+        head = cfg.classifier if cfg is not None else None
+        weight = timm.models.load_state_dict(str(path)).get(f"{head}.weight") if isinstance(head, str) else None
+    except Exception:  # noqa: BLE001 - unreadable here: timm's own load reports it
+        return {}
+    return {"num_classes": num_classes} if weight is not None and weight.shape[0] == num_classes else {}
+
+
+def _create(name: str, pretrained: bool, num_classes: int, in_chans: int, img_size: int,
+            kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
                                  img_size=img_size, **kwargs)
     except TypeError as exc:
         # Most CNNs take no img_size (they pool adaptively); transformers need it.
         if "img_size" not in str(exc):
             raise
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+def _no_weights(name: str, pretrained_file: str | Path | None, exc: Exception) -> str:
+    """Why pretrained weights did not load, where kdbench looked, and how to provide them."""
+    reason = (str(exc).strip().splitlines() or [""])[0][:200]
+    if pretrained_file is not None:
+        return (f"pretrained weights file '{pretrained_file}' did not load into model '{name}' ({type(exc).__name__}: "
+                f"{reason}); give a file of this architecture's weights, as timm saves them")
+    from huggingface_hub import constants
+
+    return (f"pretrained weights for model '{name}' could not be loaded ({type(exc).__name__}: {reason}). kdbench "
+            f"asked timm, which looks in the Hugging Face cache ({constants.HF_HUB_CACHE}; HF_HOME or HF_HUB_CACHE "
+            "move it) and then on the Hub. Without network: on a machine with network run python -c \"import timm; "
+            f"timm.create_model('{name}', pretrained=True)\" and copy that cache folder here, or give the weights "
+            f"file with --pretrained-file {name}=FILE; or drop the tag to train from random weights")
+
+
+def weights_identity(model: nn.Module) -> str:
+    """The sha256 of a model's weights (every state-dict tensor's bytes, in key order): what identifies pretrained
+    weights in a run id and row, wherever they were read from."""
+    h = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def file_sha256(path: str | Path) -> str:

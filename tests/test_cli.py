@@ -68,7 +68,7 @@ def test_end_to_end_run_report_and_resume(tmp_path):
     assert (report / "index.md").is_file()
     tables = list(report.glob("table_*.md"))
     assert len(tables) == 1 and "shortened" in tables[0].read_text()
-    assert len(list(report.glob("*.png"))) == 3
+    assert len(list(report.glob("*.png"))) == 4  # accuracy against params, throughput, training cost; bars
     assert "kdbench report" in proc.stdout and str(report) in proc.stdout
     assert re.search(r"kd +hinton_mlp_1200→hinton_mlp_800 +seed 0: top-1 \d+\.\d\d \(best", proc.stdout)
 

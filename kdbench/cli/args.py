@@ -167,6 +167,11 @@ def _what_options(parser: argparse.ArgumentParser, reproduce: bool) -> None:
                       help="override a method hyperparameter, e.g. --set kd.temperature=8 (repeatable)")
     what.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="FILE.py",
                       help="load method classes from a Python file (repeatable)")
+    what.add_argument("--pretrained-file", dest="pretrained_files", action="append", default=[],
+                      metavar="MODEL=FILE", help="start MODEL (a teacher or student of the pairs) from the pretrained "
+                      "weights in FILE, as timm's pretrained_cfg_overlay=dict(file=...) loads them. A model named "
+                      "with a timm tag (resnet50.a1_in1k) or hf-hub: starts from timm's weights without it (from the "
+                      "Hugging Face cache, or the Hub)")
     what.add_argument("--teacher-checkpoint", dest="teacher_ckpts", action="append", default=[],
                       metavar="[MODEL=]FILE[#ema]", help="use these weights for a teacher instead of training it "
                       "(a state dict, or a dict with it under 'model' as RepDistiller publishes, or timm train.py's "

@@ -43,6 +43,17 @@ def parse_checkpoints(items: Sequence[str], pairs: Sequence[Pair]) -> dict[str, 
     return out
 
 
+def _pretrained_files(items: Sequence[str]) -> dict[str, str]:
+    """``--pretrained-file MODEL=FILE`` items by model."""
+    out = {}
+    for item in items:
+        model, sep, path = item.partition("=")
+        if not sep or not model or not path:
+            raise KdbenchError(f"--pretrained-file '{item}': write MODEL=FILE, e.g. resnet18=resnet18_weights.pth")
+        out[model] = path
+    return out
+
+
 def model_name(name: str) -> str:
     """A timm name for a CRD benchmark name (resnet56, wrn-40-2, ShuffleNetV1) or a timm name as is."""
     from ..models.crd_names import UnknownModelName, timm_name
@@ -137,6 +148,7 @@ def build_request(args: argparse.Namespace, suite: Suite, *, dataset: str, recip
         named=named, hparams=_hparams(args, suite, pairs, chosen, methods),
         plugins=tuple(str(Path(f).resolve()) for f in args.plugins),
         teacher_checkpoints=parse_checkpoints(args.teacher_ckpts, pairs),
+        pretrained_files=_pretrained_files(getattr(args, "pretrained_files", [])),
         recipe_by_model={k: dict(v) for k, v in suite.recipe_by_model.items()},
         epochs=args.epochs or 0, epochs_scale=getattr(args, "epochs_scale", None) or 0.0,
         model_kwargs={k: dict(v) for k, v in suite.model_kwargs.items()},

@@ -100,6 +100,9 @@ class Col:
     DIVERGED_AT = "diverged_at_epoch"
     TRAINED_BY_KDBENCH = "trained_by_kdbench"
     CHECKPOINT_SHA256 = "checkpoint_sha256"
+    # The pretrained weights the row's model started from (a timm tag, hf-hub: name or --pretrained-file):
+    # 'sha256:<hash of the loaded tensors>', '' for random initialisation. The tag is in the model's name.
+    WEIGHTS = "weights"
     # A validation split: the recipe's val_fraction and early_stop (always written, 0 = off), and the
     # split's results, empty (NaN, '') for runs without one.
     VAL_FRACTION = "val_fraction"

@@ -113,7 +113,7 @@ def check_models(req: Request, data: DataSplits) -> dict[str, str]:
     shape = {"num_classes": info.num_classes, "in_chans": info.in_chans, "img_size": info.img_size}
     for model, kwargs in req.model_kwargs.items():
         try:
-            zoo.create(model, **shape, **kwargs)
+            zoo.create(model, **shape, weights=False, **kwargs)
         except TypeError as exc:
             raise KdbenchError(f"model '{model}' does not take the arguments {dict(kwargs)} given for it: {exc}") from None
     teachers = {t for p in req.pairs for t in p.teachers}
@@ -121,14 +121,35 @@ def check_models(req: Request, data: DataSplits) -> dict[str, str]:
         if model not in teachers:
             raise KdbenchError(f"--teacher-checkpoint names model '{model}', which is no teacher of this run "
                                f"(teachers: {', '.join(sorted(teachers)) or 'none'})")
-        zoo.load_checkpoint(zoo.create(model, **shape), path, model)
+        zoo.load_checkpoint(zoo.create(model, **shape, weights=False), path, model)
     return {m: zoo.checkpoint_identity(p) for m, p in req.teacher_checkpoints.items()}
+
+
+def pretrained_weights(req: Request, data: DataSplits) -> dict[str, str]:
+    """Each pretrained model of the pairs (a timm tag, an ``hf-hub:`` name, or one given --pretrained-file) loaded
+    once, before anything trains: missing weights are refused now, with where kdbench looked. Returns, per model,
+    the identity of its weights (``sha256:<hash of the loaded tensors>``), part of its runs' ids and rows."""
+    info = data.info
+    shape = {"num_classes": info.num_classes, "in_chans": info.in_chans, "img_size": info.img_size}
+    models = {m for p in req.pairs for m in (*p.teachers, p.student)} - set(req.teacher_checkpoints)
+    for model in req.pretrained_files:
+        if model not in models:
+            raise KdbenchError(f"--pretrained-file names model '{model}', which is in no pair of this run (models: "
+                               f"{', '.join(sorted(models)) or 'none'})")
+    out = {}
+    for model in sorted(models):
+        if zoo.wants_pretrained(model) or model in req.pretrained_files:
+            loaded = zoo.create(model, **shape, pretrained_file=req.pretrained_files.get(model),
+                                **req.kwargs_dict(model))
+            out[model] = "sha256:" + zoo.weights_identity(loaded)
+    return out
 
 
 def build_plan(req: Request, methods: Mapping[str, type[Method]], data: DataSplits) -> Plan:
     """Turn a request into run specs, checking everything before any training."""
     names = check_request(req, methods)
     sha = check_models(req, data)
+    weights = pretrained_weights(req, data)
     sources = load_sources(req, data)
     check_pairs(req, data, sources)
     device = req.device.split(":")[0] if req.remote else resolve_device(req.device).type
@@ -138,7 +159,8 @@ def build_plan(req: Request, methods: Mapping[str, type[Method]], data: DataSpli
 
     def teacher_spec(model: str, seed: int) -> TeacherSpec:
         return TeacherSpec(model, label, req.recipe_for(model), seed, device, sha.get(model, ""), req.limit,
-                           req.kwargs_for(model), world_size=world, precision=precision)
+                           req.kwargs_for(model), world_size=world, precision=precision,
+                           weights=weights.get(model, ""))
 
     probes: dict[tuple[str, Taps], Probe] = {}
     fits, skipped = fitting(req, names, methods, data, probes)
@@ -162,7 +184,8 @@ def build_plan(req: Request, methods: Mapping[str, type[Method]], data: DataSpli
                         student=pair.student, dataset=label, recipe=req.recipe_for(pair.student), seed=seed,
                         device=device, data_limit=req.limit, student_kwargs=req.kwargs_for(pair.student),
                         world_size=world, precision=precision, method_source=method_source(methods[name]),
-                        pair=pair_label(labels, pair.student), transfer=pair.transfer, bias=pair.bias)
+                        pair=pair_label(labels, pair.student), transfer=pair.transfer, bias=pair.bias,
+                        student_weights=weights.get(pair.student, ""))
                     specs.setdefault(spec.run_id, spec)
                     if teachers:
                         if why := cache_unusable(method.taps(), spec.recipe):
@@ -247,7 +270,8 @@ def probe_model(name: str, taps: Taps, data: DataSplits) -> Probe:
     """Build ``name`` for the dataset and probe it; a model that cannot take its images is a user error."""
     info = data.info
     shape = (info.in_chans, info.img_size, info.img_size)
-    model = zoo.create(name, num_classes=info.num_classes, in_chans=info.in_chans, img_size=info.img_size)
+    model = zoo.create(name, num_classes=info.num_classes, in_chans=info.in_chans, img_size=info.img_size,
+                       weights=False)  # shapes only: no pretrained weights needed
     try:
         return probe(model, taps, shape, name)
     except RuntimeError as exc:

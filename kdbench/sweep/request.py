@@ -55,6 +55,7 @@ class Request:
     limit: int = 0
     pad_to: int = 0
     resolution: Resolution = Resolution()  # --image-size/--crop-pct/--interpolation, or the suite's
+    pretrained_files: Mapping[str, str] = field(default_factory=dict)  # --pretrained-file MODEL=FILE
     device: str = _AUTO
     remote: bool = False
     throughput_batch: int = 256
@@ -91,10 +92,14 @@ class Request:
     def kwargs_for(self, model: str) -> tuple[tuple[str, Any], ...]:
         return tuple(sorted(self.model_kwargs.get(model, {}).items()))
 
+    def kwargs_dict(self, model: str) -> dict[str, Any]:
+        return dict(self.kwargs_for(model))
+
     def for_workers(self) -> Request:
         """This request as worker processes get it: absolute paths, no progress bars (the
         driver prints one line per finished run instead), planned on the workers' device."""
         return replace(
             self, remote=False, quiet=True, results_dir=Path(self.results_dir).resolve(),
             data_dir=str(Path(self.data_dir).expanduser().resolve()) if self.data_dir else None,
-            teacher_checkpoints={k: str(Path(v).resolve()) for k, v in self.teacher_checkpoints.items()})
+            teacher_checkpoints={k: str(Path(v).resolve()) for k, v in self.teacher_checkpoints.items()},
+            pretrained_files={k: str(Path(v).resolve()) for k, v in self.pretrained_files.items()})

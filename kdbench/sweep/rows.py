@@ -134,6 +134,7 @@ def student_row(ctx: Context, spec: RunSpec, *, paper: str, extra_params: int, r
         Col.MODEL_KWARGS: json.dumps(dict(spec.student_kwargs), sort_keys=True),
         Col.TEACHER_CACHE: bool(cache_build_s),
         Col.TEACHER_CACHE_BUILD: sum(cache_build_s),
+        Col.WEIGHTS: spec.student_weights,
     })
     if measured.teacher_ensemble_top1 is not None:
         row["teacher_ensemble_top1"] = measured.teacher_ensemble_top1
@@ -152,7 +153,7 @@ def teacher_row(ctx: Context, ts: TeacherSpec, *, result: TrainResult, measured:
     row = common(ctx, run_id=ts.run_id, kind="teacher", method="teacher", model=ts.model,
                  pair=pair_label((ts.model,), ""), recipe=ts.recipe, seed=ts.seed, result=result, measured=measured, peak=peak)
     row.update({Col.METHOD_PAPER: "", Col.TEACHERS: "", Col.TRAINED_BY_KDBENCH: trained,
-                Col.CHECKPOINT_SHA256: ts.checkpoint_sha256,
+                Col.CHECKPOINT_SHA256: ts.checkpoint_sha256, Col.WEIGHTS: ts.weights,
                 Col.MODEL_KWARGS: json.dumps(dict(ts.model_kwargs), sort_keys=True)})
     return row
 

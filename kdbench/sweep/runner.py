@@ -151,9 +151,12 @@ class Runner:
                     disable=self.req.quiet or not distributed.is_main(), file=sys.stderr)
 
     # -- models ---------------------------------------------------------------------------
-    def create(self, name: str, kwargs: tuple[tuple[str, Any], ...] = ()) -> nn.Module:
+    def create(self, name: str, kwargs: tuple[tuple[str, Any], ...] = (), *, weights: bool = True) -> nn.Module:
+        """A model sized for the data: with its pretrained weights (a tag, hf-hub:, --pretrained-file) unless
+        ``weights`` is False (weights about to be loaded from a checkpoint or the store)."""
         return zoo.create(name, num_classes=self.info.num_classes, in_chans=self.info.in_chans,
-                          img_size=self.info.img_size, **dict(kwargs)).to(self.device)
+                          img_size=self.info.img_size, pretrained_file=self.req.pretrained_files.get(name),
+                          weights=weights, **dict(kwargs)).to(self.device)
 
     def teacher(self, ts: TeacherSpec) -> nn.Module:
         """A teacher's weights: from its checkpoint, from the store, or trained now and stored.
@@ -164,7 +167,9 @@ class Runner:
         if ts.run_id in self._teachers:
             return self._teachers[ts.run_id]
         torch.manual_seed(ts.seed)
-        model = self.create(ts.model, ts.model_kwargs)
+        stored = distributed.on_main(lambda: self.store.teacher_path(ts.run_id).is_file())
+        # Pretrained weights only where training starts from them (not under a checkpoint's or the store's).
+        model = self.create(ts.model, ts.model_kwargs, weights=not (ts.checkpoint_sha256 or stored))
         if ts.checkpoint_sha256:
             zoo.load_checkpoint(model, self.plan.checkpoints[ts.model], ts.model)
             if distributed.is_main() and not self.store.has(ts.run_id):

@@ -14,7 +14,8 @@ from ..recipe import Recipe
 # so existing run ids (and the results stored under them) stay valid. A transfer set and a bias
 # adjustment are hashed as their non-default items (() for none).
 _LATER_FIELDS: dict[str, Any] = {"model_kwargs": (), "student_kwargs": (), "world_size": 1, "precision": "fp32",
-                                 "method_source": "", "transfer": (), "bias": ()}
+                                 "method_source": "", "transfer": (), "bias": (), "weights": "",
+                                 "student_weights": ""}
 
 
 def _id(kind: str, fields: dict[str, Any]) -> str:
@@ -35,6 +36,9 @@ class TeacherSpec:
     model_kwargs: tuple[tuple[str, Any], ...] = ()  # extra timm.create_model arguments (dropout, ...)
     world_size: int = 1  # processes of one DDP run (torchrun); the recipe's batch is split among them
     precision: str = "fp32"  # the engine's: fp32 or bf16 (autocast)
+    #: Pretrained weights it starts from (a timm tag, hf-hub: name or --pretrained-file): 'sha256:<hash of the
+    #: loaded tensors>'; '' for random initialisation.
+    weights: str = ""
 
     @property
     def run_id(self) -> str:
@@ -72,6 +76,8 @@ class RunSpec:
     #: the row holds the numbers with and without it, so one run per transfer set serves both, and a
     #: changed offset is a new row rather than a stale one.
     bias: Bias = Bias()
+    #: Pretrained weights the student starts from ('sha256:...', as TeacherSpec.weights); '' for random.
+    student_weights: str = ""
 
     @property
     def run_id(self) -> str:

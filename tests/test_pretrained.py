@@ -1,0 +1,103 @@
+"""Pretrained timm weights (issue 12, item 2), offline: a tiny timm model's weights saved by the test and loaded
+through timm's pretrained path (pretrained_cfg_overlay=dict(file=...)), the weights' identity in run ids and rows,
+and the errors for a missing file, an unknown tag and weights that cannot be found."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from kdbench import zoo
+from kdbench.cli import main
+from kdbench.errors import KdbenchError
+
+TAGGED = "resnet10t.c3_in1k"  # a real timm model and tag; its weights come from the file the test writes
+KW = dict(num_classes=10, in_chans=1, img_size=8)  # the embedded digits
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    """A resnet10t for the digits' 10 classes and 1 channel, its weights saved as timm would read them."""
+    torch.manual_seed(5)
+    model = timm.create_model("resnet10t", num_classes=10, in_chans=1).eval()
+    path = tmp_path_factory.mktemp("w") / "resnet10t_digits.pth"
+    torch.save(model.state_dict(), path)
+    return path, model
+
+
+def test_weights_from_a_file_load_through_timms_pretrained_path(weights):
+    path, model = weights
+    loaded = zoo.create(TAGGED, **KW, pretrained_file=path).eval()
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.equal(loaded(x), model(x))  # the file's classifier too: it has the dataset's class count
+    assert zoo.weights_identity(loaded) == zoo.weights_identity(model)
+    assert zoo.weights_identity(zoo.create("resnet10t", **KW)) != zoo.weights_identity(model)  # random is random
+
+
+def test_imagenet_weights_are_adapted_to_the_dataset(tmp_path):
+    """timm's adaptation: a 1000-class RGB file gives a 10-class 1-channel model whose body is the file's."""
+    big = timm.create_model("resnet10t", num_classes=1000, in_chans=3)
+    path = tmp_path / "in1k.pth"
+    torch.save(big.state_dict(), path)
+    loaded = zoo.create(TAGGED, **KW, pretrained_file=path)
+    assert loaded.fc.weight.shape == (10, 512) and loaded.conv1[0].weight.shape[1] == 1
+    assert torch.equal(loaded.layer2[0].conv1.weight, big.layer2[0].conv1.weight)
+    # the first conv summed over RGB, as timm's adapt_input_conv does for one channel
+    assert torch.allclose(loaded.conv1[0].weight, big.conv1[0].weight.sum(1, keepdim=True))
+
+
+def test_a_pretrained_teacher_trains_from_its_weights_and_its_row_says_which(weights, tmp_path):
+    path, model = weights
+    args = ["run", "--methods", "kd", "--pairs", f"{TAGGED}:cifar_resnet8", "--seeds", "0", "--limit", "48",
+            "--epochs", "1", "--throughput-batch", "8", "-q", "--no-report"]
+    assert main([*args, "--pretrained-file", f"{TAGGED}={path}", "--results-dir", str(tmp_path / "a")]) == 0
+    rows = {r["kind"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "a" / "runs").glob("*.json"))}
+    assert rows["teacher"]["student"] == TAGGED
+    assert rows["teacher"]["weights"] == "sha256:" + zoo.weights_identity(model)
+    assert rows["student"]["weights"] == ""  # the student starts from random weights
+    other = tmp_path / "other.pth"
+    torch.save(timm.create_model("resnet10t", num_classes=10, in_chans=1).state_dict(), other)
+    assert main([*args, "--pretrained-file", f"{TAGGED}={other}", "--results-dir", str(tmp_path / "a")]) == 0
+    teachers = [json.loads(p.read_text()) for p in (tmp_path / "a" / "runs").glob("*.json")]
+    assert len({t["run_id"] for t in teachers if t["kind"] == "teacher"}) == 2  # other weights: another teacher
+
+
+def test_missing_pretrained_weights_offline_exit_2_with_where_kdbench_looked(tmp_path):
+    """A tag whose weights are neither in the (empty) Hugging Face cache nor reachable: one line, exit 2, before
+    anything is written. Run as a user would, offline (HF_HUB_OFFLINE=1, a fresh HF_HOME)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    res = tmp_path / "res"
+    out = subprocess.run([sys.executable, "-m", "kdbench", "run", "--methods", "kd", "--pairs", f"{TAGGED}:cifar_resnet8",
+                          "--limit", "32", "--epochs", "1", "-q", "--results-dir", str(res)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert f"kdbench: error: pretrained weights for model '{TAGGED}' could not be loaded" in out.stderr
+    assert f"Hugging Face cache ({tmp_path / 'hf' / 'hub'}" in out.stderr
+    assert f"--pretrained-file {TAGGED}=FILE" in out.stderr and "Traceback" not in out.stderr
+    assert not res.exists()
+
+
+def test_bad_pretrained_names_and_files(weights, tmp_path, capsys):
+    with pytest.raises(KdbenchError, match="timm has no pretrained weights tagged 'nope' for resnet10t; its tags: "
+                                           "resnet10t.c3_in1k"):
+        zoo.create("resnet10t.nope", **KW)
+    with pytest.raises(KdbenchError, match="pretrained weights file '.*missing.pth' for model 'resnet10t' not found"):
+        zoo.create("resnet10t", **KW, pretrained_file=tmp_path / "missing.pth")
+    bad = tmp_path / "bad.pth"
+    torch.save(timm.create_model("resnet18", num_classes=10, in_chans=1).state_dict(), bad)
+    with pytest.raises(KdbenchError, match="pretrained weights file '.*bad.pth' did not load into model 'resnet10t'"):
+        zoo.create("resnet10t", **KW, pretrained_file=bad)
+    base = ["run", "--methods", "kd", "--pairs", "cifar_resnet14:cifar_resnet8", "--limit", "32", "-q",
+            "--results-dir", str(tmp_path / "r")]
+    assert main([*base, "--pretrained-file", f"resnet18={weights[0]}"]) == 2
+    assert "--pretrained-file names model 'resnet18', which is in no pair of this run" in capsys.readouterr().err
+    assert main([*base, "--pretrained-file", str(weights[0])]) == 2
+    assert "--pretrained-file '" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "runs").exists()
