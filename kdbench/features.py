@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from . import input_norm
 from .errors import KdbenchError
 from .method import Outputs, Probe, Taps
 
@@ -85,6 +86,7 @@ class FeatureCapture:
         return self._with_hooks(x)
 
     def _with_intermediates(self, x: Tensor) -> Outputs:
+        x = input_norm.adapt(self.model, x)  # forward_intermediates/forward_features bypass the model's pre-hook
         stages: dict[int, Tensor] = {}
         if self.stages:
             wanted = sorted(set(self.stages.values()))

@@ -101,3 +101,40 @@ def test_bad_pretrained_names_and_files(weights, tmp_path, capsys):
     assert main([*base, "--pretrained-file", str(weights[0])]) == 2
     assert "--pretrained-file '" in capsys.readouterr().err
     assert not (tmp_path / "r" / "runs").exists()
+
+
+# -- each model's own input normalisation (issue 12, item 4) ---------------------------------------------------------
+def test_a_pretrained_model_sees_its_own_normalisation_on_every_path(weights):
+    """From the same dataset-normalised batch, the pretrained model gets its config's statistics (ImageNet's,
+    averaged for one channel) on model(x) and on the forward_intermediates path FeatureCapture takes; the student
+    keeps the dataset's."""
+    from kdbench import input_norm
+    from kdbench.features import FeatureCapture
+    from kdbench.method import Taps
+
+    path, plain = weights
+    model = zoo.create(TAGGED, **KW, pretrained_file=path).eval()
+    cfg = model.pretrained_cfg
+    mean, std = sum(cfg["mean"]) / 3, sum(cfg["std"]) / 3
+    assert input_norm.model_norm(model, 1) == ((pytest.approx(mean),), (pytest.approx(std),))
+    d_mean, d_std = 0.3, 0.2  # the dataset's
+    input_norm.set_model_norm(model, (d_mean,), (d_std,), (mean,), (std,))
+    u = torch.rand(3, 1, 8, 8)  # pixels in [0, 1]
+    x_data = (u - d_mean) / d_std  # what the loader gives every model
+    x_model = (u - mean) / std  # what this model was trained on
+    want = plain(x_model)
+    assert torch.allclose(model(x_data), want, atol=1e-5)
+    taps = Taps(stages=(-1,), pooled=True)
+    out, ref = FeatureCapture(model, taps)(x_data), FeatureCapture(plain, taps)(x_model)
+    assert torch.allclose(out.logits, want, atol=1e-5) and torch.allclose(out.stages[-1], ref.stages[-1], atol=1e-5)
+    assert input_norm.describe(model).startswith("model: mean (") and input_norm.describe(plain) == "dataset"
+    assert set(model.state_dict()) == set(plain.state_dict())  # no weights added
+
+
+def test_rows_say_how_each_model_saw_its_input(weights, tmp_path):
+    path, _ = weights
+    assert main(["run", "--methods", "kd", "--pairs", f"{TAGGED}:cifar_resnet8", "--seeds", "0", "--limit", "48",
+                 "--epochs", "1", "--throughput-batch", "8", "-q", "--no-report", "--pretrained-file",
+                 f"{TAGGED}={path}", "--results-dir", str(tmp_path)]) == 0
+    rows = {r["kind"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json"))}
+    assert rows["teacher"]["input_norm"].startswith("model: mean (0.4") and rows["student"]["input_norm"] == "dataset"

@@ -103,6 +103,9 @@ class Col:
     # The pretrained weights the row's model started from (a timm tag, hf-hub: name or --pretrained-file):
     # 'sha256:<hash of the loaded tensors>', '' for random initialisation. The tag is in the model's name.
     WEIGHTS = "weights"
+    # How the row's model saw its input: 'dataset' (normalised with the dataset's mean and std), or a pretrained
+    # model's own mean and std (kdbench.input_norm), e.g. 'model: mean (0.485, 0.456, 0.406), std (...)'.
+    INPUT_NORM = "input_norm"
     # A validation split: the recipe's val_fraction and early_stop (always written, 0 = off), and the
     # split's results, empty (NaN, '') for runs without one.
     VAL_FRACTION = "val_fraction"

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import distributed, metrics, predictions, provenance, train, zoo
+from .. import distributed, input_norm, metrics, predictions, provenance, train, zoo
 from ..data import DataSplits, holdout_indices, view_count
 from ..errors import DiskFull, KdbenchError
 from ..executors.base import BUSY, DONE, OK, Outcome
@@ -154,9 +154,15 @@ class Runner:
     def create(self, name: str, kwargs: tuple[tuple[str, Any], ...] = (), *, weights: bool = True) -> nn.Module:
         """A model sized for the data: with its pretrained weights (a tag, hf-hub:, --pretrained-file) unless
         ``weights`` is False (weights about to be loaded from a checkpoint or the store)."""
-        return zoo.create(name, num_classes=self.info.num_classes, in_chans=self.info.in_chans,
-                          img_size=self.info.img_size, pretrained_file=self.req.pretrained_files.get(name),
-                          weights=weights, **dict(kwargs)).to(self.device)
+        model = zoo.create(name, num_classes=self.info.num_classes, in_chans=self.info.in_chans,
+                           img_size=self.info.img_size, pretrained_file=self.req.pretrained_files.get(name),
+                           weights=weights, **dict(kwargs))
+        # A pretrained model sees its input normalised as it was trained (timm's config: ImageNet's statistics
+        # for most), whatever the dataset's; its weights may come from the store, so this goes by the name.
+        if zoo.wants_pretrained(name) or name in self.req.pretrained_files:
+            if own := input_norm.model_norm(model, self.info.in_chans):
+                input_norm.set_model_norm(model, self.info.mean, self.info.std, *own)
+        return model.to(self.device)
 
     def teacher(self, ts: TeacherSpec) -> nn.Module:
         """A teacher's weights: from its checkpoint, from the store, or trained now and stored.
@@ -213,6 +219,7 @@ class Runner:
                            peak: metrics.PeakMemory | None = None) -> None:
         measured = self.measurer.measure(ts.model, model, result)
         row = rows.teacher_row(self.context, ts, result=result, measured=measured, trained=trained, peak=peak)
+        row[rows.Col.INPUT_NORM] = input_norm.describe(model)
         self.store.write({**row, **self._keep_predictions(ts.run_id, result)})
 
     # -- student runs ---------------------------------------------------------------------
@@ -251,6 +258,7 @@ class Runner:
                                cache_build_s=[c.build_time_s for c in caches], error=error)
         row[rows.Col.TEACHER_CACHE_OFF] = self.cache_off_reason(spec, taps)
         row[rows.Col.METHOD_VARIANT] = method.variant()
+        row[rows.Col.INPUT_NORM] = input_norm.describe(student)
         row.update(self._transfer_columns(spec, student, data, None if error else result.test_logits))
         row.update(self._keep_predictions(spec.run_id, result))
         self.store.write(row)
