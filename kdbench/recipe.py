@@ -53,6 +53,13 @@ class Recipe:
     cutmix_alpha: float = 0.0
     mix_prob: float = 1.0
     mix_switch_prob: float = 0.5
+    # The optimiser: "sgd" (momentum, optionally Nesterov's) or "adamw" (decoupled weight decay; betas 0.9/0.999),
+    # and the schedule after the warm-up: "step" (x gamma at each milestone) or "cosine" (from lr to 0 over the
+    # remaining epochs; milestones unused). Label smoothing of the engine's cross-entropy (0 = off).
+    optimizer: str = "sgd"
+    nesterov: bool = False
+    schedule: str = "step"
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         if self.full_epochs == 0:
@@ -69,6 +76,17 @@ class Recipe:
         self._check_milestones()
         self._check_validation()
         self._check_mixing()
+        self._check_optimiser()
+
+    def _check_optimiser(self) -> None:
+        for key, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+            if getattr(self, key) not in allowed:
+                raise KdbenchError(f"recipe '{self.name}': {key} '{getattr(self, key)}' is not one of "
+                                   f"{', '.join(allowed)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise KdbenchError(f"recipe '{self.name}': label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
+            raise KdbenchError(f"recipe '{self.name}': nesterov needs optimizer 'sgd' with momentum > 0")
 
     def _check_milestones(self) -> None:
         """Increasing, each after epoch 0 and before the recipe's full length (else it never lowers the lr)."""
@@ -127,6 +145,9 @@ class Recipe:
                 label += f" (CutMix with p {self.mix_switch_prob:g})"
             if self.mix_prob < 1:
                 label += f", mixing p {self.mix_prob:g}"
+        if self.optimizer != "sgd" or self.schedule != "step" or self.label_smoothing:
+            label += ", " + " ".join([self.optimizer] + [f"{self.schedule} schedule"] +
+                                     [f"label smoothing {self.label_smoothing:g}"] * bool(self.label_smoothing))
         return label
 
     @property
@@ -167,7 +188,10 @@ class Recipe:
 
 
 _LATER_FIELDS: dict[str, Any] = {"max_norm": 0.0, "warmup_epochs": 0, "val_fraction": 0.0, "early_stop": 0,
-                                 "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "mix_prob": 1.0, "mix_switch_prob": 0.5}
+                                 "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "mix_prob": 1.0, "mix_switch_prob": 0.5,
+                                 "optimizer": "sgd", "nesterov": False, "schedule": "step", "label_smoothing": 0.0}
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("step", "cosine")
 
 
 RECIPES: dict[str, Recipe] = {

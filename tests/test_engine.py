@@ -117,3 +117,62 @@ def test_init_stage_runs_at_its_rate_then_the_schedule():
         sched.step()
     base = recipe.lr
     assert rates == pytest.approx([0.2 * base] * 2 + [base] * 3 + [base * recipe.gamma] * 3)
+
+
+# -- optimiser, cosine schedule, label smoothing (issue 12, item 6) ---------------------------------------------------
+def test_cosine_after_warm_up_and_adamw_or_nesterov():
+    import math
+
+    from kdbench.recipe import Recipe
+    from kdbench.train.engine import make_optimizer
+
+    recipe = Recipe(name="c", epochs=6, batch_size=4, lr=0.1, milestones=(), warmup_epochs=2, schedule="cosine",
+                    optimizer="adamw", weight_decay=0.05)
+    opt, sched = make_optimizer([torch.nn.Parameter(torch.zeros(1))], recipe)
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["weight_decay"] == 0.05
+    lrs = []
+    for _ in range(recipe.epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step()
+    # warm-up 0.05, 0.1; then 0.1 * (1 + cos(pi * k / 4)) / 2 for k = 0..3
+    assert lrs == pytest.approx([0.05, 0.1] + [0.05 * (1 + math.cos(math.pi * k / 4)) for k in range(4)])
+    sgd, _ = make_optimizer([torch.nn.Parameter(torch.zeros(1))],
+                            Recipe(name="n", epochs=2, batch_size=4, lr=0.1, milestones=(), nesterov=True))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["nesterov"]
+    plain = Recipe(name="p", epochs=2, batch_size=4, lr=0.1, milestones=())
+    assert not {"optimizer", "schedule", "nesterov", "label_smoothing"} & set(plain.to_dict())  # ids unchanged
+    assert recipe.label == "c, 6 epochs, adamw cosine schedule"
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(optimizer="lamb"), "optimizer 'lamb' is not one of sgd, adamw"),
+    (dict(schedule="poly"), "schedule 'poly' is not one of step, cosine"),
+    (dict(label_smoothing=1.0), r"label_smoothing must be in \[0, 1\)"),
+    (dict(optimizer="adamw", nesterov=True), "nesterov needs optimizer 'sgd' with momentum > 0"),
+])
+def test_bad_optimiser_settings_are_refused(fields, message):
+    from kdbench.recipe import Recipe
+
+    with pytest.raises(KdbenchError, match=message):
+        Recipe(name="b", epochs=2, batch_size=4, lr=0.1, milestones=(), **fields)
+
+
+def test_label_smoothing_reaches_the_engines_cross_entropy(data):
+    """The first batch's logged ce term is the smoothed cross-entropy of the untrained model's logits."""
+    from kdbench.recipe import Recipe
+    from kdbench.train.step import TrainStep
+
+    recipe = Recipe(name="s", epochs=1, batch_size=16, lr=0.1, milestones=(), label_smoothing=0.2, crop_padding=0,
+                    flip=False)
+    torch.manual_seed(0)
+    model = zoo.create("cifar_resnet8", num_classes=10, in_chans=1, img_size=8).eval()  # eval: BN as in the check
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    step = TrainStep(model, None, [], opt, recipe=recipe, device=torch.device("cpu"))
+    from kdbench.data import Loader
+
+    batch = next(Loader(data.train_images, data.train_labels, data.info, batch_size=16, shuffle=False).batches())
+    expected = torch.nn.functional.cross_entropy(model(batch.images), batch.labels, label_smoothing=0.2)
+    terms = step(batch, 0)
+    assert terms["ce"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert terms["ce"].item() != pytest.approx(
+        torch.nn.functional.cross_entropy(model(batch.images), batch.labels).item(), rel=1e-3)

@@ -115,10 +115,11 @@ class _Forward(nn.Module):
     """
 
     def __init__(self, student: FeatureCapture, method: Method | None, teachers: Sequence[FeatureCapture],
-                 options: EngineOptions) -> None:
+                 options: EngineOptions, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.model, self.method = student.model, method  # registered: their parameters are DDP's
         self.capture, self.teachers, self.options = student, list(teachers), options
+        self.label_smoothing = label_smoothing  # the recipe's, of the engine's cross-entropy
 
     def forward(self, images: Tensor, labels: Tensor, cached: list[Outputs] | None, batch: Batch,
                 with_ce: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -135,7 +136,7 @@ class _Forward(nn.Module):
         out, t_out = as_fp32(out), [as_fp32(t) for t in cached]
         # Skipped when its weight is 0, so layers no term reaches get no gradient at all
         # (FitNets' hint stage trains only the student's lower layers).
-        own = {"ce": F.cross_entropy(out.logits, labels)} if with_ce else {}
+        own = {"ce": F.cross_entropy(out.logits, labels, label_smoothing=self.label_smoothing)} if with_ce else {}
         return own, (self.method(out, t_out, batch) if self.method is not None else {})
 
 
@@ -167,7 +168,8 @@ class TrainStep:
         taps = method.taps() if method is not None else Taps()
         names = teacher_names or [""] * len(teachers)
         self.forward = _Forward(FeatureCapture(model, taps, model_name), method,
-                                [FeatureCapture(freeze(t), taps, n) for t, n in zip(teachers, names)], options)
+                                [FeatureCapture(freeze(t), taps, n) for t, n in zip(teachers, names)], options,
+                                recipe.label_smoothing)
         self.net: nn.Module = self.forward  # what a step calls: the forward, under DDP and torch.compile if asked
         self.model, self.method, self.optimizer = model, method, optimizer
         self.epochs, self.max_norm, self.init_epochs = recipe.epochs, recipe.max_norm, init_epochs
