@@ -7,11 +7,13 @@ length scales its learning-rate milestones and marks the run *shortened* in ever
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from .errors import KdbenchError, suggest, unknown
 from .data.mixing import MixSpec
+from .data.rrc import RRCSpec
 from .ids import without_later_fields
 from .values import like
 
@@ -60,6 +62,12 @@ class Recipe:
     nesterov: bool = False
     schedule: str = "step"
     label_smoothing: float = 0.0
+    # The training crop: "pad_crop" (crop_padding's zero-padded random crop, the CIFAR protocol) or
+    # "random_resized_crop" (the ImageNet protocol: an area fraction in rrc_scale and an aspect ratio in rrc_ratio,
+    # resized back to the image size; kdbench.data.rrc). Either with flip when set.
+    train_crop: str = "pad_crop"
+    rrc_scale: tuple[float, float] = (0.08, 1.0)
+    rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
     def __post_init__(self) -> None:
         if self.full_epochs == 0:
@@ -87,6 +95,15 @@ class Recipe:
             raise KdbenchError(f"recipe '{self.name}': label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
             raise KdbenchError(f"recipe '{self.name}': nesterov needs optimizer 'sgd' with momentum > 0")
+        if self.train_crop not in TRAIN_CROPS:
+            raise KdbenchError(f"recipe '{self.name}': train_crop '{self.train_crop}' is not one of "
+                               f"{', '.join(TRAIN_CROPS)}")
+        for key, lo, hi in (("rrc_scale", 0.0, 1.0), ("rrc_ratio", 0.0, math.inf)):
+            a, b = (tuple(getattr(self, key)) + (None, None))[:2]
+            if len(tuple(getattr(self, key))) != 2 or not (isinstance(a, (int, float)) and isinstance(b, (int, float))
+                                                           and lo < a <= b <= hi):
+                raise KdbenchError(f"recipe '{self.name}': {key} must be two numbers, low <= high, in "
+                                   f"({lo:g}, {hi:g}], got {getattr(self, key)!r}")
 
     def _check_milestones(self) -> None:
         """Increasing, each after epoch 0 and before the recipe's full length (else it never lowers the lr)."""
@@ -124,6 +141,13 @@ class Recipe:
         return MixSpec(self.mixup_alpha, self.cutmix_alpha, self.mix_prob, self.mix_switch_prob)
 
     @property
+    def rrc(self) -> RRCSpec | None:
+        """The RandomResizedCrop settings, None for the pad-crop."""
+        if self.train_crop != "random_resized_crop":
+            return None
+        return RRCSpec(tuple(map(float, self.rrc_scale)), tuple(map(float, self.rrc_ratio)))
+
+    @property
     def shortened(self) -> bool:
         return self.epochs < self.full_epochs
 
@@ -145,6 +169,8 @@ class Recipe:
                 label += f" (CutMix with p {self.mix_switch_prob:g})"
             if self.mix_prob < 1:
                 label += f", mixing p {self.mix_prob:g}"
+        if self.rrc is not None:
+            label += f", random resized crop (scale {self.rrc_scale[0]:g}-{self.rrc_scale[1]:g})"
         if self.optimizer != "sgd" or self.schedule != "step" or self.label_smoothing:
             label += ", " + " ".join([self.optimizer] + [f"{self.schedule} schedule"] +
                                      [f"label smoothing {self.label_smoothing:g}"] * bool(self.label_smoothing))
@@ -189,7 +215,9 @@ class Recipe:
 
 _LATER_FIELDS: dict[str, Any] = {"max_norm": 0.0, "warmup_epochs": 0, "val_fraction": 0.0, "early_stop": 0,
                                  "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "mix_prob": 1.0, "mix_switch_prob": 0.5,
-                                 "optimizer": "sgd", "nesterov": False, "schedule": "step", "label_smoothing": 0.0}
+                                 "optimizer": "sgd", "nesterov": False, "schedule": "step", "label_smoothing": 0.0,
+                                 "train_crop": "pad_crop", "rrc_scale": (0.08, 1.0), "rrc_ratio": (3 / 4, 4 / 3)}
+TRAIN_CROPS = ("pad_crop", "random_resized_crop")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine")
 
@@ -208,6 +236,14 @@ RECIPES: dict[str, Recipe] = {
             description="kdbench's recipe for the embedded 8x8 digits: the CRD optimiser over 30 "
                         "epochs (lr x0.1 at 20 and 25); 1-pixel jitter, no flip (digits are not "
                         "mirror-symmetric)",
+        ),
+        Recipe(
+            name="imagenet", epochs=100, batch_size=256, lr=0.1, milestones=(30, 60, 90), weight_decay=1e-4,
+            crop_padding=0, flip=True, train_crop="random_resized_crop",
+            description="The ImageNet KD protocol (CRD, DKD, mdistiller's r34_r18 configs): SGD 0.9, wd 1e-4, "
+                        "batch 256, lr 0.1 x0.1 at 30/60/90 of 100 epochs; RandomResizedCrop (scale 0.08-1) + flip "
+                        "on the decoded images (a suite sets image_size 224, crop_pct 0.875: resize 256, "
+                        "centre-crop 224)",
         ),
         Recipe(
             name="mnist_mlp", epochs=30, batch_size=128, lr=0.05, milestones=(20, 25),

@@ -4,6 +4,7 @@ and the errors for a missing file, an unknown tag and weights that cannot be fou
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -53,7 +54,7 @@ def test_imagenet_weights_are_adapted_to_the_dataset(tmp_path):
     assert torch.allclose(loaded.conv1[0].weight, big.conv1[0].weight.sum(1, keepdim=True))
 
 
-def test_a_pretrained_teacher_trains_from_its_weights_and_its_row_says_which(weights, tmp_path):
+def test_a_fitting_pretrained_teacher_is_used_as_is_and_its_row_says_which_weights(weights, tmp_path):
     path, model = weights
     args = ["run", "--methods", "kd", "--pairs", f"{TAGGED}:cifar_resnet8", "--seeds", "0", "--limit", "48",
             "--epochs", "1", "--throughput-batch", "8", "-q", "--no-report"]
@@ -62,6 +63,18 @@ def test_a_pretrained_teacher_trains_from_its_weights_and_its_row_says_which(wei
     assert rows["teacher"]["student"] == TAGGED
     assert rows["teacher"]["weights"] == "sha256:" + zoo.weights_identity(model)
     assert rows["student"]["weights"] == ""  # the student starts from random weights
+    # Its classifier fits the digits' 10 classes: used as it is (not trained), its accuracy is the saved model's,
+    # seen through its own input normalisation as the runner sets it.
+    from kdbench import input_norm
+    from kdbench.data import load_dataset
+    from kdbench.train import evaluate
+
+    data = load_dataset("digits", limit=48)
+    model = copy.deepcopy(model)  # the fixture's stays as saved
+    input_norm.set_model_norm(model, data.info.mean, data.info.std, *input_norm.model_norm(
+        zoo.create(TAGGED, **KW, weights=False), 1))
+    _, top1, _ = evaluate(model, data)
+    assert rows["teacher"]["trained_by_kdbench"] is False and rows["teacher"]["top1_last"] == pytest.approx(top1)
     other = tmp_path / "other.pth"
     torch.save(timm.create_model("resnet10t", num_classes=10, in_chans=1).state_dict(), other)
     assert main([*args, "--pretrained-file", f"{TAGGED}={other}", "--results-dir", str(tmp_path / "a")]) == 0
@@ -138,3 +151,16 @@ def test_rows_say_how_each_model_saw_its_input(weights, tmp_path):
                  f"{TAGGED}={path}", "--results-dir", str(tmp_path)]) == 0
     rows = {r["kind"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json"))}
     assert rows["teacher"]["input_norm"].startswith("model: mean (0.4") and rows["student"]["input_norm"] == "dataset"
+
+
+def test_imagenet_weights_on_another_dataset_are_fine_tuned(tmp_path):
+    """A 1000-class file on the digits: the classifier is replaced, so the teacher trains (from those weights)."""
+    big = timm.create_model("resnet10t", num_classes=1000, in_chans=3)
+    path = tmp_path / "in1k.pth"
+    torch.save(big.state_dict(), path)
+    assert main(["run", "--methods", "kd", "--pairs", f"{TAGGED}:cifar_resnet8", "--seeds", "0", "--limit", "48",
+                 "--epochs", "1", "--throughput-batch", "8", "-q", "--no-report", "--pretrained-file",
+                 f"{TAGGED}={path}", "--results-dir", str(tmp_path / "r")]) == 0
+    teacher = next(r for r in (json.loads(p.read_text()) for p in (tmp_path / "r" / "runs").glob("*.json"))
+                   if r["kind"] == "teacher")
+    assert teacher["trained_by_kdbench"] is True and teacher["epochs"] == 1 and teacher["weights"].startswith("sha256:")

@@ -87,6 +87,24 @@ def load_dataset(
     return pad_images(splits, pad_to) if pad_to else splits
 
 
+#: ImageNet-1k: an ImageFolder in the data folder (kdbench cannot download it).
+IMAGENET = "imagenet"
+
+
+def imagenet_dir(data_dir: str | Path | None) -> Path:
+    """``<data folder>/imagenet``, laid out as an ImageFolder, or an error saying how to lay it out."""
+    where = data_dir_with_origin(data_dir)
+    path = where.path / IMAGENET
+    if not (path / "train").is_dir() or not ((path / "val").is_dir() or (path / "test").is_dir()):
+        raise KdbenchError(
+            f"ImageNet is not in {path} (data folder {where.path}, {where.origin}). kdbench cannot download it: "
+            f"get ILSVRC-2012 from image-net.org and lay it out as {path}/train/<wnid>/*.JPEG and "
+            f"{path}/val/<wnid>/*.JPEG (the validation images sorted into their class folders), or give the folder "
+            "with --dataset DIR. It is decoded into memory at --image-size: 1.28 M images at 224 px take 180 GiB, so "
+            "use --limit N (images per split, taken from every class) until kdbench streams large sets")
+    return path
+
+
 def _load_unpadded(name: str, *, data_dir: str | Path | None, download: bool, limit: int | None,
                    res: Resolution, imagefolder: Resolution) -> DataSplits:
     if limit is not None and limit < 1:
@@ -96,6 +114,8 @@ def _load_unpadded(name: str, *, data_dir: str | Path | None, download: bool, li
     if name.startswith(IMAGEFOLDER_PREFIX):
         return read_imagefolder(Path(name[len(IMAGEFOLDER_PREFIX) :]).expanduser().absolute(), imagefolder, limit)
     key = name.lower().replace("-", "_")
+    if key == IMAGENET and "/" not in name and os.sep not in name:
+        return read_imagefolder(imagenet_dir(data_dir), imagefolder, limit)
     # a registered name wins over a same-named directory in the working folder
     if key in DATASETS and "/" not in name and os.sep not in name:
         return resize_splits(limit_splits(DATASETS[key](data_dir_with_origin(data_dir), download), limit), res)

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..errors import KdbenchError
 from .mixing import MixSpec, draw, epoch_rng, mix
+from .rrc import RRCSpec, random_resized_crop
 from .splits import DatasetInfo
 
 
@@ -155,6 +156,7 @@ class Loader:
         flip: bool = False,
         drop_last: bool = False,
         mix: MixSpec | None = None,
+        rrc: RRCSpec | None = None,
     ) -> None:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -164,6 +166,7 @@ class Loader:
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.crop_padding, self.flip = crop_padding, flip
         self.mix = mix if mix is not None and mix.enabled else None
+        self.rrc = rrc  # RandomResizedCrop instead of the pad-crop (then batches name no views: none is cached)
         if generator is None:
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
         self.generator = generator
@@ -194,10 +197,20 @@ class Loader:
             else:
                 idx = order[b * bs : (b + 1) * bs]
                 x, y = self.images[idx], self.labels[idx]
-            drawn = draw_views(len(x), crop_padding=self.crop_padding, flip=self.flip, generator=self.generator,
-                               device=dev)
-            x = _normalize_with(apply_views(x, drawn, self.crop_padding), self._scale, self._shift)
+            if self.rrc is not None:
+                x = random_resized_crop(x, self.rrc, self.generator)
+                if self.flip:
+                    mirror = torch.rand(len(x), generator=self.generator, device=self.generator.device).to(dev) < 0.5
+                    x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
+                x = torch.addcmul(self._shift, x, self._scale)
+                if views:
+                    raise KdbenchError("random resized crops have no view numbers: the teacher cache cannot serve them")
+            else:
+                drawn = draw_views(len(x), crop_padding=self.crop_padding, flip=self.flip, generator=self.generator,
+                                   device=dev)
+                x = _normalize_with(apply_views(x, drawn, self.crop_padding), self._scale, self._shift)
             soft = None
             if rng is not None:
                 x, soft = mix(x, y, self.info.num_classes, draw(self.mix, rng, x.shape[-2], x.shape[-1]))
-            yield TrainBatch(x, y, idx, view_index(drawn, self.crop_padding, len(x), dev) if views else None, soft)
+            view = view_index(drawn, self.crop_padding, len(x), dev) if views and self.rrc is None else None
+            yield TrainBatch(x, y, idx, view, soft)

@@ -245,8 +245,12 @@ def _download_failed(name: str, root: Path, err: BaseException) -> str:
 SYNTHETIC_PREFIX = "synthetic:"
 SYNTHETIC_TRAIN, SYNTHETIC_TEST = 512, 256
 # (channels, side, classes, mean, std) of the datasets a synthetic stand-in can mimic.
+#: ImageNet-1k (ILSVRC-2012) as kdbench holds it: 224 px RGB, 1,000 classes, torchvision's statistics.
+IMAGENET_SHAPE = (3, 224, 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
 _SHAPES: dict[str, tuple[int, int, int, tuple[float, ...], tuple[float, ...]]] = {
     "digits": (1, 8, 10, (0.5,), (0.5,)),
+    "imagenet": IMAGENET_SHAPE,
     **{name: (t.in_chans, t.side, t.num_classes, t.mean, t.std) for name, t in TORCHVISION_SETS.items()},
 }
 

@@ -63,7 +63,7 @@ def teachers_to_train(specs: Sequence[RunSpec], store: ResultsStore) -> list[Tea
     out: dict[str, TeacherSpec] = {}
     for spec in specs:
         for ts in spec.teachers:
-            if not ts.checkpoint_sha256 and ts.run_id not in out and not store.has(ts.run_id):
+            if not ts.trained_elsewhere and ts.run_id not in out and not store.has(ts.run_id):
                 out[ts.run_id] = ts
     return list(out.values())
 

@@ -36,7 +36,8 @@ def step_times(name: str, kwargs: tuple[tuple[str, Any], ...], batch: int, sweep
     info, device = sweep.data.info, sweep.device
     options = sweep.req.engine_options(device.type)
     model = options.prepare(zoo.create(name, num_classes=info.num_classes, in_chans=info.in_chans,
-                                       img_size=info.img_size, **dict(kwargs)).to(device))
+                                       img_size=info.img_size, weights=False,  # timing needs no weights
+                                       **dict(kwargs)).to(device))
     x = options.layout(torch.randn(batch, info.in_chans, info.img_size, info.img_size, device=device))
     y = torch.randint(0, info.num_classes, (batch,), device=device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -87,7 +88,7 @@ def estimate(sweep: Sweep) -> tuple[list[str], float]:
         steps = math.ceil(info.train_size / r.batch_size)
         seconds = 0.0
         for ts in spec.teachers:
-            if ts.run_id in teachers_done or ts.checkpoint_sha256 or store.has(ts.run_id):
+            if ts.run_id in teachers_done or ts.trained_elsewhere or store.has(ts.run_id):
                 continue
             teachers_done.add(ts.run_id)
             tr = ts.recipe

@@ -125,10 +125,11 @@ def check_models(req: Request, data: DataSplits) -> dict[str, str]:
     return {m: zoo.checkpoint_identity(p) for m, p in req.teacher_checkpoints.items()}
 
 
-def pretrained_weights(req: Request, data: DataSplits) -> dict[str, str]:
+def pretrained_weights(req: Request, data: DataSplits) -> dict[str, tuple[str, bool]]:
     """Each pretrained model of the pairs (a timm tag, an ``hf-hub:`` name, or one given --pretrained-file) loaded
     once, before anything trains: missing weights are refused now, with where kdbench looked. Returns, per model,
-    the identity of its weights (``sha256:<hash of the loaded tensors>``), part of its runs' ids and rows."""
+    the identity of its weights (``sha256:<hash of the loaded tensors>``), part of its runs' ids and rows, and
+    whether its classifier fits the dataset (timm kept it: the pretrained config's class count is the dataset's)."""
     info = data.info
     shape = {"num_classes": info.num_classes, "in_chans": info.in_chans, "img_size": info.img_size}
     models = {m for p in req.pairs for m in (*p.teachers, p.student)} - set(req.teacher_checkpoints)
@@ -141,7 +142,8 @@ def pretrained_weights(req: Request, data: DataSplits) -> dict[str, str]:
         if zoo.wants_pretrained(model) or model in req.pretrained_files:
             loaded = zoo.create(model, **shape, pretrained_file=req.pretrained_files.get(model),
                                 **req.kwargs_dict(model))
-            out[model] = "sha256:" + zoo.weights_identity(loaded)
+            fits = loaded.pretrained_cfg.get("num_classes") == info.num_classes
+            out[model] = ("sha256:" + zoo.weights_identity(loaded), fits)
     return out
 
 
@@ -160,7 +162,7 @@ def build_plan(req: Request, methods: Mapping[str, type[Method]], data: DataSpli
     def teacher_spec(model: str, seed: int) -> TeacherSpec:
         return TeacherSpec(model, label, req.recipe_for(model), seed, device, sha.get(model, ""), req.limit,
                            req.kwargs_for(model), world_size=world, precision=precision,
-                           weights=weights.get(model, ""))
+                           weights=weights.get(model, ("", False))[0], as_is=weights.get(model, ("", False))[1])
 
     probes: dict[tuple[str, Taps], Probe] = {}
     fits, skipped = fitting(req, names, methods, data, probes)
@@ -185,7 +187,7 @@ def build_plan(req: Request, methods: Mapping[str, type[Method]], data: DataSpli
                         device=device, data_limit=req.limit, student_kwargs=req.kwargs_for(pair.student),
                         world_size=world, precision=precision, method_source=method_source(methods[name]),
                         pair=pair_label(labels, pair.student), transfer=pair.transfer, bias=pair.bias,
-                        student_weights=weights.get(pair.student, ""))
+                        student_weights=weights.get(pair.student, ("", False))[0])
                     specs.setdefault(spec.run_id, spec)
                     if teachers:
                         if why := cache_unusable(method.taps(), spec.recipe):
@@ -202,6 +204,8 @@ def cache_unusable(taps: Taps, recipe: Recipe) -> str:
         return "the method taps stage maps, which the cache does not hold"
     if recipe.mixing.enabled:
         return "mixup/CutMix: the teachers see each mixed batch, which no cached view holds"
+    if recipe.rrc is not None:
+        return "random resized crops: every crop is new, so no cached view holds it"
     return ""
 
 

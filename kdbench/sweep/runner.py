@@ -175,9 +175,10 @@ class Runner:
         torch.manual_seed(ts.seed)
         stored = distributed.on_main(lambda: self.store.teacher_path(ts.run_id).is_file())
         # Pretrained weights only where training starts from them (not under a checkpoint's or the store's).
-        model = self.create(ts.model, ts.model_kwargs, weights=not (ts.checkpoint_sha256 or stored))
-        if ts.checkpoint_sha256:
-            zoo.load_checkpoint(model, self.plan.checkpoints[ts.model], ts.model)
+        model = self.create(ts.model, ts.model_kwargs, weights=not (ts.checkpoint_sha256 or stored) or ts.as_is)
+        if ts.trained_elsewhere:  # a checkpoint, or pretrained weights that fit the dataset: evaluated as they are
+            if ts.checkpoint_sha256:
+                zoo.load_checkpoint(model, self.plan.checkpoints[ts.model], ts.model)
             if distributed.is_main() and not self.store.has(ts.run_id):
                 self._write_teacher_row(ts, model, train.TrainResult.untrained(model, self.data), trained=False)
         else:

@@ -15,7 +15,7 @@ from ..recipe import Recipe
 # adjustment are hashed as their non-default items (() for none).
 _LATER_FIELDS: dict[str, Any] = {"model_kwargs": (), "student_kwargs": (), "world_size": 1, "precision": "fp32",
                                  "method_source": "", "transfer": (), "bias": (), "weights": "",
-                                 "student_weights": ""}
+                                 "student_weights": "", "as_is": False}
 
 
 def _id(kind: str, fields: dict[str, Any]) -> str:
@@ -39,6 +39,14 @@ class TeacherSpec:
     #: Pretrained weights it starts from (a timm tag, hf-hub: name or --pretrained-file): 'sha256:<hash of the
     #: loaded tensors>'; '' for random initialisation.
     weights: str = ""
+    #: Pretrained weights whose classifier already fits the dataset (its class count): the teacher is used as it
+    #: is, evaluated and never trained (a torchvision ResNet-34 on ImageNet). Else pretrained weights are fine-tuned.
+    as_is: bool = False
+
+    @property
+    def trained_elsewhere(self) -> bool:
+        """Whether its weights come ready (a checkpoint, or pretrained weights used as they are): nothing to train."""
+        return bool(self.checkpoint_sha256) or self.as_is
 
     @property
     def run_id(self) -> str:
