@@ -41,6 +41,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         from ..data import DATASETS
         for name in DATASETS:
             print(name)
+        print("imagenet (an ImageFolder in <data folder>/imagenet: train/ and val/ class folders; not downloadable)")
         print("an ImageFolder path (a folder with train/ and val/ class folders)")
     elif args.what == "models":
         list_models()
