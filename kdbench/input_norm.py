@@ -46,6 +46,13 @@ def set_model_norm(model: nn.Module, data_mean: Sequence[float], data_std: Seque
         model._kdbench_input_norm_hook = True
 
 
+def use_model_norm(model: nn.Module, data_mean: Sequence[float], data_std: Sequence[float], in_chans: int) -> None:
+    """A pretrained model sees its input as it was trained (its config's statistics: ImageNet's for most), whatever
+    the dataset's; a model whose config declares none keeps the dataset's."""
+    if own := model_norm(model, in_chans):
+        set_model_norm(model, data_mean, data_std, *own)
+
+
 def adapt(model: nn.Module, x: Tensor) -> Tensor:
     """``x`` (normalised with the dataset's statistics) as ``model`` expects it; unchanged for most models."""
     affine = getattr(model, _ATTR, None)
@@ -63,4 +70,4 @@ def describe(model: nn.Module) -> str:
     return getattr(model, "_kdbench_input_norm_text", "model")
 
 
-__all__ = ["adapt", "describe", "model_norm", "set_model_norm"]
+__all__ = ["adapt", "describe", "model_norm", "set_model_norm", "use_model_norm"]

@@ -11,18 +11,16 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .compiling import compile_mode, raise_recompile_limits
 from .errors import KdbenchError
 from .files import warn
-
-if TYPE_CHECKING:
-    from .train.options import EngineOptions
 
 
 def topk_accuracy(logits: Tensor, labels: Tensor, k: int) -> float:
@@ -195,7 +193,7 @@ def seconds_per_call(fn: Callable[[], object], device: torch.device, *, warmup: 
 @torch.inference_mode()
 def measure_throughput(model: nn.Module, input_shape: tuple[int, ...], *, batch_size: int = 256,
                        dtype: torch.dtype = torch.float32, warmup: int = 3, repeats: int = 5,
-                       min_time_s: float | None = None, options: EngineOptions | None = None) -> Throughput:
+                       min_time_s: float | None = None, options: Any = None) -> Throughput:
     """Inference images/s: eval mode, inference mode, fixed batch, warm-up, median of repeats of at least
     ``min_time_s`` each (None: :func:`throughput_min_time_s`, 1 s by default).
 
@@ -219,8 +217,6 @@ def measure_throughput(model: nn.Module, input_shape: tuple[int, ...], *, batch_
         setting += ["channels_last"] * options.channels_last
         if options.compile:
             from torch import _dynamo
-
-            from .train.step import compile_mode, raise_recompile_limits
 
             raise_recompile_limits(_dynamo.config)
             run = torch.compile(model, mode=compile_mode(device))

@@ -82,7 +82,7 @@ def test_holdout_keeps_one_image_of_each_class_at_a_small_fraction():
 def test_run_ids_of_recipes_without_the_fields_are_unchanged():
     # sha256 of each named recipe's dict before val_fraction and early_stop existed
     before = {"crd": "0259ed5d6997b495", "digits": "94fcc0b8accf2c9b", "mnist_mlp": "1a515749d2dd81af"}
-    assert {n: digest(r.to_dict()) for n, r in RECIPES.items()} == before
+    assert {n: digest(r.to_dict()) for n, r in RECIPES.items() if n in before} == before  # later recipes are new
     d = get_recipe("digits").with_overrides({"val_fraction": 0.1, "early_stop": 3}, "t").to_dict()
     assert (d["val_fraction"], d["early_stop"]) == (0.1, 3)
     assert digest(d) != before["digits"]

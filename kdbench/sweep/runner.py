@@ -157,11 +157,8 @@ class Runner:
         model = zoo.create(name, num_classes=self.info.num_classes, in_chans=self.info.in_chans,
                            img_size=self.info.img_size, pretrained_file=self.req.pretrained_files.get(name),
                            weights=weights, **dict(kwargs))
-        # A pretrained model sees its input normalised as it was trained (timm's config: ImageNet's statistics
-        # for most), whatever the dataset's; its weights may come from the store, so this goes by the name.
-        if zoo.wants_pretrained(name) or name in self.req.pretrained_files:
-            if own := input_norm.model_norm(model, self.info.in_chans):
-                input_norm.set_model_norm(model, self.info.mean, self.info.std, *own)
+        if zoo.wants_pretrained(name) or name in self.req.pretrained_files:  # by name: weights may come from the store
+            input_norm.use_model_norm(model, self.info.mean, self.info.std, self.info.in_chans)
         return model.to(self.device)
 
     def teacher(self, ts: TeacherSpec) -> nn.Module:
@@ -266,8 +263,7 @@ class Runner:
         return row
 
     def _keep_predictions(self, run_id: str, result: train.TrainResult) -> dict[str, Any]:
-        """Write the run's test-set predictions (before its row, so a row never names a missing file); its
-        columns. A run without an evaluated epoch (diverged in the first) has none."""
+        """Write the run's test predictions before its row (a row never names a missing file); none unevaluated."""
         cols = {rows.Col.TEST_SET: self.test_set, rows.Col.PREDICTIONS: ""}
         if evaluated(result):
             path = predictions.save(self.store.predictions_path(run_id), run_id=run_id, test_set=self.test_set,
