@@ -22,6 +22,7 @@ from .data.resolution import Resolution
 from .data.transfer import TransferSet
 from .errors import KdbenchError, suggest, unknown
 from .recipe import Recipe, get_recipe
+from .zoo import HF_HUB_PREFIX
 
 PAIR_ARROW = "→"
 MAX_SEED = 2**63 - 1  # seeds are whole numbers in 0..2**63-1: what torch takes as distinct seeds
@@ -83,7 +84,9 @@ class Pair:
 
     @classmethod
     def parse(cls, text: str) -> Pair:
-        left, sep, student = text.strip().rpartition(":")
+        # The colon of an 'hf-hub:' model name is part of the name, not the separator (either side may have one).
+        hidden = text.strip().replace(HF_HUB_PREFIX, "\0")
+        left, sep, student = (part.replace("\0", HF_HUB_PREFIX) for part in hidden.rpartition(":"))
         items = [t.strip() for t in left.split("+")]
         empty = " has an empty teacher name" if sep and left.strip() and not all(
             t.partition("@")[0].strip() for t in items) else ""

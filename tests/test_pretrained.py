@@ -164,3 +164,15 @@ def test_imagenet_weights_on_another_dataset_are_fine_tuned(tmp_path):
     teacher = next(r for r in (json.loads(p.read_text()) for p in (tmp_path / "r" / "runs").glob("*.json"))
                    if r["kind"] == "teacher")
     assert teacher["trained_by_kdbench"] is True and teacher["epochs"] == 1 and teacher["weights"].startswith("sha256:")
+
+
+def test_hf_hub_names_in_pairs_keep_their_colon():
+    """'hf-hub:' names (teacher or student) are one model each in a pair: the colon after hf-hub is no separator."""
+    from kdbench.suites import Pair
+
+    assert Pair.parse("hf-hub:timm/resnet34.a1_in1k:hf-hub:timm/resnet18.a1_in1k").teachers == \
+        ("hf-hub:timm/resnet34.a1_in1k",)
+    pair = Pair.parse("resnet34.tv_in1k+hf-hub:timm/resnet50.a1_in1k@1:hf-hub:timm/resnet18.a1_in1k")
+    assert pair.teachers == ("resnet34.tv_in1k", "hf-hub:timm/resnet50.a1_in1k")
+    assert pair.student == "hf-hub:timm/resnet18.a1_in1k" and pair.teacher_seeds == (None, 1)
+    assert zoo.wants_pretrained("hf-hub:timm/resnet18.a1_in1k") and not zoo.wants_pretrained("resnet18")
