@@ -4,7 +4,7 @@ Batches are normalised once, with the dataset's mean and std (:mod:`kdbench.data
 weights expects the statistics it was trained with (timm's ``pretrained_cfg`` mean and std, ImageNet's for most):
 :func:`set_model_norm` gives it a per-channel affine from the dataset's normalisation to its own, applied to its
 input wherever it runs (a forward pre-hook for ``model(x)``, and :func:`adapt` for the paths that call
-``forward_intermediates``/``forward_features`` directly). It holds no weights: state dicts are unchanged.
+``forward_intermediates``/``forward_features`` directly). Its two non-persistent buffers stay out of the state dict.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-_ATTR = "_kdbench_input_norm"
+_SCALE, _SHIFT = "_kdbench_input_scale", "_kdbench_input_shift"  # non-persistent buffers
 
 
 def model_norm(model: nn.Module, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
@@ -36,9 +36,10 @@ def set_model_norm(model: nn.Module, data_mean: Sequence[float], data_std: Seque
     """Make ``model`` see its input normalised with (``mean``, ``std``) instead of the dataset's."""
     d_mean, d_std = torch.tensor(data_mean), torch.tensor(data_std)
     m_mean, m_std = torch.tensor(mean), torch.tensor(std)
-    scale = (d_std / m_std).view(1, -1, 1, 1)  # x_model = x_data * std_d / std_m + (mean_d - mean_m) / std_m
-    shift = ((d_mean - m_mean) / m_std).view(1, -1, 1, 1)
-    setattr(model, _ATTR, (scale, shift))
+    # x_model = x_data * std_d / std_m + (mean_d - mean_m) / std_m. Non-persistent buffers: they move with the
+    # model to its device (no copy per step) and stay out of its state dict.
+    model.register_buffer(_SCALE, (d_std / m_std).view(1, -1, 1, 1), persistent=False)
+    model.register_buffer(_SHIFT, ((d_mean - m_mean) / m_std).view(1, -1, 1, 1), persistent=False)
     model._kdbench_input_norm_text = (f"model: mean ({', '.join(f'{v:.4g}' for v in mean)}), "
                                       f"std ({', '.join(f'{v:.4g}' for v in std)})")
     if not getattr(model, "_kdbench_input_norm_hook", False):
@@ -55,19 +56,15 @@ def use_model_norm(model: nn.Module, data_mean: Sequence[float], data_std: Seque
 
 def adapt(model: nn.Module, x: Tensor) -> Tensor:
     """``x`` (normalised with the dataset's statistics) as ``model`` expects it; unchanged for most models."""
-    affine = getattr(model, _ATTR, None)
-    if affine is None:
+    scale = getattr(model, _SCALE, None)
+    if scale is None:
         return x
-    scale, shift = (t.to(device=x.device, dtype=x.dtype) for t in affine)
-    return torch.addcmul(shift, x, scale)
+    return torch.addcmul(getattr(model, _SHIFT).to(x.dtype), x, scale.to(x.dtype))
 
 
 def describe(model: nn.Module) -> str:
     """How a row names the model's input normalisation: 'dataset', or the model's own mean and std."""
-    affine = getattr(model, _ATTR, None)
-    if affine is None:
-        return "dataset"
-    return getattr(model, "_kdbench_input_norm_text", "model")
+    return getattr(model, "_kdbench_input_norm_text", "dataset")
 
 
 __all__ = ["adapt", "describe", "model_norm", "set_model_norm", "use_model_norm"]

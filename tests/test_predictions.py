@@ -17,7 +17,7 @@ from kdbench import metrics, predictions
 from kdbench.cli import main
 from kdbench.errors import KdbenchError
 from kdbench.report import build_report
-from kdbench.report.derived import add_derived
+from kdbench.report.derived import add_derived, load_predictions
 from kdbench.sweep.store import ResultsStore
 
 
@@ -115,7 +115,8 @@ def test_every_run_keeps_its_predictions_and_the_report_derives_each_metric(resu
 
     import pandas as pd
 
-    frame = add_derived(pd.DataFrame(list(rows.values())), ResultsStore(results)).set_index("method")
+    frame = pd.DataFrame(list(rows.values()))
+    frame = add_derived(frame, load_predictions(frame, ResultsStore(results))).set_index("method")
     kd, labels = data["kd"]["logits"].float(), data["kd"]["labels"]
     p, r_, f, _ = precision_recall_fscore_support(labels.numpy(), kd.argmax(1).numpy(), average="macro",
                                                   zero_division=0, labels=list(range(10)))
@@ -235,7 +236,8 @@ def test_the_report_judges_seeds_as_ensembles(results, tmp_path):
     from kdbench.report.rows import load_rows
 
     store = ResultsStore(results)
-    got = {e.method: e for e in seed_ensembles(load_rows(results), store)}
+    rows = load_rows(results)
+    got = {e.method: e for e in seed_ensembles(rows, load_predictions(rows, store))}
     assert set(got) == {"kd", "ce"}  # the teacher has one seed
     kd_rows = sorted((r for r in store.rows() if r["method"] == "kd"), key=lambda r: r["seed"])
     logits = [torch.load(results / r["predictions"], weights_only=True)["logits"].double() for r in kd_rows]

@@ -25,7 +25,7 @@ from .cost import cost_frame
 from .markdown import benchmark_markdown, csv_frame, metric_table, student_ensemble_section, write_text
 from .plots import method_colours, plot_benchmark, style
 from .sweep_plot import plot_sweeps, sweep_lines
-from .derived import DERIVED, add_derived, check_test_sets
+from .derived import DERIVED, add_derived, check_test_sets, load_predictions
 from .ensembles import Ensemble, seed_ensembles
 from .rows import METRICS, Col, finished, load_rows, numeric
 
@@ -113,8 +113,10 @@ def build_report(results_dir: str | os.PathLike[str],
     everything = load_rows(results, finished_only=False)
     rows = finished(everything, runs)
     check_test_sets(rows, store)
-    if any(m in DERIVED for m in metrics):  # read the predictions files only when asked for what they give
-        rows = add_derived(rows, store)
+    # The predictions files are read once, and only when asked for what they give.
+    loaded = load_predictions(rows, store) if ensemble_seeds or any(m in DERIVED for m in metrics) else {}
+    if any(m in DERIVED for m in metrics):
+        rows = add_derived(rows, loaded)
     for m in metrics:
         if m not in rows or numeric(rows, m).isna().all():
             raise KdbenchError(f"no run in {runs} records the metric '{m}'" + (
@@ -125,7 +127,7 @@ def build_report(results_dir: str | os.PathLike[str],
     benches = benchmarks(rows)
     # After benchmarks(): variant labels (kd[temperature=8.0]) get colours of their own.
     colours = method_colours({m for b in benches for m in b.rows[Col.METHOD]})
-    files = {b.slug: build_benchmark(b, metrics, colours, out, seed_ensembles(b.rows, store) if ensemble_seeds else ())
+    files = {b.slug: build_benchmark(b, metrics, colours, out, seed_ensembles(b.rows, loaded) if ensemble_seeds else ())
              for b in benches}
     written = [p for b in benches for p in files[b.slug]]
     text = index(benches, files, metrics, results) + without_result(everything)

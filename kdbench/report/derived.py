@@ -47,10 +47,10 @@ def check_test_sets(rows: pd.DataFrame, store: ResultsStore) -> None:
                                "of the one you do not want")
 
 
-def add_derived(rows: pd.DataFrame, store: ResultsStore) -> pd.DataFrame:
-    """``rows`` with the :data:`DERIVED` columns from the stored predictions (NaN where there are none)."""
+def add_derived(rows: pd.DataFrame, loaded: dict[str, tuple[torch.Tensor, torch.Tensor, int]]) -> pd.DataFrame:
+    """``rows`` with the :data:`DERIVED` columns from their predictions (:func:`load_predictions`; NaN where a row
+    has none)."""
     rows = rows.copy()
-    loaded = load_predictions(rows, store)
     values: dict[str, list[float]] = {name: [] for name in DERIVED}
     for _, row in rows.iterrows():
         got = _derive(row, loaded)

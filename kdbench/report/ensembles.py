@@ -18,8 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from ..sweep.columns import Col
-from ..sweep.store import ResultsStore
-from .derived import load_predictions
 from .rows import is_teacher, numeric
 
 
@@ -48,13 +46,11 @@ def ensemble_of(logits: list[torch.Tensor], labels: torch.Tensor) -> tuple[list[
     return members, top1, diversity
 
 
-def seed_ensembles(rows: pd.DataFrame, store: ResultsStore) -> list[Ensemble]:
-    """Every method × pair (and hyperparameters) of ``rows`` with predictions from two or more seeds."""
+def seed_ensembles(rows: pd.DataFrame, loaded: dict[str, tuple[torch.Tensor, torch.Tensor, int]]) -> list[Ensemble]:
+    """Every method × pair (and hyperparameters) of ``rows`` with predictions (``loaded``, by run id:
+    :func:`~kdbench.report.derived.load_predictions`) from two or more seeds."""
     students = rows[~is_teacher(rows)]
-    if Col.PREDICTIONS not in students:
-        return []
-    students = students[students[Col.PREDICTIONS].fillna("").astype(str) != ""]
-    loaded = load_predictions(students, store)
+    students = students[students[Col.RUN_ID].astype(str).isin(loaded)]
     keys = [Col.METHOD, Col.PAIR] + ([Col.HPARAMS] if Col.HPARAMS in students else [])
     out = []
     for key, group in students.groupby(keys, sort=True):
