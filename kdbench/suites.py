@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ import tomllib
 from .bias import Bias
 from .data.resolution import Resolution
 from .data.transfer import TransferSet
+from .ensemble import ensemble_text, parse_members
 from .errors import KdbenchError, suggest, unknown
 from .recipe import Recipe, get_recipe
 from .zoo import HF_HUB_PREFIX
@@ -62,6 +63,10 @@ class Pair:
     #: Names this entry apart when a suite lists one pair more than once with other hyperparameters
     #: (e.g. "ls": the same methods with logit standardization); part of ``label``, not of any run id.
     tag: str = ""
+    #: A student ensemble (``T:S*3``, ``T:A+B``): its members' models in order, each a student run of its own
+    #: distilled from the same teachers; () for one student. ``student`` is member ``member``'s model.
+    members: tuple[str, ...] = ()
+    member: int = 0
 
     def __post_init__(self) -> None:
         if not self.teacher_seeds:
@@ -78,9 +83,23 @@ class Pair:
         Hyperparameters are looked up by this label, so two entries of one pair with different
         hyperparameters need different labels (:func:`_check_repeated_pairs`).
         """
-        label = pair_label(self.teacher_labels, self.student)
+        label = pair_label(self.teacher_labels, self.student_text)
         label += f" (transfer: {self.transfer.label})" if not self.transfer.empty else ""
         return label + (f" [{self.tag}]" if self.tag else "")
+
+    @property
+    def student_text(self) -> str:
+        """The student side as tables name it: 's', or an ensemble's 's×3' / 'a+b' (the same for every member)."""
+        return ensemble_text(self.members) if self.members else self.student
+
+    @property
+    def occurrence(self) -> int:
+        """How many earlier members of its ensemble share this member's model (0 for a single student)."""
+        return self.members[:self.member].count(self.student)
+
+    def expand(self) -> tuple[Pair, ...]:
+        """One pair per student run: the members of an ensemble, else this pair itself."""
+        return tuple(replace(self, student=m, member=j) for j, m in enumerate(self.members)) or (self,)
 
     @classmethod
     def parse(cls, text: str) -> Pair:
@@ -102,7 +121,10 @@ class Pair:
                                    "integer seed (e.g. cifar_resnet56@1)")
             teachers.append(model.strip())
             seeds.append(check_seed(int(seed), f"pair '{text}'") if at else None)
-        return cls(tuple(teachers), student.strip(), tuple(seeds))
+        members = parse_members(student.strip(), text)
+        return cls(tuple(teachers), members[0], tuple(seeds), members=members if len(members) > 1 else ())
+
+
 
 
 @dataclass(frozen=True)
@@ -217,7 +239,7 @@ def _pair_item(item: Any, where: str) -> Pair:
     if "tag" in item and (not tag or any(c in tag for c in "[]") or not tag.isprintable()):
         raise KdbenchError(f"{at}: tag {item['tag']!r} must be a short printable name without brackets, "
                            "e.g. tag = \"ls\"")
-    return Pair(pair.teachers, pair.student, pair.teacher_seeds, methods, hparams, transfer, bias, tag)
+    return Pair(pair.teachers, pair.student, pair.teacher_seeds, methods, hparams, transfer, bias, tag, pair.members)
 
 
 def _check_repeated_pairs(pairs: Sequence[Pair], where: str) -> None:

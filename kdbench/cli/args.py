@@ -18,6 +18,7 @@ examples:
   kdbench run --suite hinton-mnist --data-dir ~/data --epochs 10
   kdbench run --dataset cifar100 --download --pairs cifar_resnet32x4:cifar_resnet8x4 --recipe crd
   kdbench run --methods ensemble_kd --pairs cifar_resnet56+cifar_wrn_40_2:cifar_resnet20
+  kdbench run --methods ce,kd --pairs "cifar_resnet8:hinton_mlp_30*3"   # 3 students from one teacher, as one model
   kdbench run --methods my_kd --plugin my_kd.py   # a method in one file, no install
   kdbench run --suite crd-table1 --gpus 0,1,2,3   # one worker process per GPU
   kdbench run --suite crd-table1 --executor ray --ray-address auto --gpus-per-run 0.25   # 4 runs per GPU
@@ -150,7 +151,7 @@ def _what_options(parser: argparse.ArgumentParser, reproduce: bool) -> None:
     what.add_argument("--pairs", help="comma-separated TEACHER[+TEACHER...]:STUDENT pairs of timm model names"
                       + (" (CRD names like resnet56:resnet20 work too), a subset of the suite's" if reproduce else
                          ", replacing the suite's (e.g. cifar_resnet56:cifar_resnet20); MODEL@N fixes a teacher's "
-                         "seed"))
+                         "seed; a student side S*3 or A+B is a student ensemble, judged as one model by the report"))
     if not reproduce:
         what.add_argument("--transfer", action="append", default=[], metavar="SPEC",
                           help="the student distils on a transfer set instead of the training set, for every pair: "

@@ -130,7 +130,7 @@ def _suite_pairs(suite: Suite, wanted: str | None) -> list[Pair]:
     for w in (Pair.parse(p) for p in _csv(wanted)):
         key = (tuple(model_name(t) for t in w.teachers), model_name(w.student))
         # Every entry of these models: a suite may list one pair once per transfer set.
-        found = [p for p in suite.pairs if (p.teachers, p.student) == key]
+        found = [p for p in suite.pairs if (p.teachers, p.student) == key and p.members == tuple(model_name(m) for m in w.members)]
         if not found:
             raise KdbenchError(f"pair {pair_label(*key)} is not in suite '{suite.name}'; its pairs: "
                                f"{', '.join(p.label for p in suite.pairs)}")

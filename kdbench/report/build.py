@@ -27,14 +27,16 @@ from .plots import method_colours, plot_benchmark, style
 from .sweep_plot import plot_sweeps, sweep_lines
 from .derived import DERIVED, add_derived, check_test_sets, load_predictions
 from .ensembles import Ensemble, seed_ensembles
+from .members import collapse, is_member
 from .rows import METRICS, Col, finished, load_rows, numeric
 
 
 def build_benchmark(bench: Benchmark, metrics: Sequence[str], colours: dict[str, str],
-                    out_dir: Path, ensembles: Sequence[Ensemble] = ()) -> list[Path]:
+                    out_dir: Path, ensembles: Sequence[Ensemble] = (), declared: Sequence[Ensemble] = ()) -> list[Path]:
     """Write one benchmark's plots, CSV and markdown table; return their paths. The first metric is the main
     table's and the plots'; each further one adds a table of its own (and its lines to the CSV). ``ensembles``:
-    the benchmark's student ensembles from seeds (``--ensemble-seeds``), a table and a CSV of their own."""
+    the benchmark's student ensembles from seeds (``--ensemble-seeds``), ``declared`` those a pair declared
+    (``T:S*3``): each a table and a CSV of its own."""
     metric, more = metrics[0], metrics[1:]
     entries = aggregate(bench.rows, metric)
     plots = plot_benchmark(bench, entries, metric, colours, out_dir)
@@ -45,11 +47,15 @@ def build_benchmark(bench: Benchmark, metrics: Sequence[str], colours: dict[str,
     costs = cost_frame(bench.rows)
     extra = [write_text(out_dir / f"costs_{bench.slug}.csv", costs.to_csv(index=False))] if not costs.empty else []
     text = benchmark_markdown(bench, entries, metric, plots, more=more)
-    if ensembles:
-        text = text.rstrip("\n") + "\n" + "\n".join(student_ensemble_section(ensembles)) + "\n"
+    for kind, group in (("declared", declared), ("seeds", ensembles)):
+        if not group:
+            continue
+        section = student_ensemble_section(group, declared=kind == "declared")
+        text = text.rstrip("\n") + "\n" + "\n".join(section) + "\n"
         frame = pd.DataFrame([{**asdict(e), "seeds": "+".join(map(str, e.seeds)),
-                               "member_top1": "+".join(f"{x:.4f}" for x in e.member_top1)} for e in ensembles])
-        extra.append(write_text(out_dir / f"ensembles_{bench.slug}.csv", frame.to_csv(index=False)))
+                               "member_top1": "+".join(f"{x:.4f}" for x in e.member_top1)} for e in group])
+        name = "ensembles" if kind == "seeds" else "declared_ensembles"
+        extra.append(write_text(out_dir / f"{name}_{bench.slug}.csv", frame.to_csv(index=False)))
     if lines := sweep_lines(bench, metric):
         text = text.rstrip("\n") + "\n\nSweeps (test error = 100 − " + metric + "):\n\n" + "\n".join(lines) + "\n"
     md = write_text(out_dir / f"table_{bench.slug}.md", text)
@@ -114,7 +120,9 @@ def build_report(results_dir: str | os.PathLike[str],
     rows = finished(everything, runs)
     check_test_sets(rows, store)
     # The predictions files are read once, and only when asked for what they give.
-    loaded = load_predictions(rows, store) if ensemble_seeds or any(m in DERIVED for m in metrics) else {}
+    wanted = ensemble_seeds or any(m in DERIVED for m in metrics) or is_member(rows).any()
+    loaded = load_predictions(rows, store) if wanted else {}
+    rows, declared, left_out = collapse(rows, loaded)  # each declared student ensemble becomes one row per seed
     if any(m in DERIVED for m in metrics):
         rows = add_derived(rows, loaded)
     for m in metrics:
@@ -127,10 +135,13 @@ def build_report(results_dir: str | os.PathLike[str],
     benches = benchmarks(rows)
     # After benchmarks(): variant labels (kd[temperature=8.0]) get colours of their own.
     colours = method_colours({m for b in benches for m in b.rows[Col.METHOD]})
-    files = {b.slug: build_benchmark(b, metrics, colours, out, seed_ensembles(b.rows, loaded) if ensemble_seeds else ())
+    files = {b.slug: build_benchmark(b, metrics, colours, out, seed_ensembles(b.rows, loaded) if ensemble_seeds else (),
+                                     [e for e in declared if e.run_id in set(b.rows[Col.RUN_ID].astype(str))])
              for b in benches}
     written = [p for b in benches for p in files[b.slug]]
     text = index(benches, files, metrics, results) + without_result(everything)
+    if left_out:
+        text += "\n## Student ensembles left out\n\n" + "".join(f"- {n}\n" for n in left_out)
     return written + [write_text(out / "index.md", text)]
 
 

@@ -32,7 +32,9 @@ class Ensemble:
     top1: float                     # the ensemble's: argmax of the mean of the members' probabilities
     diversity: float                # mean pairwise top-1 disagreement (%)
     params: float                   # summed over members
-    throughput: float               # members one after another, derived from theirs (NaN where one is unknown)
+    throughput: float               # from seeds: derived from the members'; declared: measured as deployed
+    how: str = ""                   # declared ensembles: how the deployed ensemble ran ('' from seeds)
+    run_id: str = ""                # declared ensembles: the id of the row that stands for it in the tables
 
 
 def ensemble_of(logits: list[torch.Tensor], labels: torch.Tensor) -> tuple[list[float], float, float]:
@@ -50,6 +52,8 @@ def seed_ensembles(rows: pd.DataFrame, loaded: dict[str, tuple[torch.Tensor, tor
     """Every method × pair (and hyperparameters) of ``rows`` with predictions (``loaded``, by run id:
     :func:`~kdbench.report.derived.load_predictions`) from two or more seeds."""
     students = rows[~is_teacher(rows)]
+    if Col.ENSEMBLE in students:  # a declared ensemble (kdbench.report.members) is no seed of a single student
+        students = students[students[Col.ENSEMBLE].fillna("").astype(str) == ""]
     students = students[students[Col.RUN_ID].astype(str).isin(loaded)]
     keys = [Col.METHOD, Col.PAIR] + ([Col.HPARAMS] if Col.HPARAMS in students else [])
     out = []

@@ -251,19 +251,30 @@ def ensemble_section(rows: pd.DataFrame) -> list[str]:
             md_table(["teachers", "each teacher", "ensemble"], lines)]
 
 
-def student_ensemble_section(ensembles: Sequence[Any]) -> list[str]:
-    """The markdown of the student ensembles from seeds (:class:`kdbench.report.ensembles.Ensemble`)."""
-    lines = [[f"`{e.method}`", e.pair, str(len(e.seeds)), " / ".join(fmt(x) for x in e.member_top1), fmt(e.top1),
-              fmt(e.top1 - statistics.fmean(e.member_top1)), fmt(e.diversity), fmt_count(e.params),
-              fmt(e.throughput, 0) or "—"] for e in ensembles]
-    header = ["method", "pair", "K", "each member's top-1", "ensemble top-1", "ensemble − mean member", "diversity (%)",
-              "params (sum)", "images/s, members in turn"]
+def student_ensemble_section(ensembles: Sequence[Any], *, declared: bool = False) -> list[str]:
+    """The markdown of student ensembles (:class:`kdbench.report.ensembles.Ensemble`): from seeds
+    (``--ensemble-seeds``), or ``declared`` by a pair (``T:S*3``), one line per seed."""
+    lines = [[f"`{e.method}`", e.pair, "+".join(map(str, e.seeds)) if declared else str(len(e.seeds)),
+              " / ".join(fmt(x) for x in e.member_top1), fmt(e.top1), fmt(e.top1 - statistics.fmean(e.member_top1)),
+              fmt(e.diversity), fmt_count(e.params), fmt(e.throughput, 0) or "—"] + ([e.how or "—"] if declared else [])
+             for e in ensembles]
+    header = ["method", "pair", "seed" if declared else "K", "each member's top-1", "ensemble top-1",
+              "ensemble − mean member", "diversity (%)", "params (sum)",
+              "images/s, deployed" if declared else "images/s, members in turn"] + (["how it ran"] if declared else [])
+    common = ("top-1 at the last epoch of each member (in {order}) and of their ensemble (the mean of their class "
+              "probabilities); diversity is the mean over member pairs of the % of test images on which their top-1 "
+              "classes differ.")
+    if declared:
+        return ["", "## Student ensembles (declared)", "",
+                "Each pair written T:S*K or T:A+B trains its members from one teacher, and the ensemble is judged as "
+                "one model; its row in the tables above is the ensemble's. " + common.format(order="member order") +
+                " Images/s is measured on the ensemble as deployed, by member 0's run: the members one after "
+                "another, and those of one architecture also batched with torch.vmap; the faster counts, and the "
+                "last column gives both.", "", md_table(header, lines)]
     return ["", "## Student ensembles (seeds)", "",
-            "The students one method distilled with K seeds, as one model: top-1 at the last epoch of each member "
-            "(in seed order) and of their ensemble (the mean of their class probabilities); diversity is the mean "
-            "over member pairs of the % of test images on which their top-1 classes differ. Images/s is derived "
-            "from the members' measured throughput as if run one after another (1 / Σ 1/images/s), not measured "
-            "on a deployed ensemble.", "", md_table(header, lines)]
+            "The students one method distilled with K seeds, as one model: " + common.format(order="seed order") +
+            " Images/s is derived from the members' measured throughput as if run one after another "
+            "(1 / Σ 1/images/s), not measured on a deployed ensemble.", "", md_table(header, lines)]
 
 
 def benchmark_markdown(bench: Benchmark, entries: Sequence[Entry], metric: str,

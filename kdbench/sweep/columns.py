@@ -134,6 +134,14 @@ class Col:
     BIAS_VAL_IMAGES = "bias_val_images"  # held-out images the offset was searched on
     BIAS_VAL_ERRORS_BEFORE = "bias_val_errors_before"  # errors on them without the offset
     BIAS_VAL_ERRORS_AFTER = "bias_val_errors_after"  # and with it
+    # A member of a student ensemble (a pair written T:S*3 or T:A+B): the ensemble as tables name it ('s×3'), the
+    # member's index (0-based) and the seed its student trained with. Member 0 also times the deployed ensemble.
+    # '' / NaN for single students. The report judges the K members of one seed as one model (kdbench.report.members).
+    ENSEMBLE = "ensemble"
+    MEMBER = "member"
+    MEMBER_SEED = "member_seed"
+    ENSEMBLE_THROUGHPUT = "ensemble_throughput_img_s"  # the members as deployed, on member 0's row
+    ENSEMBLE_THROUGHPUT_HOW = "ensemble_throughput_how"  # how they ran: one after another, batched (vmap) ...
     HP_PREFIX, LOSS_PREFIX, CLASS_PREFIX = "hp.", "loss.", "class_"  # hp.<name>, loss.<term>, class_f1.<i>
 
     @staticmethod

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from .. import metrics
 from ..bias import error_counts
 from ..data import DataSplits
+from ..ensemble import timed_deployments
 from ..train import EngineOptions, TrainResult, predict
 from .columns import Col
 
@@ -46,6 +47,7 @@ class Measurer:
         self.shape = (info.in_chans, info.img_size, info.img_size)
         self._costs: dict[str, dict[str, Any]] = {}        # per architecture
         self._teacher_probs: dict[str, Tensor] = {}        # test-set probabilities, per teacher run id
+        self._costs_of_ensembles: dict[tuple[str, ...], dict[str, Any]] = {}  # per student ensemble
 
     def costs(self, name: str, model: nn.Module) -> dict[str, Any]:
         """FLOPs per image and inference throughput of an architecture, measured once per sweep."""
@@ -67,6 +69,28 @@ class Measurer:
                 Col.THROUGHPUT_DEVICE: tp.device, Col.THROUGHPUT_DTYPE: tp.dtype,
                 Col.THROUGHPUT_REPEATS: tp.repeats, Col.THROUGHPUT_ITERS: tp.iters_per_repeat,
                 Col.THROUGHPUT_NOTE: ""}
+
+    def ensemble_costs(self, members: tuple[str, ...], kwargs: Callable[[str], Any],
+                       create: Callable[..., nn.Module]) -> dict[str, Any]:
+        """A student ensemble's throughput as deployed (:func:`kdbench.ensemble.timed_deployments`), once per sweep.
+        ``create(name, kwargs(name), weights=False)`` builds a member's architecture on the run's device."""
+        if members not in self._costs_of_ensembles:
+            def build(name: str) -> nn.Module:
+                return create(name, kwargs(name), weights=False)
+
+            if self.runs_per_gpu > 1:
+                value = {Col.ENSEMBLE_THROUGHPUT: float("nan"),
+                         Col.ENSEMBLE_THROUGHPUT_HOW: f"not measured: {self.runs_per_gpu} runs shared the GPU"}
+            else:
+                def measure(model: nn.Module) -> float:
+                    return metrics.measure_throughput(model, self.shape, batch_size=self.throughput_batch,
+                                                      options=self.options).images_per_s
+
+                device = next(build(members[0]).parameters()).device
+                tp, how = timed_deployments(members, build, measure, torch.zeros(2, *self.shape, device=device))
+                value = {Col.ENSEMBLE_THROUGHPUT: tp, Col.ENSEMBLE_THROUGHPUT_HOW: how}
+            self._costs_of_ensembles[members] = value
+        return self._costs_of_ensembles[members]
 
     def teacher_probs(self, run_id: str, teacher: Callable[[], nn.Module]) -> Tensor:
         """A teacher's test-set class probabilities, computed once per sweep (``teacher()`` gives it)."""

@@ -94,14 +94,14 @@ def check_request(req: Request, methods: Mapping[str, type[Method]]) -> list[str
     for name in sorted(req.hparams.methods() - set(names)):
         raise KdbenchError(f"--set names method '{name}', which this run does not include "
                            f"(methods: {', '.join(names)}); drop the --set, or add the method to --methods")
-    for pair in req.pairs:
+    for pair in req.member_pairs:
         for model in (*pair.teachers, pair.student):
             zoo.check_model_name(model)
     for model in req.recipe_by_model:
         zoo.check_model_name(model)
         req.recipe_for(model)
     for name in names:  # every value of every layer
-        for pair in req.pairs:
+        for pair in req.member_pairs:
             for hp in settings(req.hparams, name, pair.label):
                 build_method(methods[name], hp)
     return names
@@ -116,7 +116,7 @@ def check_models(req: Request, data: DataSplits) -> dict[str, str]:
             zoo.create(model, **shape, weights=False, **kwargs)
         except TypeError as exc:
             raise KdbenchError(f"model '{model}' does not take the arguments {dict(kwargs)} given for it: {exc}") from None
-    teachers = {t for p in req.pairs for t in p.teachers}
+    teachers = {t for p in req.member_pairs for t in p.teachers}
     for model, path in req.teacher_checkpoints.items():
         if model not in teachers:
             raise KdbenchError(f"--teacher-checkpoint names model '{model}', which is no teacher of this run "
@@ -132,7 +132,7 @@ def pretrained_weights(req: Request, data: DataSplits) -> dict[str, tuple[str, b
     whether its classifier fits the dataset (timm kept it: the pretrained config's class count is the dataset's)."""
     info = data.info
     shape = {"num_classes": info.num_classes, "in_chans": info.in_chans, "img_size": info.img_size}
-    models = {m for p in req.pairs for m in (*p.teachers, p.student)} - set(req.teacher_checkpoints)
+    models = {m for p in req.member_pairs for m in (*p.teachers, p.student)} - set(req.teacher_checkpoints)
     for model in req.pretrained_files:
         if model not in models:
             raise KdbenchError(f"--pretrained-file names model '{model}', which is in no pair of this run (models: "
@@ -170,7 +170,7 @@ def build_plan(req: Request, methods: Mapping[str, type[Method]], data: DataSpli
     uncached: dict[str, str] = {}  # method -> why its runs cannot distil from cached teacher outputs
     cached: set[str] = set()       # methods with a run that can
     for seed in req.seeds:
-        for pair in req.pairs:
+        for pair in req.member_pairs:
             for name in names:
                 if (name, pair) not in fits:
                     continue
@@ -186,8 +186,9 @@ def build_plan(req: Request, methods: Mapping[str, type[Method]], data: DataSpli
                         student=pair.student, dataset=label, recipe=req.recipe_for(pair.student), seed=seed,
                         device=device, data_limit=req.limit, student_kwargs=req.kwargs_for(pair.student),
                         world_size=world, precision=precision, method_source=method_source(methods[name]),
-                        pair=pair_label(labels, pair.student), transfer=pair.transfer, bias=pair.bias,
-                        student_weights=weights.get(pair.student, ("", False))[0])
+                        pair=pair_label(labels, pair.student_text), transfer=pair.transfer, bias=pair.bias,
+                        student_weights=weights.get(pair.student, ("", False))[0], ensemble=pair.members,
+                        member=pair.member)
                     specs.setdefault(spec.run_id, spec)
                     if teachers:
                         if why := cache_unusable(method.taps(), spec.recipe):
@@ -244,7 +245,7 @@ def fitting(req: Request, names: Sequence[str], methods: Mapping[str, type[Metho
     notes: list[str] = []
     for name in names:
         cls = methods[name]
-        pairs = [p for p in req.pairs if not p.methods or name in p.methods]
+        pairs = [p for p in req.member_pairs if not p.methods or name in p.methods]
         why_not: list[str] = []
         for pair in pairs:
             why = "" if takes(cls, pair) else \

@@ -69,6 +69,11 @@ class Request:
     channels_last: str = _AUTO     # auto, on or off
     teacher_cache: str = _AUTO     # auto (when it saves teacher compute, on CUDA), on or off
 
+    @property
+    def member_pairs(self) -> tuple[Pair, ...]:
+        """The pairs as student runs see them: a student ensemble's members each a pair of its own."""
+        return tuple(m for p in self.pairs for m in p.expand())
+
     def engine_options(self, device_type: str) -> EngineOptions:
         fast = EngineOptions.fast_for(device_type)
         return EngineOptions(

@@ -15,6 +15,7 @@ from typing import Any
 from .. import provenance
 from ..executors.base import DIVERGED, OK
 from ..recipe import Recipe
+from ..ensemble import ensemble_text
 from ..suites import pair_label
 from ..train import EngineOptions, TrainResult
 from ..train.options import tf32_flags
@@ -136,6 +137,9 @@ def student_row(ctx: Context, spec: RunSpec, *, paper: str, extra_params: int, r
         Col.TEACHER_CACHE_BUILD: sum(cache_build_s),
         Col.WEIGHTS: spec.student_weights,
     })
+    if spec.ensemble:
+        row.update({Col.ENSEMBLE: ensemble_text(spec.ensemble), Col.MEMBER: spec.member,
+                    Col.MEMBER_SEED: spec.train_seed})
     if measured.teacher_ensemble_top1 is not None:
         row["teacher_ensemble_top1"] = measured.teacher_ensemble_top1
     if error:

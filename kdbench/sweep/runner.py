@@ -136,8 +136,7 @@ class Runner:
                 f"the sweep stops; the traceback is in {where}. Re-run the same command to resume (finished "
                 "runs are kept)") from exc
 
-    def _free_memory(self) -> None:
-        # After an out-of-memory error the other runs of this worker still need the device.
+    def _free_memory(self) -> None:  # after an out-of-memory error the other runs of this worker still need it
         self._teachers.clear()
         self._caches.clear()
         gc.collect()
@@ -224,7 +223,7 @@ class Runner:
     def train_student(self, spec: RunSpec) -> dict[str, Any]:
         """Train, measure and store one student run; returns its row (empty on DDP ranks other than 0)."""
         teachers = [self.teacher(ts) for ts in spec.teachers]
-        torch.manual_seed(spec.seed)
+        torch.manual_seed(spec.train_seed)
         student = self.create(spec.student, spec.student_kwargs)
         method = build_method(self.methods[spec.method], dict(spec.hparams)).to(self.device)
         taps = method.taps()
@@ -238,7 +237,7 @@ class Runner:
         error = ""
         with metrics.PeakMemory(self.device) as peak:
             try:
-                result = train.train(student, data, spec.recipe, seed=spec.seed, method=method,
+                result = train.train(student, data, spec.recipe, seed=spec.train_seed, method=method,
                                      teachers=teachers, teacher_names=spec.teacher_names, model_name=spec.student,
                                      progress=bar, state_path=self.store.checkpoint_path(spec.run_id),
                                      state_key=spec.run_id, options=self.options, teacher_caches=caches,
@@ -254,9 +253,10 @@ class Runner:
         row = rows.student_row(self.context, spec, paper=method.paper, extra_params=method.extra_parameters(),
                                result=result, measured=measured, peak=peak,
                                cache_build_s=[c.build_time_s for c in caches], error=error)
-        row[rows.Col.TEACHER_CACHE_OFF] = self.cache_off_reason(spec, taps)
-        row[rows.Col.METHOD_VARIANT] = method.variant()
-        row[rows.Col.INPUT_NORM] = input_norm.describe(student)
+        row.update({rows.Col.TEACHER_CACHE_OFF: self.cache_off_reason(spec, taps), rows.Col.METHOD_VARIANT:
+                    method.variant(), rows.Col.INPUT_NORM: input_norm.describe(student)})
+        if spec.ensemble and spec.member == 0:  # the first member times the whole ensemble, as deployed
+            row.update(self.measurer.ensemble_costs(spec.ensemble, self.req.kwargs_for, self.create))
         row.update(self._transfer_columns(spec, student, data, None if error else result.test_logits))
         row.update(self._keep_predictions(spec.run_id, result))
         self.store.write(row)

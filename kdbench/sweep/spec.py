@@ -15,7 +15,11 @@ from ..recipe import Recipe
 # adjustment are hashed as their non-default items (() for none).
 _LATER_FIELDS: dict[str, Any] = {"model_kwargs": (), "student_kwargs": (), "world_size": 1, "precision": "fp32",
                                  "method_source": "", "transfer": (), "bias": (), "weights": "",
-                                 "student_weights": "", "as_is": False}
+                                 "student_weights": "", "as_is": False, "ensemble": (), "member": 0}
+
+
+#: Members of one student ensemble that share a model are trained with seeds this far apart.
+MEMBER_SEED_STRIDE = 1000
 
 
 def _id(kind: str, fields: dict[str, Any]) -> str:
@@ -86,6 +90,16 @@ class RunSpec:
     bias: Bias = Bias()
     #: Pretrained weights the student starts from ('sha256:...', as TeacherSpec.weights); '' for random.
     student_weights: str = ""
+    #: A member of a student ensemble (``T:S*3``): the ensemble's models in order, and which member this run is.
+    #: Its teachers are trained with ``seed``; the student with :attr:`train_seed`.
+    ensemble: tuple[str, ...] = ()
+    member: int = 0
+
+    @property
+    def train_seed(self) -> int:
+        """The seed the student is initialised and fed with: ``seed``, plus 1000 for each earlier member of its
+        ensemble with the same model (members of different models train exactly as single students would)."""
+        return self.seed + MEMBER_SEED_STRIDE * self.ensemble[:self.member].count(self.student)
 
     @property
     def run_id(self) -> str:
@@ -99,7 +113,8 @@ class RunSpec:
     @property
     def label(self) -> str:
         on = f" on {self.transfer.label}" if not self.transfer.empty else ""
-        return f"{self.method} {self.pair}{on} seed {self.seed}"
+        member = f" member {self.member + 1}/{len(self.ensemble)}" if self.ensemble else ""
+        return f"{self.method} {self.pair}{member}{on} seed {self.seed}"
 
     @property
     def teacher_names(self) -> tuple[str, ...]:

@@ -52,7 +52,7 @@ def load_sources(req: Request, data: DataSplits) -> dict[str, DataSplits]:
 def check_pairs(req: Request, data: DataSplits, sources: Mapping[str, DataSplits]) -> None:
     """Every pair's transfer set and bias request fit the data and the recipe; else a KdbenchError."""
     info = data.info
-    for pair in req.pairs:
+    for pair in req.member_pairs:
         where = f"pair {pair.label}"
         pair.transfer.check(info, where)
         if pair.transfer.dataset:
