@@ -437,3 +437,11 @@ def test_index_opens_with_each_main_table_and_the_speed_plot(report):
     full = index[index.index("## cifar100 · crd, 240 epochs\n"):index.index("## cifar100 · crd, shortened")]
     mean, std = stat(FULL_RUNS[("kd", R56, R20)])
     assert f"{mean:.2f} ± {std:.2f}" in full  # the same cells as table_<slug>.md
+
+
+def test_axis_ticks_read_as_counts():
+    """A throughput axis past a million images/s read '1e+03k' (seen on the digits MLPs); now '1M'."""
+    from kdbench.report.plots import _tick
+
+    assert [_tick(x, "k", 1e3) for x in (500, 12_000, 1e6, 2.5e6)] == ["500", "12k", "1M", "2.5M"]
+    assert _tick(270_000, "M", 1e6) == "0.27M" and _tick(40, "s", 1.0) == "40s"

@@ -212,6 +212,13 @@ def _scatter(entries: Sequence[Entry], x_of: Callable[[Entry], float], *, xlabel
     return save_figure(fig, path)
 
 
+def _tick(x: float, unit: str, div: float) -> str:
+    """An x tick: in the axis's unit, with counts of a million and more in M (2e6 img/s: '2M', not '2e+03k')."""
+    if unit == "k" and x >= 1e6:
+        return f"{x / 1e6:.3g}M"
+    return f"{x / div:.3g}{unit}" if x >= div or unit == "M" else f"{x:.3g}"
+
+
 def _model_axis(ax, model_x: dict[str, float], xlim: tuple[float, float], span: float,
                 unit: str, label_models: bool = True) -> None:
     """The log x-axis of a scatter: counts below, model names at their x on top, a faint line
@@ -223,8 +230,7 @@ def _model_axis(ax, model_x: dict[str, float], xlim: tuple[float, float], span: 
     ax.set_xlim(*xlim)
     subs = (1.0, 2.0, 3.0, 5.0) if span < 1.2 else (1.0, 2.0, 5.0) if span < 3 else (1.0,)
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
-    ax.xaxis.set_major_formatter(FuncFormatter(
-        lambda x, _pos: f"{x / div:.3g}{unit}" if x >= div or unit == "M" else f"{x:.3g}"))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: _tick(x, unit, div)))
     ax.xaxis.set_minor_formatter(NullFormatter())
     if not label_models:
         return
