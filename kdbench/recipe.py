@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -254,6 +255,22 @@ RECIPES: dict[str, Recipe] = {
         ),
     ]
 }
+
+
+#: How a pretrained teacher whose classifier is replaced (it was trained for other classes) is fine-tuned: its run's
+#: recipe (augmentation, batch, optimiser) with these fields, and a tenth of the learning rate. A suite's
+#: ``[teacher_finetune]`` table replaces any of them (and may set ``lr``).
+FINETUNE_FIELDS: dict[str, Any] = {"epochs": 10, "schedule": "cosine", "milestones": [], "warmup_epochs": 1}
+FINETUNE_LR_FACTOR = 0.1
+
+
+def finetune_recipe(base: Recipe, overrides: Mapping[str, Any], where: str) -> Recipe:
+    """The ``teacher_finetune`` recipe: ``base`` with :data:`FINETUNE_FIELDS`, lr × :data:`FINETUNE_LR_FACTOR`,
+    then ``overrides`` (a suite's ``[teacher_finetune]``); named so in every row and table."""
+    fields = {**FINETUNE_FIELDS, "lr": base.lr * FINETUNE_LR_FACTOR, **overrides}
+    recipe = base.with_overrides(fields, where)
+    return replace(recipe, name="teacher_finetune", description=f"fine-tuning a pretrained teacher: {base.name}'s "
+                   f"recipe with {', '.join(f'{k} {v}' for k, v in fields.items())}")
 
 
 def get_recipe(name: str) -> Recipe:

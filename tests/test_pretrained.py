@@ -153,17 +153,67 @@ def test_rows_say_how_each_model_saw_its_input(weights, tmp_path):
     assert rows["teacher"]["input_norm"].startswith("model: mean (0.4") and rows["student"]["input_norm"] == "dataset"
 
 
-def test_imagenet_weights_on_another_dataset_are_fine_tuned(tmp_path):
-    """A 1000-class file on the digits: the classifier is replaced, so the teacher trains (from those weights)."""
-    big = timm.create_model("resnet10t", num_classes=1000, in_chans=3)
-    path = tmp_path / "in1k.pth"
-    torch.save(big.state_dict(), path)
-    assert main(["run", "--methods", "kd", "--pairs", f"{TAGGED}:cifar_resnet8", "--seeds", "0", "--limit", "48",
-                 "--epochs", "1", "--throughput-batch", "8", "-q", "--no-report", "--pretrained-file",
-                 f"{TAGGED}={path}", "--results-dir", str(tmp_path / "r")]) == 0
-    teacher = next(r for r in (json.loads(p.read_text()) for p in (tmp_path / "r" / "runs").glob("*.json"))
-                   if r["kind"] == "teacher")
-    assert teacher["trained_by_kdbench"] is True and teacher["epochs"] == 1 and teacher["weights"].startswith("sha256:")
+@pytest.fixture(scope="module")
+def in1k(tmp_path_factory) -> Path:
+    """A 1000-class RGB resnet10t file: weights for other classes than the digits'."""
+    path = tmp_path_factory.mktemp("in1k") / "in1k.pth"
+    torch.save(timm.create_model("resnet10t", num_classes=1000, in_chans=3).state_dict(), path)
+    return path
+
+
+def _teacher_row(root: Path) -> dict:
+    return next(r for r in (json.loads(p.read_text()) for p in (root / "runs").glob("*.json")) if r["kind"] == "teacher")
+
+
+def test_imagenet_weights_on_another_dataset_are_fine_tuned(in1k, tmp_path):
+    """A 1000-class file on the digits: the classifier is replaced, so the teacher is fine-tuned (from those weights)
+    with the teacher_finetune recipe: the run's recipe for 10 epochs, cosine, 1 warm-up epoch, a tenth of its lr."""
+    args = ["run", "--methods", "kd", "--pairs", f"{TAGGED}:cifar_resnet8", "--seeds", "0", "--limit", "48",
+            "--throughput-batch", "8", "-q", "--no-report", "--pretrained-file", f"{TAGGED}={in1k}",
+            "--teacher-finetune"]
+    assert main([*args, "--epochs", "1", "--results-dir", str(tmp_path / "r")]) == 0
+    teacher = _teacher_row(tmp_path / "r")
+    assert teacher["trained_by_kdbench"] is True and teacher["weights"].startswith("sha256:")
+    recipe = json.loads(teacher["recipe_config"])
+    assert teacher["recipe"] == "teacher_finetune" and teacher["epochs"] == 1 and recipe["full_epochs"] == 10
+    assert recipe["lr"] == pytest.approx(0.005) and recipe["schedule"] == "cosine" and recipe["warmup_epochs"] == 1
+    assert teacher["schedule"].startswith("teacher_finetune, shortened: 1 of 10 epochs")  # --epochs 1 shortens it
+    student = next(r for r in (json.loads(p.read_text()) for p in (tmp_path / "r" / "runs").glob("*.json"))
+                   if r["kind"] == "student")
+    assert student["recipe"] == "digits" and student["epochs"] == 1
+
+
+def test_a_suites_teacher_finetune_table_sets_its_own(in1k, tmp_path):
+    suite = tmp_path / "ft.toml"
+    suite.write_text(f'''name = "ft"
+dataset = "digits"
+pairs = ["{TAGGED}:cifar_resnet8"]
+methods = ["kd"]
+[recipe]
+base = "digits"
+epochs = 1
+milestones = []
+[teacher_finetune]
+epochs = 2
+lr = 0.002
+''')
+    assert main(["run", "--suite", str(suite), "--limit", "48", "--throughput-batch", "8", "-q", "--no-report",
+                 "--pretrained-file", f"{TAGGED}={in1k}", "--results-dir", str(tmp_path / "r")]) == 0
+    teacher = _teacher_row(tmp_path / "r")
+    assert teacher["recipe"] == "teacher_finetune" and teacher["epochs"] == 2
+    assert json.loads(teacher["recipe_config"])["lr"] == pytest.approx(0.002)
+    suite.write_text(suite.read_text().replace("epochs = 2", "epochs = 0"))
+    assert main(["run", "--suite", str(suite), "--pretrained-file", f"{TAGGED}={in1k}", "--results-dir",
+                 str(tmp_path / "s")]) == 2
+
+
+def test_a_teacher_for_other_classes_without_finetuning_is_refused(in1k, tmp_path, capsys):
+    assert main(["run", "--methods", "kd", "--pairs", f"{TAGGED}:cifar_resnet8", "--epochs", "1", "-q",
+                 "--pretrained-file", f"{TAGGED}={in1k}", "--results-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert f"teacher {TAGGED} is pretrained for other classes than the 10 of digits" in err
+    assert "--teacher-finetune" in err and "Traceback" not in err
+    assert not (tmp_path / "r" / "runs").exists() or not any((tmp_path / "r" / "runs").iterdir())  # nothing trained
 
 
 def test_hf_hub_names_in_pairs_keep_their_colon():

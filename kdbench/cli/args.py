@@ -173,6 +173,11 @@ def _what_options(parser: argparse.ArgumentParser, reproduce: bool) -> None:
                       "weights in FILE, as timm's pretrained_cfg_overlay=dict(file=...) loads them. A model named "
                       "with a timm tag (resnet50.a1_in1k) or hf-hub: starts from timm's weights without it (from the "
                       "Hugging Face cache, or the Hub)")
+    what.add_argument("--teacher-finetune", action="store_true",
+                      help="fine-tune a pretrained teacher trained for other classes (resnet50.a1_in1k on your "
+                      "10-class ImageFolder): timm's new classifier and the body train with the run's recipe for 10 "
+                      "epochs, cosine, 1 warm-up epoch, a tenth of the learning rate (a suite's [teacher_finetune] "
+                      "table sets its own); without it such a teacher is refused")
     what.add_argument("--teacher-checkpoint", dest="teacher_ckpts", action="append", default=[],
                       metavar="[MODEL=]FILE[#ema]", help="use these weights for a teacher instead of training it "
                       "(a state dict, or a dict with it under 'model' as RepDistiller publishes, or timm train.py's "

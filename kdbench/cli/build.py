@@ -152,6 +152,8 @@ def build_request(args: argparse.Namespace, suite: Suite, *, dataset: str, recip
         recipe_by_model={k: dict(v) for k, v in suite.recipe_by_model.items()},
         epochs=args.epochs or 0, epochs_scale=getattr(args, "epochs_scale", None) or 0.0,
         model_kwargs={k: dict(v) for k, v in suite.model_kwargs.items()},
+        teacher_finetune=dict(suite.teacher_finetune) if suite.teacher_finetune is not None else
+        {} if getattr(args, "teacher_finetune", False) else None,
         results_dir=results_dir(args.results_dir), data_dir=args.data_dir, download=args.download,
         limit=args.limit, pad_to=suite.pad_to if args.pad_to is None else args.pad_to,
         resolution=_resolution(args, suite),

@@ -62,8 +62,8 @@ def benchmarks(rows: pd.DataFrame) -> list[Benchmark]:
 
     bf16 and fp32 runs are separate tables: averaging them as seeds of one cell would hide the very
     difference a precision comparison looks for. Rows from before precision was recorded are fp32.
-    Students distilled on a transfer set (``transfer``) get a table of their own, with the teachers
-    they name: a student that never saw a 3 is no seed of one that did.
+    Students distilled on a transfer set (``transfer``) get a table of their own: a student that never saw a 3 is
+    no seed of one that did. Every table has the teachers its students name, whatever their schedule.
     """
     out: list[Benchmark] = []
     used: set[str] = set()
@@ -79,9 +79,9 @@ def benchmarks(rows: pd.DataFrame) -> list[Benchmark]:
         while slug in used:
             slug, k = f"{base}-{k}", k + 1
         used.add(slug)
-        if tr:
-            same = (rows[Col.DATASET] == dataset) & (rows[Col.SCHEDULE] == schedule) & (precision == prec)
-            group = with_their_teachers(group, rows[same])
+        # The teachers its students name, whatever schedule trained them (a 150-epoch teacher of 60-epoch students, a
+        # fine-tuned pretrained one): a table shows what its students distilled from.
+        group = with_their_teachers(group, rows[(rows[Col.DATASET] == dataset) & (precision == prec)])
         labelled = label_teacher_seeds(label_code(label_variants(label_method_variants(group))))
         out.append(Benchmark(dataset, str(group[Col.SCHEDULE].iloc[0]), slug, labelled, str(prec), str(tr)))
     return out

@@ -147,11 +147,26 @@ def pretrained_weights(req: Request, data: DataSplits) -> dict[str, tuple[str, b
     return out
 
 
+def check_finetune(req: Request, weights: Mapping[str, tuple[str, bool]], data: DataSplits) -> None:
+    """A pretrained teacher trained for other classes gets a new classifier, which must be fine-tuned before it
+    can teach: that takes --teacher-finetune or a suite's [teacher_finetune], never a silent full training."""
+    if req.teacher_finetune is not None:
+        return
+    for model in sorted({t for p in req.member_pairs for t in p.teachers}):
+        if model in weights and not weights[model][1]:
+            raise KdbenchError(
+                f"teacher {model} is pretrained for other classes than the {data.info.num_classes} of "
+                f"{data.info.name}: its classifier is replaced, so it must be fine-tuned before it can teach. Add "
+                "--teacher-finetune (its run's recipe for 10 epochs, cosine, a tenth of the learning rate) or a "
+                "[teacher_finetune] table to the suite file; or give weights that fit (--teacher-checkpoint)")
+
+
 def build_plan(req: Request, methods: Mapping[str, type[Method]], data: DataSplits) -> Plan:
     """Turn a request into run specs, checking everything before any training."""
     names = check_request(req, methods)
     sha = check_models(req, data)
     weights = pretrained_weights(req, data)
+    check_finetune(req, weights, data)
     sources = load_sources(req, data)
     check_pairs(req, data, sources)
     device = req.device.split(":")[0] if req.remote else resolve_device(req.device).type
@@ -160,7 +175,8 @@ def build_plan(req: Request, methods: Mapping[str, type[Method]], data: DataSpli
     precision = req.engine_options(device).precision
 
     def teacher_spec(model: str, seed: int) -> TeacherSpec:
-        return TeacherSpec(model, label, req.recipe_for(model), seed, device, sha.get(model, ""), req.limit,
+        finetune = model in weights and not weights[model][1]  # pretrained for other classes: its head is new
+        return TeacherSpec(model, label, req.teacher_recipe_for(model, finetune=finetune), seed, device, sha.get(model, ""), req.limit,
                            req.kwargs_for(model), world_size=world, precision=precision,
                            weights=weights.get(model, ("", False))[0], as_is=weights.get(model, ("", False))[1])
 

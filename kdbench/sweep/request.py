@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.resolution import Resolution
-from ..recipe import Recipe
+from ..recipe import Recipe, finetune_recipe
 from ..suites import Pair
 from ..train import EngineOptions
 from .hparams import HParams
@@ -49,6 +49,9 @@ class Request:
     epochs: int = 0
     epochs_scale: float = 0.0
     model_kwargs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: How a pretrained teacher whose classifier is replaced is fine-tuned (kdbench.recipe.finetune_recipe): the
+    #: suite's [teacher_finetune] fields, {} for the built-in settings (--teacher-finetune); None: refused.
+    teacher_finetune: Mapping[str, Any] | None = None
     results_dir: Path = Path("kdbench-results")
     data_dir: str | None = None
     download: bool = False
@@ -93,6 +96,17 @@ class Request:
         if "epochs" in extra and self.epochs_scale:
             return recipe.with_epochs(max(1, round(recipe.epochs * self.epochs_scale)))
         return recipe
+
+    def teacher_recipe_for(self, model: str, *, finetune: bool) -> Recipe:
+        """A teacher's recipe: :meth:`recipe_for`, or with ``finetune`` its fine-tuning (--epochs and --epochs-scale
+        shorten that too)."""
+        recipe = self.recipe_for(model)
+        if not finetune:
+            return recipe
+        tuned = finetune_recipe(recipe, self.teacher_finetune or {}, "[teacher_finetune]")
+        if self.epochs:
+            return tuned.with_epochs(min(self.epochs, tuned.epochs))
+        return tuned.with_epochs(max(1, round(tuned.epochs * self.epochs_scale))) if self.epochs_scale else tuned
 
     def kwargs_for(self, model: str) -> tuple[tuple[str, Any], ...]:
         return tuple(sorted(self.model_kwargs.get(model, {}).items()))
