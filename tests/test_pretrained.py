@@ -226,3 +226,22 @@ def test_hf_hub_names_in_pairs_keep_their_colon():
     assert pair.teachers == ("resnet34.tv_in1k", "hf-hub:timm/resnet50.a1_in1k")
     assert pair.student == "hf-hub:timm/resnet18.a1_in1k" and pair.teacher_seeds == (None, 1)
     assert zoo.wants_pretrained("hf-hub:timm/resnet18.a1_in1k") and not zoo.wants_pretrained("resnet18")
+
+
+def test_an_imagefolder_takes_its_pretrained_teachers_resolution(in1k, tmp_path, capsys):
+    """Issue 12 item 1: with no size set, a pretrained teacher's own config (timm's resolve_data_config) sets the
+    resolution of an ImageFolder run: resnet10t.c3_in1k was trained at 176 px, crop 0.875, bicubic."""
+    from test_data import _make_imagefolder
+
+    root = _make_imagefolder(tmp_path / "imgs", {"train": ["a", "b"], "val": ["a", "b"]}, n=2)
+    args = ["run", "--dataset", str(root), "--methods", "kd", "--pairs", f"{TAGGED}:resnet10t", "--seeds", "0",
+            "--epochs", "1", "--throughput-batch", "2", "-q", "--no-report", "--teacher-finetune",
+            "--pretrained-file", f"{TAGGED}={in1k}"]
+    assert main([*args, "--results-dir", str(tmp_path / "r")]) == 0
+    assert f"176 px (crop 0.875, bicubic) from the pretrained config of teacher {TAGGED}" in capsys.readouterr().err
+    rows = [json.loads(p.read_text()) for p in (tmp_path / "r" / "runs").glob("*.json")]
+    assert {(r["image_size"], r["crop_pct"], r["interpolation"]) for r in rows} == {(176, 0.875, "bicubic")}
+    assert all(r["dataset"].endswith("~176px/0.875/bicubic") for r in rows)
+    # a size given wins
+    assert main([*args, "--image-size", "24", "--results-dir", str(tmp_path / "s")]) == 0
+    assert {json.loads(p.read_text())["image_size"] for p in (tmp_path / "s" / "runs").glob("*.json")} == {24}

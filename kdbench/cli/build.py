@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from .. import zoo
 from ..bias import Bias
-from ..data.resolution import Resolution
+from ..data.datasets import is_imagefolder
+from ..data.resolution import Resolution, pretrained_resolution
 from ..data.transfer import TransferSet
 from ..errors import KdbenchError, unknown
 from ..executors.base import Executor, worker_env
@@ -111,9 +114,18 @@ def _where_runs(args: argparse.Namespace) -> tuple[str, bool, float | None]:
     return device, True, gpus
 
 
-def _resolution(args: argparse.Namespace, suite: Suite) -> Resolution:
-    """--image-size, --crop-pct and --interpolation over the suite's (each given one wins on its own)."""
+def _resolution(args: argparse.Namespace, suite: Suite, dataset: str, pairs: Sequence[Pair]) -> Resolution:
+    """--image-size, --crop-pct and --interpolation over the suite's (each given one wins on its own). Where none
+    is set and an ImageFolder feeds a pretrained teacher, the teacher's own (its timm pretrained config)."""
     given = suite.resolution
+    if not given.size and args.image_size is None and is_imagefolder(dataset):
+        pretrained = [t for p in pairs for t in p.teachers
+                      if zoo.wants_pretrained(t) or t in _pretrained_files(getattr(args, "pretrained_files", []))]
+        found = next(((t, r) for t in dict.fromkeys(pretrained) if (r := pretrained_resolution(t))), None)
+        if found is not None:
+            teacher, given = found
+            print(f"kdbench: {given.size} px (crop {given.crop_pct:g}, {given.interpolation}) from the pretrained "
+                  f"config of teacher {teacher}; --image-size N sets another", file=sys.stderr)
     return Resolution(given.size if args.image_size is None else args.image_size,
                       given.crop_pct if args.crop_pct is None else args.crop_pct,
                       given.interpolation if args.interpolation is None else args.interpolation)
@@ -156,7 +168,7 @@ def build_request(args: argparse.Namespace, suite: Suite, *, dataset: str, recip
         {} if getattr(args, "teacher_finetune", False) else None,
         results_dir=results_dir(args.results_dir), data_dir=args.data_dir, download=args.download,
         limit=args.limit, pad_to=suite.pad_to if args.pad_to is None else args.pad_to,
-        resolution=_resolution(args, suite),
+        resolution=_resolution(args, suite, dataset, pairs),
         device=device, remote=remote, throughput_batch=args.throughput_batch, quiet=args.quiet,
         runs_per_gpu=getattr(args, "runs_per_gpu", 1) if getattr(args, "gpus", None) else 1,
         command=command_line(), precision=args.precision, compile=args.compile,

@@ -105,6 +105,18 @@ def imagenet_dir(data_dir: str | Path | None) -> Path:
     return path
 
 
+def is_imagefolder(name: str) -> bool:
+    """Whether ``name`` loads an ImageFolder (whose resolution is a choice), as :func:`load_dataset` decides."""
+    if name.startswith(SYNTHETIC_PREFIX):
+        return False
+    key = name.lower().replace("-", "_")
+    if name.startswith(IMAGEFOLDER_PREFIX) or (key == IMAGENET and "/" not in name and os.sep not in name):
+        return True
+    if key in DATASETS and "/" not in name and os.sep not in name:
+        return False
+    return "/" in name or os.sep in name or Path(name).expanduser().is_dir()
+
+
 def _load_unpadded(name: str, *, data_dir: str | Path | None, download: bool, limit: int | None,
                    res: Resolution, imagefolder: Resolution) -> DataSplits:
     if limit is not None and limit < 1:

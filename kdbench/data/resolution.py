@@ -62,6 +62,22 @@ class Resolution:
         return self.size or IMAGEFOLDER_DEFAULT_SIZE
 
 
+def pretrained_resolution(model: str) -> Resolution | None:
+    """The resolution a pretrained timm model was trained for (its pretrained config, as timm's
+    ``resolve_data_config`` reads it): image size, crop_pct and interpolation; None where the config cannot be read
+    offline (an ``hf-hub:`` name)."""
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(model)
+    except (RuntimeError, ValueError, KeyError):
+        return None
+    if cfg is None or not cfg.input_size:
+        return None
+    interpolation = cfg.interpolation if cfg.interpolation in INTERPOLATIONS else "bilinear"
+    return Resolution(int(cfg.input_size[-1]), float(cfg.crop_pct or 1.0), interpolation)
+
+
 def resize_splits(splits: DataSplits, res: Resolution) -> DataSplits:
     """An in-memory dataset at ``res`` (unchanged for the default): resized with antialiasing, centre-cropped."""
     if not res.size:
