@@ -291,3 +291,10 @@ def test_interrupted_sweep_keeps_finished_runs_and_resumes(tmp_path):
     n_students = len(finished) - 1
     assert f"{3 - n_students} runs finished, {n_students} already done" in again.stdout
     assert len(list((res / "runs").glob("*.json"))) == 4
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`kdbench list models | head -1` printed a BrokenPipeError traceback when head left; now nothing, exit 141."""
+    proc = subprocess.run(f"{sys.executable} -m kdbench list models | head -1", shell=True, capture_output=True,
+                          text=True, timeout=300, executable="/bin/bash")
+    assert proc.stdout.count("\n") == 1 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr

@@ -245,3 +245,25 @@ def test_an_imagefolder_takes_its_pretrained_teachers_resolution(in1k, tmp_path,
     # a size given wins
     assert main([*args, "--image-size", "24", "--results-dir", str(tmp_path / "s")]) == 0
     assert {json.loads(p.read_text())["image_size"] for p in (tmp_path / "s" / "runs").glob("*.json")} == {24}
+
+
+def test_the_which_student_suite_runs_on_an_imagefolder(tmp_path):
+    """Issue 12 item 7: the suite's pretrained ResNet-50 (weights from a file the test writes, 1,000 classes) is
+    fine-tuned on a 2-class ImageFolder and distilled into its four timm students; the report ends in the
+    accuracy-vs-throughput plot. Tiny: 32 px, 4 images a class, 1 epoch."""
+    from test_data import _make_imagefolder
+
+    root = _make_imagefolder(tmp_path / "imgs", {"train": ["a", "b"], "val": ["a", "b"]}, n=2)
+    weights = tmp_path / "r50.pth"
+    torch.save(timm.create_model("resnet50", num_classes=1000).state_dict(), weights)
+    assert main(["run", "--suite", "which-student", "--dataset", str(root), "--methods", "ce,kd", "--image-size", "32",
+                 "--epochs", "1", "--throughput-batch", "2", "-q", "--pretrained-file",
+                 f"resnet50.a1_in1k={weights}", "--results-dir", str(tmp_path / "r")]) == 0
+    rows = [json.loads(p.read_text()) for p in (tmp_path / "r" / "runs").glob("*.json")]
+    teacher = next(r for r in rows if r["kind"] == "teacher")
+    assert teacher["student"] == "resnet50.a1_in1k" and teacher["recipe"] == "teacher_finetune"
+    students = {(r["method"], r["student"]) for r in rows if r["kind"] == "student"}
+    assert students == {(m, s) for m in ("ce", "kd") for s in ("resnet18", "mobilenetv3_large_100",
+                                                                 "efficientnet_b0", "convnext_atto")}
+    assert all(r["image_size"] == 32 and r["throughput_img_s"] > 0 for r in rows)
+    assert next((tmp_path / "r" / "report").glob("acc_vs_throughput_*.png")).stat().st_size > 0

@@ -50,7 +50,7 @@ def test_builtin_suites_are_the_installed_files():
     assert builtin_dir().resolve() == SUITES_DIR.resolve()
     assert builtin_names() == ["crd-table1", "crd-table2", "digits", "dist-cifar100", "dkd-cifar100", "ensemble-mnist",
                                "fashion-mnist", "hinton-mnist", "hinton-mnist-temperature", "imagenet-r34-r18",
-                               "ls-cifar100"]
+                               "ls-cifar100", "which-student"]
     for suite in all_suites():
         assert suite.name == suite.path.stem
         for pair in suite.pairs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -28,6 +29,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         else None
     try:
         return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`kdbench list models | head`): stop quietly, as Python's docs advise, rather than
+        # print a traceback; stdout is pointed at /dev/null so the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -63,7 +63,8 @@ def benchmarks(rows: pd.DataFrame) -> list[Benchmark]:
     bf16 and fp32 runs are separate tables: averaging them as seeds of one cell would hide the very
     difference a precision comparison looks for. Rows from before precision was recorded are fp32.
     Students distilled on a transfer set (``transfer``) get a table of their own: a student that never saw a 3 is
-    no seed of one that did. Every table has the teachers its students name, whatever their schedule.
+    no seed of one that did. Every table has the teachers its students name, whatever their schedule, and a
+    table of teachers only is left out when each of them is in such a table already.
     """
     out: list[Benchmark] = []
     used: set[str] = set()
@@ -84,7 +85,9 @@ def benchmarks(rows: pd.DataFrame) -> list[Benchmark]:
         group = with_their_teachers(group, rows[(rows[Col.DATASET] == dataset) & (precision == prec)])
         labelled = label_teacher_seeds(label_code(label_variants(label_method_variants(group))))
         out.append(Benchmark(dataset, str(group[Col.SCHEDULE].iloc[0]), slug, labelled, str(prec), str(tr)))
-    return out
+    # A table of teachers only, each of them already beside its students in another table, would repeat them.
+    shown = {r for b in out if not is_teacher(b.rows).all() for r in b.rows.loc[is_teacher(b.rows), Col.RUN_ID]}
+    return [b for b in out if not (is_teacher(b.rows).all() and set(b.rows[Col.RUN_ID]) <= shown)]
 
 
 def with_their_teachers(students: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:

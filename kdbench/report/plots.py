@@ -13,6 +13,7 @@ imported inside the functions: reading rows or comparing numbers does not need i
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -207,9 +208,15 @@ def _scatter(entries: Sequence[Entry], x_of: Callable[[Entry], float], *, xlabel
     ax.grid(axis="y", color="#eeeeee", zorder=0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(wrap_title(title))
     _scatter_legend(ax, colours, methods, pair_markers)
     return save_figure(fig, path)
+
+
+def wrap_title(title: str, width: int = 84) -> str:
+    """Each line of a plot title wrapped at ``width`` characters: a long dataset path and schedule ran off the
+    figure's left edge (an ImageFolder at 32 px on the imagenet recipe)."""
+    return "\n".join(textwrap.fill(line, width) for line in title.split("\n"))
 
 
 def _tick(x: float, unit: str, div: float) -> str:
@@ -319,7 +326,7 @@ def plot_bars(bench: Benchmark, entries: Sequence[Entry], metric: str, colours: 
     ax.tick_params(axis="x", length=0)
     ax.grid(axis="y", color="#eeeeee", zorder=0)
     ax.set_ylabel(f"{METRICS[metric]} ({unit(metric)})")
-    ax.set_title(f"{bench.title}\n{METRICS[metric]}, mean ± std over seeds")
+    ax.set_title(wrap_title(f"{bench.title}\n{METRICS[metric]}, mean ± std over seeds"))
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="method")
     return save_figure(fig, path)
 
