@@ -200,6 +200,15 @@ def _suite_name(value: Any, where: str) -> str:
     return name
 
 
+def _teacher_finetune(data: Mapping[str, Any], recipe: Recipe, where: str) -> dict[str, Any] | None:
+    """The [teacher_finetune] table, checked now (applied per teacher); None without one."""
+    if "teacher_finetune" not in data:
+        return None
+    table = dict(_expect(data["teacher_finetune"], dict, "teacher_finetune", where))
+    finetune_recipe(recipe, table, f"{where} [teacher_finetune]")
+    return table
+
+
 def parse_suite(data: Mapping[str, Any], path: Path) -> Suite:
     """Build a Suite from a parsed TOML document; every mistake is reported with the file's name."""
     where = f"suite file {path}"
@@ -243,10 +252,7 @@ def parse_suite(data: Mapping[str, Any], path: Path) -> Suite:
                                "predict the same classes; pretrained=False, since weights come from training or "
                                "--teacher-checkpoint); remove it")
     reproduce = _reproduction(data["reproduce"], path, where) if "reproduce" in data else None
-    finetune = dict(_expect(data["teacher_finetune"], dict, "teacher_finetune", where)) \
-        if "teacher_finetune" in data else None
-    if finetune is not None:
-        finetune_recipe(recipe, finetune, f"{where} [teacher_finetune]")  # checked now, applied per teacher
+    finetune = _teacher_finetune(data, recipe, where)
     pad_to = _expect(data.get("pad_to", 0), int, "pad_to", where)
     try:
         resolution = Resolution(_expect(data.get("image_size", 0), int, "image_size", where),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from datasets_offline import fashion_root, mnist_root  # noqa: F401  (fixtures, 
 os.environ["KDBENCH_DEVICE"] = os.environ.get("KDBENCH_TEST_DEVICE", "cpu")
 # Throughput repeats of 0.05 s instead of 1 s: the suite's many short sweeps each measure their models.
 os.environ.setdefault("KDBENCH_THROUGHPUT_MIN_S", "0.05")
+# Decoded ImageFolder sets are kept in a folder of this test session, not in the user's ~/.cache.
+os.environ.setdefault("KDBENCH_DECODE_CACHE", tempfile.mkdtemp(prefix="kdbench-decoded-"))
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,8 @@ import torch
 from torch import Tensor
 
 from ..errors import KdbenchError
+from .decoded import entry_key, load_or_decode
+from .flat import flat_labels
 from .resolution import Resolution
 from .splits import DatasetInfo, DataSplits, channel_stats
 
@@ -17,17 +19,19 @@ IMAGEFOLDER_PREFIX = "imagefolder:"
 
 
 def read_imagefolder(path: Path, res: Resolution, limit: int | None) -> DataSplits:
-    """An ImageFolder tree: ``path/train/<class>/*`` and ``path/val`` (or ``path/test``).
+    """An ImageFolder tree: ``path/train/<class>/*`` and ``path/val`` (or ``path/test``), whose images may also lie
+    flat in ``val/`` with a labels file (:func:`flat_labels`).
 
     Each image's shorter side is resized to ``res.size / res.crop_pct`` (32 px when no size is set) with
     ``res.interpolation``, then centre-cropped to a square of ``res.size``; the normalisation is the loaded
-    training images' own per-channel statistics.
+    training images' own per-channel statistics. Before decoding, the decoded size is checked against the memory
+    available; the decoded set is kept on disk (:mod:`kdbench.data.decoded`) for the next run.
     """
     train_dir, test_dir = _split_dirs(path)
     image_size = res.imagefolder_size()
     res = Resolution(image_size, res.crop_pct, res.interpolation)
-    train_classes, train_images, train_labels = _read_split(train_dir, res, limit)
-    test_classes, test_images, test_labels = _read_split(test_dir, res, limit)
+    train_classes, train_samples = _scan(train_dir, limit)
+    test_classes, test_samples = _scan(test_dir, limit, train_classes)
     if train_classes != test_classes:
         only_train = sorted(set(train_classes) - set(test_classes))
         only_test = sorted(set(test_classes) - set(train_classes))
@@ -37,6 +41,13 @@ def read_imagefolder(path: Path, res: Resolution, limit: int | None) -> DataSpli
             f"{test_dir.name}/: {only_test or 'none'}). Labels are assigned by sorted folder name, "
             f"so both splits must have the same class folders."
         )
+    check_memory(len(train_samples) + len(test_samples), image_size, path)
+    key = entry_key(path, res, limit, [f for f, _ in train_samples + test_samples])
+    decoded = load_or_decode(key, lambda: {"train": _decode(train_samples, res), "test": _decode(test_samples, res)},
+                             what=f"ImageFolder {path} at {image_size} px")
+    train_images, test_images = decoded["train"], decoded["test"]
+    train_labels = torch.tensor([t for _, t in train_samples], dtype=torch.int64)
+    test_labels = torch.tensor([t for _, t in test_samples], dtype=torch.int64)
     mean, std = channel_stats(train_images)
     info = DatasetInfo(
         name=f"{IMAGEFOLDER_PREFIX}{path}",
@@ -51,6 +62,35 @@ def read_imagefolder(path: Path, res: Resolution, limit: int | None) -> DataSpli
         test_size=len(test_images),
     )
     return DataSplits(info, train_images, train_labels, test_images, test_labels)
+
+
+#: Decoded images may take at most this fraction of the memory available when loading starts.
+MEMORY_FRACTION = 0.8
+
+
+def check_memory(n: int, size: int, path: Path) -> None:
+    """Refuse, before decoding, a set whose uint8 images would not fit in the memory available, with the figures
+    and the fix (kdbench holds every image in memory)."""
+    need = n * 3 * size * size
+    available = available_memory()
+    if available and need > MEMORY_FRACTION * available:
+        raise KdbenchError(
+            f"ImageFolder {path}: {n:,} images at {size} px decode to {need / 2**30:.1f} GiB of uint8 images, more "
+            f"than {MEMORY_FRACTION:.0%} of the {available / 2**30:.1f} GiB of memory available here; kdbench holds "
+            "every image in memory. Use --limit N (N images per split, taken from every class), a smaller "
+            "--image-size, or a machine with more memory")
+
+
+def available_memory() -> int:
+    """The memory available to new allocations in bytes (Linux's MemAvailable), 0 where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _split_dirs(path: Path) -> tuple[Path, Path]:
@@ -73,32 +113,46 @@ def _split_dirs(path: Path) -> tuple[Path, Path]:
     return train_dir, test_dir
 
 
-def _read_split(split_dir: Path, res: Resolution, limit: int | None) -> tuple[list[str], Tensor, Tensor]:
-    """One split's class names, uint8 images (res.size², RGB) and labels; ``limit`` of them taken
-    across the classes (:func:`stratified_take`)."""
-    from torchvision import datasets, transforms
+Samples = list[tuple[str, int]]
 
-    image_size = res.size
-    # Resize the shorter side then center-crop: every image becomes image_size², keeping aspect.
-    to_tensor = transforms.Compose(
-        [transforms.Resize(res.resize_to, interpolation=transforms.InterpolationMode(res.interpolation)),
-         transforms.CenterCrop(image_size), transforms.PILToTensor()]
-    )
-    try:
-        ds = datasets.ImageFolder(str(split_dir))
-    except FileNotFoundError as e:  # no class folders, or a class folder with no images
-        raise KdbenchError(f"ImageFolder split {split_dir}: {e}") from None
-    if len(ds.classes) < 2:
+
+def _scan(split_dir: Path, limit: int | None, classes: list[str] | None = None) -> tuple[list[str], Samples]:
+    """One split's class names and (file, label) samples, ``limit`` of them taken across the classes
+    (:func:`stratified_take`). A split of flat files (no class folders) takes its labels from a labels file, by
+    the training split's ``classes``."""
+    from torchvision import datasets
+
+    if classes is not None and not any(p.is_dir() for p in split_dir.iterdir()):
+        samples = flat_labels(split_dir, classes)
+        found = classes
+    else:
+        try:
+            ds = datasets.ImageFolder(str(split_dir))
+        except FileNotFoundError as e:  # no class folders, or a class folder with no images
+            raise KdbenchError(f"ImageFolder split {split_dir}: {e}") from None
+        samples, found = list(ds.samples), ds.classes
+    if len(found) < 2:
         raise KdbenchError(
-            f"ImageFolder split {split_dir} has {len(ds.classes)} class folder ({', '.join(ds.classes)}): "
+            f"ImageFolder split {split_dir} has {len(found)} class folder ({', '.join(found)}): "
             f"classifying needs at least 2. Put each class's images in its own folder, "
             f"{split_dir}/<class>/<image>, with two or more classes."
         )
-    samples = ds.samples if limit is None else [ds.samples[i] for i in stratified_take(ds.targets, limit)]
-    imgs = [_read_image(ds.loader, path, to_tensor) for path, _ in samples]  # loader gives RGB PIL images
-    images = torch.stack(imgs) if imgs else torch.empty(0, 3, image_size, image_size, dtype=torch.uint8)
-    labels = torch.tensor([t for _, t in samples], dtype=torch.int64)
-    return ds.classes, images, labels
+    if limit is not None:
+        samples = [samples[i] for i in stratified_take([t for _, t in samples], limit)]
+    return found, samples
+
+
+def _decode(samples: Samples, res: Resolution) -> Tensor:
+    """The samples' images as uint8 (res.size², RGB): shorter side resized, then centre-cropped."""
+    from torchvision import transforms
+    from torchvision.datasets.folder import default_loader
+
+    to_tensor = transforms.Compose(
+        [transforms.Resize(res.resize_to, interpolation=transforms.InterpolationMode(res.interpolation)),
+         transforms.CenterCrop(res.size), transforms.PILToTensor()]
+    )
+    imgs = [_read_image(default_loader, path, to_tensor) for path, _ in samples]  # the loader gives RGB PIL images
+    return torch.stack(imgs) if imgs else torch.empty(0, 3, res.size, res.size, dtype=torch.uint8)
 
 
 def stratified_take(labels: list[int], limit: int) -> list[int]:
