@@ -110,3 +110,23 @@ def test_the_suite_runs_at_a_reduced_size(teacher_file, tmp_path):
     table = (tmp_path / "r" / "reproduce" / "imagenet-r34-r18" / "reproduce_imagenet-r34-r18.md").read_text()
     assert "| resnet34.tv_in1k→resnet18 | dkd | 71.70 |" in table and "NOT REAL DATA" in table
     assert "methods not run here (no kdbench plugin, or not among the methods run): reviewkd (1)" in table
+
+
+def test_a_random_resized_crop_recipe_trains_on_random_resized_crops(monkeypatch):
+    """The engine built its batch loader without the recipe's RandomResizedCrop, so the `imagenet` recipe trained on
+    flipped centre crops; now every training batch is cropped (counted through the loader's crop function)."""
+    from kdbench.data import loader as loader_module
+    from kdbench.train import train
+
+    calls = []
+    real = loader_module.random_resized_crop
+
+    def counting(x, spec, gen):
+        calls.append((len(x), spec))
+        return real(x, spec, gen)
+
+    monkeypatch.setattr(loader_module, "random_resized_crop", counting)
+    data = load_dataset("digits", limit=64)
+    recipe = get_recipe("imagenet").with_overrides({"epochs": 1, "milestones": [], "batch_size": 32}, "test")
+    train(timm.create_model("hinton_mlp_30", num_classes=10, in_chans=1, img_size=8), data, recipe, seed=0)
+    assert [n for n, _ in calls] == [32, 32] and calls[0][1] == recipe.rrc

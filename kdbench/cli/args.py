@@ -208,6 +208,15 @@ def _data_options(parser: argparse.ArgumentParser, reproduce: bool) -> None:
                       "of the resized image the centre crop keeps, in (0, 1] (timm's eval default 0.875; default 1)")
     data.add_argument("--interpolation", default=None, choices=["bilinear", "bicubic", "nearest"],
                       help="with --image-size: how images are resized (default bilinear)")
+    data.add_argument("--data-backend", default="auto", choices=["auto", "memory", "stream"],
+                      help="memory: decode the dataset once and train from uint8 tensors on the device; stream: read "
+                      "an ImageFolder from disk batch by batch (timm's transforms in DataLoader workers; its random "
+                      "resized crops come from the full image; under torchrun each rank reads its own shard); auto "
+                      "(default): memory when the decoded set fits in 80%% of the memory available (and of the GPU's "
+                      "free memory), else stream. Rows record it; a streamed set is other runs (dataset label /stream)")
+    data.add_argument("--loader-workers", type=_positive, default=None, metavar="N",
+                      help="with --data-backend stream: DataLoader worker processes per training process (default: "
+                      "the cores available to it, less one, at most 8)")
 
 
 def _training_options(parser: argparse.ArgumentParser, reproduce: bool) -> None:

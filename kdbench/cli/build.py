@@ -169,6 +169,7 @@ def build_request(args: argparse.Namespace, suite: Suite, *, dataset: str, recip
         results_dir=results_dir(args.results_dir), data_dir=args.data_dir, download=args.download,
         limit=args.limit, pad_to=suite.pad_to if args.pad_to is None else args.pad_to,
         resolution=_resolution(args, suite, dataset, pairs),
+        data_backend=getattr(args, "data_backend", "auto"), loader_workers=getattr(args, "loader_workers", None) or 0,
         device=device, remote=remote, throughput_batch=args.throughput_batch, quiet=args.quiet,
         runs_per_gpu=getattr(args, "runs_per_gpu", 1) if getattr(args, "gpus", None) else 1,
         command=command_line(), precision=args.precision, compile=args.compile,

@@ -117,6 +117,15 @@ def is_imagefolder(name: str) -> bool:
     return "/" in name or os.sep in name or Path(name).expanduser().is_dir()
 
 
+def imagefolder_path(name: str, data_dir: str | Path | None) -> Path:
+    """The folder an ImageFolder dataset name (:func:`is_imagefolder`) reads."""
+    if name.startswith(IMAGEFOLDER_PREFIX):
+        return Path(name[len(IMAGEFOLDER_PREFIX):]).expanduser().absolute()
+    if name.lower().replace("-", "_") == IMAGENET and "/" not in name and os.sep not in name:
+        return imagenet_dir(data_dir)
+    return Path(name).expanduser().absolute()
+
+
 def _load_unpadded(name: str, *, data_dir: str | Path | None, download: bool, limit: int | None,
                    res: Resolution, imagefolder: Resolution) -> DataSplits:
     if limit is not None and limit < 1:

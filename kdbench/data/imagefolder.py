@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from .resolution import Resolution
 from .splits import DatasetInfo, DataSplits, channel_stats
 
 IMAGEFOLDER_PREFIX = "imagefolder:"
+Samples = list[tuple[str, int]]
 
 
 def read_imagefolder(path: Path, res: Resolution, limit: int | None) -> DataSplits:
@@ -27,20 +29,10 @@ def read_imagefolder(path: Path, res: Resolution, limit: int | None) -> DataSpli
     training images' own per-channel statistics. Before decoding, the decoded size is checked against the memory
     available; the decoded set is kept on disk (:mod:`kdbench.data.decoded`) for the next run.
     """
-    train_dir, test_dir = _split_dirs(path)
     image_size = res.imagefolder_size()
     res = Resolution(image_size, res.crop_pct, res.interpolation)
-    train_classes, train_samples = _scan(train_dir, limit)
-    test_classes, test_samples = _scan(test_dir, limit, train_classes)
-    if train_classes != test_classes:
-        only_train = sorted(set(train_classes) - set(test_classes))
-        only_test = sorted(set(test_classes) - set(train_classes))
-        raise KdbenchError(
-            f"ImageFolder dataset {path}: class folders differ between {train_dir.name}/ and "
-            f"{test_dir.name}/ (only in {train_dir.name}/: {only_train or 'none'}; only in "
-            f"{test_dir.name}/: {only_test or 'none'}). Labels are assigned by sorted folder name, "
-            f"so both splits must have the same class folders."
-        )
+    folder = scan_folder(path, limit)
+    train_samples, test_samples, train_classes = folder.train, folder.test, folder.classes
     check_memory(len(train_samples) + len(test_samples), image_size, path)
     key = entry_key(path, res, limit, [f for f, _ in train_samples + test_samples])
     decoded = load_or_decode(key, lambda: {"train": _decode(train_samples, res), "test": _decode(test_samples, res)},
@@ -57,11 +49,43 @@ def read_imagefolder(path: Path, res: Resolution, limit: int | None) -> DataSpli
         classes=tuple(train_classes),
         mean=mean,
         std=std,
-        source=f"torchvision.datasets.ImageFolder from {path} (train/, {test_dir.name}/)",
+        source=f"torchvision.datasets.ImageFolder from {path} (train/, {folder.test_dir.name}/)",
         train_size=len(train_images),
         test_size=len(test_images),
     )
     return DataSplits(info, train_images, train_labels, test_images, test_labels)
+
+
+@dataclass(frozen=True)
+class Folder:
+    """An ImageFolder's classes and (file, label) samples of each split, before any image is decoded."""
+
+    classes: list[str]
+    train: Samples
+    test: Samples
+    test_dir: Path
+
+
+def scan_folder(path: Path, limit: int | None) -> Folder:
+    """List an ImageFolder's splits (class folders, or a flat val/ with a labels file); ``limit`` per split."""
+    train_dir, test_dir = _split_dirs(path)
+    train_classes, train_samples = _scan(train_dir, limit)
+    test_classes, test_samples = _scan(test_dir, limit, train_classes)
+    if train_classes != test_classes:
+        only_train = sorted(set(train_classes) - set(test_classes))
+        only_test = sorted(set(test_classes) - set(train_classes))
+        raise KdbenchError(
+            f"ImageFolder dataset {path}: class folders differ between {train_dir.name}/ and "
+            f"{test_dir.name}/ (only in {train_dir.name}/: {only_train or 'none'}; only in "
+            f"{test_dir.name}/: {only_test or 'none'}). Labels are assigned by sorted folder name, "
+            f"so both splits must have the same class folders."
+        )
+    return Folder(train_classes, train_samples, test_samples, test_dir)
+
+
+def decoded_bytes(folder: Folder, size: int) -> int:
+    """What the memory path would hold: uint8 RGB images of ``size``² for both splits."""
+    return (len(folder.train) + len(folder.test)) * 3 * size * size
 
 
 #: Decoded images may take at most this fraction of the memory available when loading starts.
@@ -77,8 +101,8 @@ def check_memory(n: int, size: int, path: Path) -> None:
         raise KdbenchError(
             f"ImageFolder {path}: {n:,} images at {size} px decode to {need / 2**30:.1f} GiB of uint8 images, more "
             f"than {MEMORY_FRACTION:.0%} of the {available / 2**30:.1f} GiB of memory available here; kdbench holds "
-            "every image in memory. Use --limit N (N images per split, taken from every class), a smaller "
-            "--image-size, or a machine with more memory")
+            "every image in memory. Use --data-backend stream (read from disk batch by batch), --limit N (N images "
+            "per split, taken from every class), a smaller --image-size, or a machine with more memory")
 
 
 def available_memory() -> int:
@@ -113,7 +137,6 @@ def _split_dirs(path: Path) -> tuple[Path, Path]:
     return train_dir, test_dir
 
 
-Samples = list[tuple[str, int]]
 
 
 def _scan(split_dir: Path, limit: int | None, classes: list[str] | None = None) -> tuple[list[str], Samples]:

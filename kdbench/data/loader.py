@@ -132,6 +132,9 @@ class TrainBatch(NamedTuple):
     # Mixup/CutMix (kdbench.data.mixing): the mixed label distributions the cross-entropy is taken against;
     # ``labels`` then names each image's own (first) label. None when the batch is not mixed.
     soft_labels: Tensor | None = None
+    # Under torchrun, a streamed batch is already this rank's shard (kdbench.data.stream): the step trains all of
+    # it. A batch from memory is the global batch, of which the step takes this rank's slice.
+    sharded: bool = False
 
 
 class Loader:
@@ -157,6 +160,7 @@ class Loader:
         drop_last: bool = False,
         mix: MixSpec | None = None,
         rrc: RRCSpec | None = None,
+        shard: bool = False,
     ) -> None:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -171,6 +175,9 @@ class Loader:
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
         self.generator = generator
         self._scale, self._shift = _affine(info, images.device)  # built once, not per batch
+        # Streamed images (kdbench.data.stream): a DataLoader, built at the first epoch; with ``shard`` (training
+        # under torchrun) each rank reads its own shard.
+        self.shard, self._stream = shard, None
 
     def __len__(self) -> int:
         n = len(self.images)
@@ -184,6 +191,9 @@ class Loader:
         """One epoch of batches, each with its images' positions in the training set; with ``views``,
         each image's view number too (what the teacher cache looks up), otherwise None (no work
         spent on it per step)."""
+        if not isinstance(self.images, Tensor):
+            yield from self._streamed(views)
+            return
         n, bs, dev = len(self.images), self.batch_size, self.images.device
         order = None
         if self.shuffle:
@@ -214,3 +224,31 @@ class Loader:
                 x, soft = mix(x, y, self.info.num_classes, draw(self.mix, rng, x.shape[-2], x.shape[-1]))
             view = view_index(drawn, self.crop_padding, len(x), dev) if views and self.rrc is None else None
             yield TrainBatch(x, y, idx, view, soft)
+
+    def _streamed(self, views: bool) -> Iterator[TrainBatch]:
+        """One epoch from disk: the files decoded by timm's transforms in worker processes (RandomResizedCrop there,
+        from the full image), the pad-crop and flip drawn here as from memory, then normalised."""
+        from .. import distributed
+        from .stream import epoch_batches, stream_loader, transform_for
+
+        world = distributed.world_size() if self.shard else 1
+        if self._stream is None:
+            transform = transform_for(self.images.res, rrc=self.rrc, flip=self.flip)
+            self._stream = stream_loader(self.images, batch_size=self.batch_size, shuffle=self.shuffle, world=world,
+                                         rank=distributed.rank() if world > 1 else 0, transform=transform)
+        gen = self.generator
+        seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item())  # this epoch's order
+        rng = epoch_rng(gen) if self.mix is not None else None
+        for x, idx in epoch_batches(self.images, *self._stream, seed):
+            y, drawn = self.labels[idx], None
+            if self.rrc is not None:
+                x = torch.addcmul(self._shift, x.float(), self._scale)
+            else:
+                drawn = draw_views(len(x), crop_padding=self.crop_padding, flip=self.flip, generator=gen,
+                                   device=x.device)
+                x = _normalize_with(apply_views(x, drawn, self.crop_padding), self._scale, self._shift)
+            soft = None
+            if rng is not None:
+                x, soft = mix(x, y, self.info.num_classes, draw(self.mix, rng, x.shape[-2], x.shape[-1]))
+            view = view_index(drawn, self.crop_padding, len(x), x.device) if views and drawn is not None else None
+            yield TrainBatch(x, y, idx, view, soft, sharded=world > 1)

@@ -27,6 +27,9 @@ class DatasetInfo:
     train_size: int  # sizes of the tensors actually held (after ``limit``)
     test_size: int
     real_data: bool = True  # False for synthetic stand-in images (``synthetic:<name>``)
+    #: Where the images are while training: "memory" (uint8 tensors on the device) or "stream" (read from disk as
+    #: batches are drawn: kdbench.data.stream).
+    backend: str = "memory"
 
 
 @dataclass
@@ -43,7 +46,8 @@ class DataSplits:
     def nbytes(self) -> int:
         """Bytes of the four tensors (what a copy on a device takes)."""
         return sum(t.numel() * t.element_size()
-                   for t in (self.train_images, self.train_labels, self.test_images, self.test_labels))
+                   for t in (self.train_images, self.train_labels, self.test_images, self.test_labels)
+                   if isinstance(t, Tensor))  # streamed images (kdbench.data.stream) hold no memory
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> DataSplits:
         """Return a copy with all four tensors on ``device`` (still uint8, so 4× cheaper than floats)."""

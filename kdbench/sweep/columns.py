@@ -59,6 +59,7 @@ class Col:
     # The resolution (kdbench.data.resolution): the images' side in px as trained and evaluated (FLOPs and
     # throughput are measured at it), the centre crop's fraction and the interpolation ('' when as stored).
     IMAGE_SIZE = "image_size"
+    DATA_BACKEND = "data_backend"  # memory or stream (kdbench.data.stream); rows before it: memory
     CROP_PCT = "crop_pct"
     INTERPOLATION = "interpolation"
     RECIPE = "recipe"

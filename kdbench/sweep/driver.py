@@ -16,6 +16,9 @@ from tqdm.auto import tqdm
 
 from .. import distributed, metrics
 from ..data import DataSplits, load_dataset
+from ..data.datasets import imagefolder_path, is_imagefolder
+from ..data.imagefolder import MEMORY_FRACTION, available_memory, decoded_bytes, scan_folder
+from ..data.stream import stream_imagefolder
 from ..errors import KdbenchError
 from ..executors.base import DIVERGED, FAILED, OK, Executor, Outcome, Task
 from ..executors.local import InlineExecutor
@@ -30,7 +33,11 @@ from .store import ResultsStore
 
 def load_data(req: Request, device: torch.device) -> DataSplits:
     """The request's dataset, held on the training device for the whole sweep; refused, with what to do, when it
-    would not fit in the device's free memory (issue 17, item 9) rather than failing later with an OOM."""
+    would not fit in the device's free memory (issue 17, item 9) rather than failing later with an OOM. An
+    ImageFolder may stream from disk instead (:func:`data_backend`)."""
+    if data_backend(req, device) == "stream":
+        path = imagefolder_path(req.dataset, req.data_dir)
+        return stream_imagefolder(path, req.resolution, req.limit or None, workers=req.loader_workers).to(device)
     data = load_dataset(req.dataset, data_dir=req.data_dir, download=req.download, limit=req.limit or None,
                         pad_to=req.pad_to, **req.resolution.kwargs())
     fits, figures = metrics.fits_on_device(data.nbytes, device)
@@ -40,6 +47,29 @@ def load_data(req: Request, device: torch.device) -> DataSplits:
             f"{metrics.RESIDENT_FRACTION:.0%} of the free memory); use --limit N or a smaller --pad-to, fewer "
             "--runs-per-gpu (each run holds its own copy), free the GPU, or --device cpu")
     return data.to(device)
+
+
+def data_backend(req: Request, device: torch.device) -> str:
+    """memory or stream: --data-backend, or with auto, memory when the decoded ImageFolder fits in 80% of the
+    memory available and of the device's free memory."""
+    folder = is_imagefolder(req.dataset)
+    if req.data_backend == "stream":
+        if not folder or req.pad_to:
+            raise KdbenchError(f"--data-backend stream reads ImageFolder datasets as they are; {req.dataset}"
+                               f"{' with --pad-to' if folder else ' is a built-in set, held in memory'}: use "
+                               "--data-backend memory (or auto)")
+        return "stream"
+    if req.data_backend == "memory" or not folder:
+        return "memory"
+    scanned = scan_folder(imagefolder_path(req.dataset, req.data_dir), req.limit or None)
+    need = decoded_bytes(scanned, req.resolution.imagefolder_size())
+    fits, _ = metrics.fits_on_device(need, device)
+    if fits and need <= MEMORY_FRACTION * (available_memory() or need):
+        return "memory"
+    print(f"kdbench: {req.dataset}: {len(scanned.train) + len(scanned.test):,} images decode to "
+          f"{need / 2**30:.1f} GiB, more than fits in memory here: streaming them from disk (--data-backend auto)",
+          file=sys.stderr)
+    return "stream"
 
 
 @dataclass

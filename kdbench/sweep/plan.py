@@ -77,11 +77,13 @@ def resolve_device(name: str) -> torch.device:
         raise KdbenchError(f"--device '{name}' is not a torch device; use auto, cpu or cuda") from None
 
 
-def dataset_label(name: str, limit: int, pad_to: int = 0, resolution: str = "") -> str:
+def dataset_label(name: str, limit: int, pad_to: int = 0, resolution: str = "", backend: str = "memory") -> str:
     """The dataset as rows name it: ``name``, ``[:N]`` for a limit, ``~Spx`` (with a crop fraction and
-    interpolation where set) when resized to S×S (:attr:`Resolution.label`), ``@Spx`` when padded to S×S. Part of
-    every run id: the same dataset at another resolution is other runs."""
-    return name + (f"[:{limit}]" if limit else "") + resolution + (f"@{pad_to}px" if pad_to else "")
+    interpolation where set) when resized to S×S (:attr:`Resolution.label`), ``@Spx`` when padded to S×S, and
+    ``/stream`` when streamed from disk (its random resized crops come from the full image). Part of every run id:
+    the same dataset at another resolution is other runs."""
+    return name + (f"[:{limit}]" if limit else "") + resolution + (f"@{pad_to}px" if pad_to else "") + \
+        ("/stream" if backend == "stream" else "")
 
 
 def check_request(req: Request, methods: Mapping[str, type[Method]]) -> list[str]:
@@ -171,7 +173,7 @@ def build_plan(req: Request, methods: Mapping[str, type[Method]], data: DataSpli
     check_pairs(req, data, sources)
     device = req.device.split(":")[0] if req.remote else resolve_device(req.device).type
     world = distributed.world_size()  # a DDP run (torchrun) is another run than a single-process one
-    label = dataset_label(data.info.name, req.limit, req.pad_to, req.resolution.label)
+    label = dataset_label(data.info.name, req.limit, req.pad_to, req.resolution.label, data.info.backend)
     precision = req.engine_options(device).precision
 
     def teacher_spec(model: str, seed: int) -> TeacherSpec:

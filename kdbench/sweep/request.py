@@ -59,6 +59,8 @@ class Request:
     pad_to: int = 0
     resolution: Resolution = Resolution()  # --image-size/--crop-pct/--interpolation, or the suite's
     pretrained_files: Mapping[str, str] = field(default_factory=dict)  # --pretrained-file MODEL=FILE
+    data_backend: str = _AUTO      # --data-backend: auto, memory or stream (kdbench.data.stream)
+    loader_workers: int = 0        # --loader-workers: the streaming DataLoader's workers (0: default_workers())
     device: str = _AUTO
     remote: bool = False
     throughput_batch: int = 256

@@ -44,6 +44,7 @@ class Context:
     image_size: int = 0
     crop_pct: float = 1.0
     interpolation: str = ""
+    data_backend: str = "memory"  # where the images were while training: memory or stream (kdbench.data.stream)
 
 
 def common(ctx: Context, *, run_id: str, kind: str, method: str, model: str, pair: str, recipe: Recipe,
@@ -56,6 +57,7 @@ def common(ctx: Context, *, run_id: str, kind: str, method: str, model: str, pai
         Col.DATASET: ctx.dataset, Col.DATASET_SOURCE: ctx.dataset_source, Col.REAL_DATA: ctx.real_data,
         Col.TRAIN_SIZE: ctx.train_size, Col.TEST_SIZE: ctx.test_size,
         Col.IMAGE_SIZE: ctx.image_size, Col.CROP_PCT: ctx.crop_pct, Col.INTERPOLATION: ctx.interpolation,
+        Col.DATA_BACKEND: ctx.data_backend,
         Col.RECIPE: recipe.name, Col.EPOCHS: recipe.epochs, Col.RECIPE_EPOCHS: recipe.full_epochs,
         Col.SHORTENED: recipe.shortened, Col.SCHEDULE: recipe.label, Col.RECIPE_CONFIG: json.dumps(recipe.to_dict()),
         Col.SEED: seed,

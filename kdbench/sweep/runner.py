@@ -53,12 +53,12 @@ class Runner:
         self.options: EngineOptions = req.engine_options(device.type)
         prov = provenance.collect(device)
         self.context = rows.Context(
-            dataset=dataset_label(self.info.name, req.limit, req.pad_to, req.resolution.label),
+            dataset=dataset_label(self.info.name, req.limit, req.pad_to, req.resolution.label, self.info.backend),
             dataset_source=self.info.source,
             real_data=self.info.real_data, train_size=len(data.train_labels), test_size=len(data.test_labels),
             device_type=device.type, world_size=distributed.world_size(), options=self.options,
             image_size=self.info.img_size, crop_pct=req.resolution.crop_pct,
-            interpolation=req.resolution.interpolation if req.resolution.size else "",
+            interpolation=req.resolution.interpolation if req.resolution.size else "", data_backend=self.info.backend,
             provenance={**prov, "command": req.command} if req.command else prov)
         self.measurer = Measurer(data, req.throughput_batch, req.runs_per_gpu, self.options)
         self.test_set = predictions.test_set_id(self.context.dataset, data.test_labels)
@@ -298,14 +298,10 @@ class Runner:
 
     # -- the teacher-output cache ---------------------------------------------------------
     def wants_cache(self, spec: RunSpec, taps: Taps) -> bool:
-        """Whether ``spec`` distils from cached teacher outputs (``--teacher-cache``).
-
-        auto: when the method's taps allow it and building the cache costs fewer teacher forward
-        passes (one per view per image) than running the teachers online (one per epoch per image,
-        for every planned run sharing them); on the CPU also only while the cache is small
-        (:data:`CPU_CACHE_BYTES`), since it lives in the machine's memory beside everything else.
-        The numbers are the same either way (tests/test_fast_engine.py).
-        """
+        """Whether ``spec`` distils from cached teacher outputs (``--teacher-cache``). auto: when the method's taps
+        allow it and building the cache costs fewer teacher passes (one per view per image) than running them online
+        (one per epoch per image, for every planned run sharing them); on the CPU also only while the cache is small
+        (:data:`CPU_CACHE_BYTES`). The numbers are the same either way (tests/test_fast_engine.py)."""
         return not self.cache_off_reason(spec, taps)
 
     def cache_off_reason(self, spec: RunSpec, taps: Taps) -> str:
@@ -321,6 +317,8 @@ class Runner:
             return "no teachers"
         if mode == "off":
             return "--teacher-cache off"
+        if self.info.backend == "stream":
+            return "streamed data: the teachers run on each batch as it is read"
         if why := cache_unusable(taps, spec.recipe):
             return why
         views = view_count(spec.recipe.crop_padding, spec.recipe.flip)

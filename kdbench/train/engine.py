@@ -185,7 +185,8 @@ def train(model: nn.Module, data: DataSplits, recipe: Recipe, *, seed: int, meth
                      init_epochs=init)
     gen = torch.Generator(device=device).manual_seed(seed)
     loader = Loader(data.train_images, data.train_labels, data.info, batch_size=recipe.batch_size, shuffle=True,
-                    generator=gen, crop_padding=recipe.crop_padding, flip=recipe.flip, mix=recipe.mixing)
+                    generator=gen, crop_padding=recipe.crop_padding, flip=recipe.flip, mix=recipe.mixing,
+                    rrc=recipe.rrc, shard=True)
     checkpoint = Checkpoint(state_path, state_key, model, method, opt, sched, gen, model_name) if state_path else None
     first, result = _resume(checkpoint, progress, init + recipe.epochs)
     result.init_epochs, result.method_state_bytes = init, method.state_bytes() if method is not None else 0

@@ -183,7 +183,9 @@ class TrainStep:
             without DDP), so that their sum over the ranks is the whole batch's.
         """
         images, labels, index, view, soft = self._slice(batch)
-        share = len(images) / len(batch.images)
+        # A streamed batch is this rank's shard already (equal shards: the sampler pads them), a batch from memory
+        # the global batch: either way the share of the global batch this rank trains.
+        share = 1 / self.world if batch.sharded else len(images) / len(batch.images)
         cached = [c.lookup(index, view) for c in self.caches] if self.caches else None
         if not self.compiled:
             return self._step(images, labels, index, cached, epoch, share, soft)
@@ -259,7 +261,7 @@ class TrainStep:
 
     def _slice(self, batch: TrainBatch) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
         parts = (self.options.layout(batch.images), batch.labels, batch.index, batch.view, batch.soft_labels)
-        if self.world == 1:
+        if self.world == 1 or batch.sharded:
             return parts
         if not self.distributed:
             raise RuntimeError("under torchrun, call TrainStep.prepare_distributed() before the first step")
