@@ -23,7 +23,7 @@ examples:
   kdbench run --suite crd-table1 --gpus 0,1,2,3   # one worker process per GPU
   kdbench run --suite crd-table1 --executor ray --ray-address auto --gpus-per-run 0.25   # 4 runs per GPU
   kdbench run --suite crd-table1 --executor slurm --slurm-partition gpu --gpus-per-run 1 --slurm-max-concurrent 16
-  torchrun --nproc_per_node=8 -m kdbench run --dataset /data/imagenet --pairs resnet50:resnet18   # one run, 8 GPUs
+  torchrun --nproc_per_node=8 -m kdbench reproduce imagenet-r34-r18 --data-dir /data --data-backend stream
   kdbench report --metric top1_best
   kdbench list methods
 """

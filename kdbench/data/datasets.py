@@ -99,9 +99,9 @@ def imagenet_dir(data_dir: str | Path | None) -> Path:
         raise KdbenchError(
             f"ImageNet is not in {path} (data folder {where.path}, {where.origin}). kdbench cannot download it: "
             f"get ILSVRC-2012 from image-net.org and lay it out as {path}/train/<wnid>/*.JPEG and "
-            f"{path}/val/<wnid>/*.JPEG (the validation images sorted into their class folders), or give the folder "
-            "with --dataset DIR. It is decoded into memory at --image-size: 1.28 M images at 224 px take 180 GiB, so "
-            "use --limit N (images per split, taken from every class) until kdbench streams large sets")
+            f"{path}/val/<wnid>/*.JPEG (or the flat val/ with a val_labels.txt beside it: docs/data.md), or give the "
+            "folder with --dataset DIR. At 224 px its decoded images take 187 GiB, so it streams from disk (--data-"
+            "backend auto or stream)")
     return path
 
 
