@@ -152,3 +152,44 @@ def test_the_backend_is_chosen_and_recorded(folder, tmp_path, monkeypatch, capsy
 def test_only_imagefolders_stream(capsys):
     assert main(["run", "--data-backend", "stream", "--methods", "kd", "--epochs", "1", "-q"]) == 2
     assert "--data-backend stream reads ImageFolder datasets" in capsys.readouterr().err
+
+
+def _tar_dataset(folder: Path, root: Path) -> Path:
+    """``folder``'s splits as train.tar and val.tar, class folders inside (timm's ReaderImageInTar layout)."""
+    import tarfile
+
+    root.mkdir()
+    for split in ("train", "val"):
+        with tarfile.open(root / f"{split}.tar", "w") as tar:
+            for path in sorted((folder / split).rglob("*.png")):
+                tar.add(path, arcname=str(path.relative_to(folder / split)))
+    return root
+
+
+def test_a_tar_dataset_streams_through_timms_tar_reader(folder, tmp_path):
+    tars = _tar_dataset(folder, tmp_path / "tars")
+    res = memory_resolution(16, 0.875, "bilinear")
+    from_tar = stream_imagefolder(tars, res, None, workers=1)
+    from_files = stream_imagefolder(folder, res, None, workers=1)
+    assert from_tar.info.classes == from_files.info.classes and "ReaderImageInTar" in from_tar.info.source
+    # the same images, read from the tars by the workers: the same sorted labels and the same logits
+    order = torch.argsort(from_tar.test_labels, stable=True)
+    assert torch.equal(from_tar.test_labels[order], from_files.test_labels)
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=3).eval()
+    tar_logits, file_logits = predict(model, from_tar.test_images, from_tar), predict(model, from_files.test_images,
+                                                                                      from_files)
+    assert sorted(tar_logits.sum(1).tolist()) == pytest.approx(sorted(file_logits.sum(1).tolist()), abs=1e-5)
+    loader = Loader(from_tar.train_images, from_tar.train_labels, from_tar.info, batch_size=4, shuffle=True,
+                    generator=torch.Generator().manual_seed(0), flip=True, rrc=RRCSpec((0.5, 1.0), (1.0, 1.0)))
+    assert sorted(torch.cat([b.index for b in loader.batches()]).tolist()) == list(range(15))
+
+
+def test_a_tar_dataset_runs_and_refuses_the_memory_backend(folder, tmp_path, capsys):
+    tars = _tar_dataset(folder, tmp_path / "tars")
+    args = ["run", "--dataset", str(tars), "--image-size", "16", "--pairs", "resnet10t:resnet10t", "--methods", "kd",
+            "--epochs", "1", "--seeds", "0", "--throughput-batch", "4", "-q", "--no-report"]
+    assert main([*args, "--results-dir", str(tmp_path / "r")]) == 0
+    assert {json.loads(p.read_text())["data_backend"] for p in (tmp_path / "r" / "runs").glob("*.json")} == {"stream"}
+    assert main([*args, "--data-backend", "memory", "--results-dir", str(tmp_path / "m")]) == 2
+    assert "holds its images in tar files, which kdbench streams" in capsys.readouterr().err

@@ -210,7 +210,7 @@ def _data_options(parser: argparse.ArgumentParser, reproduce: bool) -> None:
                       help="with --image-size: how images are resized (default bilinear)")
     data.add_argument("--data-backend", default="auto", choices=["auto", "memory", "stream"],
                       help="memory: decode the dataset once and train from uint8 tensors on the device; stream: read "
-                      "an ImageFolder from disk batch by batch (timm's transforms in DataLoader workers; its random "
+                      "an ImageFolder (or train.tar/val.tar) from disk batch by batch (timm's transforms in DataLoader workers; its random "
                       "resized crops come from the full image; under torchrun each rank reads its own shard); auto "
                       "(default): memory when the decoded set fits in 80%% of the memory available (and of the GPU's "
                       "free memory), else stream. Rows record it; a streamed set is other runs (dataset label /stream)")

@@ -45,6 +45,8 @@ class StreamImages:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     indices: Tensor | None = None  # CPU int64 positions in samples; None: all, in order
     workers: int = 0               # DataLoader worker processes (0: the main process)
+    #: Images inside tar files: timm's ReaderImageInTar, whose sample i is samples' (i, label); None: files.
+    reader: Any = None
 
     @property
     def positions(self) -> Tensor:
@@ -73,22 +75,14 @@ class StreamImages:
 class _Files(torch.utils.data.Dataset):
     """(uint8 CHW image, position) for each file, decoded by ``transform`` (in a worker process)."""
 
-    def __init__(self, files: list[tuple[str, int]], transform: Any) -> None:
-        self.files, self.transform = files, transform
+    def __init__(self, files: list[tuple[Any, int]], transform: Any, reader: Any = None) -> None:
+        self.files, self.transform, self.reader = files, transform, reader
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        from torchvision.datasets.folder import default_loader
-
-        path = self.files[i][0]
-        try:
-            image = default_loader(path)  # RGB PIL
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise KdbenchError(f"image {path} cannot be read ({type(exc).__name__}: {exc}); replace it or move it "
-                               "out of the dataset folder") from None
-        return self.transform(image), i
+        return self.transform(_open(self.files[i][0], self.reader)), i
 
 
 def transform_for(res: Resolution, *, rrc: Any = None, flip: bool = False) -> Any:
@@ -117,7 +111,7 @@ def stream_loader(images: StreamImages, *, batch_size: int, shuffle: bool, world
     sampler = EpochSampler(len(images), shuffle=shuffle, world=world, rank=rank)
     workers = images.workers
     loader = torch.utils.data.DataLoader(
-        _Files(images.files(), transform), batch_size=max(1, batch_size // world), sampler=sampler,
+        _Files(images.files(), transform, images.reader), batch_size=max(1, batch_size // world), sampler=sampler,
         num_workers=workers, pin_memory=images.device.type == "cuda", persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None)
     return loader, sampler
@@ -136,27 +130,87 @@ def stream_imagefolder(path: Path, res: Resolution, limit: int | None, *, worker
     from .imagefolder import stratified_take
 
     res = Resolution(res.imagefolder_size(), res.crop_pct, res.interpolation)
-    folder = scan_folder(path, limit)
     workers = workers or default_workers()
-    train = StreamImages(folder.train, res, workers=workers)
-    test = StreamImages(folder.test, res, workers=workers)
-    some = stratified_take([t for _, t in folder.train], STATS_IMAGES)
-    sample = torch.stack([transform_for(res)(_open(folder.train[i][0])) for i in some])
+    if (tars := tar_splits(path)) is not None:
+        train_reader, test_reader, classes, train_samples, test_samples = _tar_folder(path, limit)
+        where = f"{tars[0].name}, {tars[1].name}: timm's ReaderImageInTar"
+    else:
+        folder = scan_folder(path, limit)
+        train_reader = test_reader = None
+        classes, train_samples, test_samples = folder.classes, folder.train, folder.test
+        where = f"train/, {_split_dirs(path)[1].name}/"
+    train = StreamImages(train_samples, res, workers=workers, reader=train_reader)
+    test = StreamImages(test_samples, res, workers=workers, reader=test_reader)
+    some = stratified_take([t for _, t in train_samples], STATS_IMAGES)
+    sample = torch.stack([transform_for(res)(_open(train_samples[i][0], train_reader)) for i in some])
     mean, std = channel_stats(sample)
+    _close_tars(train_reader)  # the DataLoader's workers get the reader pickled: no open file may travel with it
     info = DatasetInfo(
-        name=f"{IMAGEFOLDER_PREFIX}{path}", num_classes=len(folder.classes), in_chans=3, img_size=res.size,
-        classes=tuple(folder.classes), mean=mean, std=std,
-        source=f"streamed from {path} (train/, {_split_dirs(path)[1].name}/), timm transforms; normalisation from "
-               f"{len(some)} training images",
+        name=f"{IMAGEFOLDER_PREFIX}{path}", num_classes=len(classes), in_chans=3, img_size=res.size,
+        classes=tuple(classes), mean=mean, std=std,
+        source=f"streamed from {path} ({where}), timm transforms; normalisation from {len(some)} training images",
         train_size=len(train), test_size=len(test), backend="stream")
-    return DataSplits(info, train, torch.tensor([t for _, t in folder.train], dtype=torch.int64),  # type: ignore[arg-type]
-                      test, torch.tensor([t for _, t in folder.test], dtype=torch.int64))  # type: ignore[arg-type]
+    return DataSplits(info, train, torch.tensor([t for _, t in train_samples], dtype=torch.int64),  # type: ignore[arg-type]
+                      test, torch.tensor([t for _, t in test_samples], dtype=torch.int64))  # type: ignore[arg-type]
 
 
-def _open(path: str) -> Any:
-    from torchvision.datasets.folder import default_loader
+def _open(key: Any, reader: Any = None) -> Any:
+    """An image as RGB PIL: a file's path, or sample ``key`` of a tar reader."""
+    from PIL import Image
 
-    return default_loader(path)
+    where = key if reader is None else f"{reader.root} member {reader._filename(key)}"
+    try:
+        if reader is None:
+            with open(key, "rb") as f:
+                return Image.open(f).convert("RGB")
+        return Image.open(reader[key][0]).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise KdbenchError(f"image {where} cannot be read ({type(exc).__name__}: {exc}); replace it or move it "
+                           "out of the dataset") from None
+
+
+def _close_tars(reader: Any) -> None:
+    """Close and forget the tar files a timm ReaderImageInTar opened (it caches them in its tar states)."""
+    if reader is None:
+        return
+    states = [reader.tar_state] if reader.root_is_tar else list(reader.tar_state.values())
+    for state in states:
+        for st in (state, *state.children.values()):
+            if st.tf is not None:
+                st.tf.close()
+                st.tf = None
+
+
+def tar_splits(path: Path) -> tuple[Path, Path] | None:
+    """A dataset of tar files, as timm's ReaderImageInTar reads them: ``train.tar`` (class folders inside), or a
+    ``train/`` of one tar per class (ILSVRC's training archive unpacked once), and ``val.tar`` (or ``test.tar``, or
+    such a folder); None when ``path`` is no such layout."""
+    def split(name: str) -> Path | None:
+        if (path / f"{name}.tar").is_file():
+            return path / f"{name}.tar"
+        folder = path / name
+        return folder if folder.is_dir() and any(folder.glob("*.tar")) else None
+
+    train, test = split("train"), split("val") or split("test")
+    return (train, test) if train is not None and test is not None else None
+
+
+def _tar_folder(path: Path, limit: int | None) -> tuple[Any, Any, list[str], list, list]:
+    """The train and test readers of a tar dataset, the class names, and (index, label) samples per split."""
+    from timm.data.readers.reader_image_in_tar import ReaderImageInTar
+
+    from .imagefolder import stratified_take
+
+    train_path, test_path = tar_splits(path)  # type: ignore[misc]
+    train = ReaderImageInTar(str(train_path))
+    test = ReaderImageInTar(str(test_path), class_map=dict(train.class_name_to_idx))
+    classes = [train.class_idx_to_name[i] for i in range(len(train.class_idx_to_name))]
+    samples = []
+    for reader in (train, test):
+        targets = [int(t) for t in reader.targets]
+        keep = range(len(targets)) if limit is None else stratified_take(targets, limit)
+        samples.append([(i, targets[i]) for i in keep])
+    return train, test, classes, samples[0], samples[1]
 
 
 def epoch_batches(images: StreamImages, loader: torch.utils.data.DataLoader, sampler: EpochSampler,

@@ -18,7 +18,7 @@ from .. import distributed, metrics
 from ..data import DataSplits, load_dataset
 from ..data.datasets import imagefolder_path, is_imagefolder
 from ..data.imagefolder import MEMORY_FRACTION, available_memory, decoded_bytes, scan_folder
-from ..data.stream import stream_imagefolder
+from ..data.stream import stream_imagefolder, tar_splits
 from ..errors import KdbenchError
 from ..executors.base import DIVERGED, FAILED, OK, Executor, Outcome, Task
 from ..executors.local import InlineExecutor
@@ -53,6 +53,11 @@ def data_backend(req: Request, device: torch.device) -> str:
     """memory or stream: --data-backend, or with auto, memory when the decoded ImageFolder fits in 80% of the
     memory available and of the device's free memory."""
     folder = is_imagefolder(req.dataset)
+    if folder and tar_splits(imagefolder_path(req.dataset, req.data_dir)) is not None:
+        if req.data_backend == "memory":
+            raise KdbenchError(f"{req.dataset} holds its images in tar files, which kdbench streams: use "
+                               "--data-backend stream (or auto)")
+        return "stream"
     if req.data_backend == "stream":
         if not folder or req.pad_to:
             raise KdbenchError(f"--data-backend stream reads ImageFolder datasets as they are; {req.dataset}"
