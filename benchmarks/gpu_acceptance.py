@@ -20,6 +20,8 @@ order; a failure is recorded and the run goes on. The checks:
    times, throughput and memory are printed.
 5. ``engine_vs_reference`` and ``engine_vs_reference_fp32``: a short
    ``benchmarks/engine_vs_reference.py`` in the device's default precision and in fp32.
+5b. ``stream_loader``: ``benchmarks/stream_loader.py``, kdbench's streaming loader against timm's
+   ``create_loader`` (1,500 synthetic JPEGs, 8 workers): at least 0.95x on CUDA.
 6. ``log_grep``: every log is searched for "skipping cudagraphs", "overwritten", "recompile" and
    "invalid device" (any match fails).
 7. ``time_budget``: the whole run within 8 minutes (full CUDA runs only).
@@ -71,7 +73,7 @@ from kdbench.metrics import device_name  # noqa: E402
 SCRIPT = Path(__file__).resolve()
 BUDGET_S = 480  # the issue's promise: under 8 minutes on one H100 or H200 (the full CUDA run)
 CHECKS = ("engine_probe", "compiled_vs_eager", "cuda_tests", "worker_sweep", "engine_vs_reference",
-          "engine_vs_reference_fp32", "log_grep", "time_budget")
+          "engine_vs_reference_fp32", "stream_loader", "log_grep", "time_budget")
 META_CHECKS = ("log_grep", "time_budget")  # about the run itself: they run whatever --only selects
 # Run in parallel on CUDA (correctness only, no timings): the host's cores compile them side by side.
 PARALLEL_GROUP = ("engine_probe", "compiled_vs_eager", "cuda_tests")
@@ -125,6 +127,7 @@ class Plan:
     sweep_checks_compile: bool
     evr_args: tuple[str, ...]
     evr_fp32_separate: bool  # False on the CPU, whose default precision is fp32
+    stream_args: tuple[str, ...]  # benchmarks/stream_loader.py's
     parallel: bool
     timeouts: dict[str, int]  # each check's time limit, seconds
     deadline_s: int  # the whole run's: a check never runs past it, so the report is always written
@@ -132,7 +135,7 @@ class Plan:
 
 # Each check's time limit (seconds), on CUDA and on the CPU. Caps for a hung check, not estimates.
 TIMEOUTS = {"cuda": {"engine_probe": 240, "compiled_vs_eager": 360, "cuda_tests": 420, "worker_sweep": 300,
-                     "engine_vs_reference": 180, "engine_vs_reference_fp32": 180},
+                     "engine_vs_reference": 180, "engine_vs_reference_fp32": 180, "stream_loader": 120},
             "cpu": dict.fromkeys(CHECKS, 300)}
 # The whole run's deadline: 9.5 minutes on CUDA (a GPU session's command may get 10), generous on the CPU.
 DEADLINE_S = {"cuda": 570, "cpu": 1800}
@@ -166,6 +169,9 @@ def make_plan(device: str, reduced: bool, parallel: bool | None, timeout_s: int 
         cmp_epochs=1 if reduced else 2,
         sweep_args=tuple(sweep), sweep_checks_compile=cuda,
         evr_args=tuple(evr), evr_fp32_separate=cuda,
+        stream_args=("--device", device) + (("--images", "40", "--rounds", "1", "--workers", "1", "--size", "32",
+                                             "--batch", "8") if reduced else ("--images", "1500", "--rounds", "3",
+                                                                              "--workers", "8")),
         parallel=(cuda and not reduced) if parallel is None else (parallel and cuda),
         timeouts={k: timeout_s or v for k, v in TIMEOUTS[device].items()},
         deadline_s=deadline_s or DEADLINE_S[device],
@@ -413,6 +419,27 @@ def check_engine_vs_reference_fp32(ctx: Context) -> dict[str, Any]:
     return _engine_vs_reference(ctx, name, ["--precision", "fp32"])
 
 
+def check_stream_loader(ctx: Context) -> dict[str, Any]:
+    """kdbench's streaming loader against timm's create_loader (pinned memory, uint8 to the GPU, normalised there):
+    at least 0.95x in a full run; a reduced run only checks that it works."""
+    name = "stream_loader"
+    out = ctx.logs / "stream_loader"
+    written = out / f"stream_loader-{'cuda' if ctx.plan.device == 'cuda' else 'cpu'}.json"
+    written.unlink(missing_ok=True)
+    argv = [sys.executable, str(REPO / "benchmarks" / "stream_loader.py"), *ctx.plan.stream_args, "--out", str(out)]
+    ran = run_logged(ctx, name, argv)
+    if ran.rc != 0 or not written.exists():
+        return failed_run(name, ran, "stream_loader.py failed" if ran.rc != 0 else
+                          f"stream_loader.py did not write {written.name}")
+    rep = json.loads(written.read_text())
+    details = {"command": "python " + shlex.join(["benchmarks/stream_loader.py", *ctx.plan.stream_args]),
+               "result": str(written.relative_to(ctx.out)), "median_images_per_s": rep["median_images_per_s"],
+               "ratio": rep["ratio"]}
+    ok = rep["ratio"] > 0 and (ctx.plan.reduced or rep["ratio"] >= rep["target"])
+    summary = f"kdbench / timm = {rep['ratio']:.2f} (target {rep['target']}{', not judged: reduced' * ctx.plan.reduced})"
+    return result(name, "ok" if ok else "failed", ran.seconds, summary, details, ran.log)
+
+
 def check_log_grep(ctx: Context) -> dict[str, Any]:
     t0 = time.perf_counter()
     pattern = re.compile("|".join(re.escape(p) for p in LOG_PATTERNS), re.IGNORECASE)
@@ -445,6 +472,7 @@ CHECK_FUNCTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "engine_probe": check_engine_probe, "compiled_vs_eager": check_compiled_vs_eager,
     "cuda_tests": check_cuda_tests, "worker_sweep": check_worker_sweep,
     "engine_vs_reference": check_engine_vs_reference, "engine_vs_reference_fp32": check_engine_vs_reference_fp32,
+    "stream_loader": check_stream_loader,
     "log_grep": check_log_grep, "time_budget": check_time_budget,
 }
 
