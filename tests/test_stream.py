@@ -193,3 +193,14 @@ def test_a_tar_dataset_runs_and_refuses_the_memory_backend(folder, tmp_path, cap
     assert {json.loads(p.read_text())["data_backend"] for p in (tmp_path / "r" / "runs").glob("*.json")} == {"stream"}
     assert main([*args, "--data-backend", "memory", "--results-dir", str(tmp_path / "m")]) == 2
     assert "holds its images in tar files, which kdbench streams" in capsys.readouterr().err
+
+
+def test_streamed_runs_in_a_worker_pool(folder, tmp_path):
+    """--workers N ran each worker as a daemonic process, in which a DataLoader may not start its own workers: every
+    streamed run failed with 'daemonic processes are not allowed to have children'."""
+    assert main(["run", "--dataset", str(folder), "--image-size", "16", "--pairs", "resnet10t:resnet10t", "--methods",
+                 "ce,kd", "--epochs", "1", "--seeds", "0", "--data-backend", "stream", "--loader-workers", "1",
+                 "--workers", "2", "--throughput-batch", "4", "-q", "--no-report", "--results-dir",
+                 str(tmp_path / "r")]) == 0
+    rows = [json.loads(p.read_text()) for p in (tmp_path / "r" / "runs").glob("*.json")]
+    assert len(rows) == 3 and {r["status"] for r in rows} == {"ok"} and {r["data_backend"] for r in rows} == {"stream"}

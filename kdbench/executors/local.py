@@ -154,7 +154,9 @@ class LocalExecutor(Executor):
             inbox.put((i, task))
         slots = self.slots[: len(tasks)]
         threads = compile_threads(len(slots))  # one pool of compile processes in all, not one per worker
-        procs = [ctx.Process(target=_worker, args=(self.do_task, gpu, inbox, outbox, threads), daemon=True)
+        # Not daemonic: a streamed run's DataLoader starts worker processes of its own, which a daemonic process may
+        # not. The finally below joins or terminates every worker on any exit, which is what daemon would add.
+        procs = [ctx.Process(target=_worker, args=(self.do_task, gpu, inbox, outbox, threads), daemon=False)
                  for gpu in slots]
         for proc in procs:
             inbox.put(None)
