@@ -1,7 +1,8 @@
 """The on-device pipeline: normalisation, augmentation views and the batch loader.
 
 Images stay uint8 on the training device; each batch is cropped, flipped and normalised there
-with batched tensor ops (as KellerJordan/cifar10-airbench does), never through PIL.
+with batched tensor ops (as KellerJordan/cifar10-airbench does), never through PIL. Streamed images
+(:mod:`kdbench.data.stream`) arrive as uint8 batches from DataLoader workers and take the same path from there.
 """
 
 from __future__ import annotations
