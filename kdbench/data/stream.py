@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..errors import KdbenchError
-from .imagefolder import IMAGEFOLDER_PREFIX, Samples, _split_dirs, scan_folder
+from .imagefolder import IMAGEFOLDER_PREFIX, Samples, scan_folder
 from .resolution import Resolution
 from .splits import DatasetInfo, DataSplits, channel_stats
 
@@ -138,7 +138,7 @@ def stream_imagefolder(path: Path, res: Resolution, limit: int | None, *, worker
         folder = scan_folder(path, limit)
         train_reader = test_reader = None
         classes, train_samples, test_samples = folder.classes, folder.train, folder.test
-        where = f"train/, {_split_dirs(path)[1].name}/"
+        where = f"train/, {folder.test_dir.name}/"
     train = StreamImages(train_samples, res, workers=workers, reader=train_reader)
     test = StreamImages(test_samples, res, workers=workers, reader=test_reader)
     some = stratified_take([t for _, t in train_samples], STATS_IMAGES)
