@@ -69,6 +69,9 @@ class Recipe:
     train_crop: str = "pad_crop"
     rrc_scale: tuple[float, float] = (0.08, 1.0)
     rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    # Gradient clipping: before each step the gradients of everything the optimiser trains are scaled so
+    # their global L2 norm is at most this (timm's --clip-grad, mode norm). 0 = off.
+    clip_grad: float = 0.0
 
     def __post_init__(self) -> None:
         if self.full_epochs == 0:
@@ -79,7 +82,8 @@ class Recipe:
         for key in ("lr", "gamma"):
             if not getattr(self, key) > 0:
                 raise KdbenchError(f"recipe '{self.name}': {key} must be positive, got {getattr(self, key)}")
-        for key in ("momentum", "weight_decay", "crop_padding", "max_norm", "early_stop", "warmup_epochs"):
+        for key in ("momentum", "weight_decay", "crop_padding", "max_norm", "early_stop", "warmup_epochs",
+                    "clip_grad"):
             if getattr(self, key) < 0:
                 raise KdbenchError(f"recipe '{self.name}': {key} must be >= 0, got {getattr(self, key)}")
         self._check_milestones()
@@ -172,6 +176,8 @@ class Recipe:
                 label += f", mixing p {self.mix_prob:g}"
         if self.rrc is not None:
             label += f", random resized crop (scale {self.rrc_scale[0]:g}-{self.rrc_scale[1]:g})"
+        if self.clip_grad:
+            label += f", gradients clipped at norm {self.clip_grad:g}"
         if self.optimizer != "sgd" or self.schedule != "step" or self.label_smoothing:
             label += ", " + " ".join([self.optimizer] + [f"{self.schedule} schedule"] +
                                      [f"label smoothing {self.label_smoothing:g}"] * bool(self.label_smoothing))
@@ -217,7 +223,8 @@ class Recipe:
 _LATER_FIELDS: dict[str, Any] = {"max_norm": 0.0, "warmup_epochs": 0, "val_fraction": 0.0, "early_stop": 0,
                                  "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "mix_prob": 1.0, "mix_switch_prob": 0.5,
                                  "optimizer": "sgd", "nesterov": False, "schedule": "step", "label_smoothing": 0.0,
-                                 "train_crop": "pad_crop", "rrc_scale": (0.08, 1.0), "rrc_ratio": (3 / 4, 4 / 3)}
+                                 "train_crop": "pad_crop", "rrc_scale": (0.08, 1.0), "rrc_ratio": (3 / 4, 4 / 3),
+                                 "clip_grad": 0.0}
 TRAIN_CROPS = ("pad_crop", "random_resized_crop")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -18,7 +20,9 @@ os.environ["KDBENCH_DEVICE"] = os.environ.get("KDBENCH_TEST_DEVICE", "cpu")
 # Throughput repeats of 0.05 s instead of 1 s: the suite's many short sweeps each measure their models.
 os.environ.setdefault("KDBENCH_THROUGHPUT_MIN_S", "0.05")
 # Decoded ImageFolder sets are kept in a folder of this test session, not in the user's ~/.cache.
-os.environ.setdefault("KDBENCH_DECODE_CACHE", tempfile.mkdtemp(prefix="kdbench-decoded-"))
+if "KDBENCH_DECODE_CACHE" not in os.environ:
+    os.environ["KDBENCH_DECODE_CACHE"] = tempfile.mkdtemp(prefix="kdbench-decoded-")
+    atexit.register(shutil.rmtree, os.environ["KDBENCH_DECODE_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

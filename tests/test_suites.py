@@ -313,6 +313,26 @@ def test_engine_applies_the_recipes_max_norm():
     assert norms[0.3] <= 0.3 + 1e-5 < norms[0.0]
 
 
+def test_clip_grad_bounds_the_step_of_every_trained_weight():
+    # One step of plain SGD (lr 1, no momentum or decay) moves the weights by exactly the gradient: with
+    # clipping, by a vector of global norm clip_grad; without, by the (larger) raw gradient.
+    data = load_dataset("digits", limit=128)
+    base = get_recipe("digits").with_overrides({"epochs": 1, "milestones": [], "lr": 1.0, "momentum": 0.0,
+                                                "weight_decay": 0.0, "batch_size": 128}, "test")
+    moved = {}
+    for clip in (0.0, 0.01):
+        torch.manual_seed(0)
+        model = create("hinton_mlp_800", num_classes=10, in_chans=1, img_size=8)
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        train(model, data, base.with_overrides({"clip_grad": clip}, "test"), seed=0)
+        moved[clip] = (torch.cat([p.detach().flatten() for p in model.parameters()]) - before).norm().item()
+    assert moved[0.0] > 0.1
+    assert moved[0.01] == pytest.approx(0.01, rel=1e-3)
+    assert "gradients clipped at norm 0.01" in base.with_overrides({"clip_grad": 0.01}, "t").label
+    with pytest.raises(KdbenchError, match="clip_grad must be >= 0"):
+        base.with_overrides({"clip_grad": -1.0}, "t")
+
+
 def test_recipe_ids_unchanged_by_new_fields():
     # max_norm left out at its default, so run ids of results stored before it existed still match
     assert "max_norm" not in get_recipe("crd").to_dict()

@@ -129,6 +129,7 @@ class TrainStep:
         self.net: nn.Module = self.forward  # what a step calls: the forward, under DDP and torch.compile if asked
         self.model, self.method, self.optimizer = model, method, optimizer
         self.epochs, self.max_norm, self.init_epochs = recipe.epochs, recipe.max_norm, init_epochs
+        self.clip_grad = recipe.clip_grad
         self.device, self.options, self.caches = device, options, list(caches)
         self.who = f"method '{method.name}'" if method is not None else "training"
         self.world, self.rank = distributed.world_size(), distributed.rank()
@@ -312,6 +313,9 @@ class TrainStep:
         # DDP averages the ranks' gradients; weighting each by its slice's share of the batch
         # makes that the gradient of the whole batch's mean loss, also for an uneven last batch.
         (loss * (share * self.world)).backward()
+        if self.clip_grad:
+            params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
         self.optimizer.step()
         if self.max_norm:
             apply_max_norm(self.model, self.max_norm)
