@@ -124,3 +124,30 @@ def test_a_wrong_labels_file_is_named(tmp_path, cache, lines, message):
     (root / "val_labels.txt").write_text("\n".join(lines) + "\n")
     with pytest.raises(KdbenchError, match=message):
         load_dataset(str(root), image_size=8)
+
+
+def test_an_unchanged_folder_is_listed_once(tmp_path, monkeypatch):
+    # --data-backend auto scans to choose the backend and the loader scans again: the second is answered from
+    # memory, unless an image or a labels file came or went in between.
+    root = _make_imagefolder(tmp_path / "f", {"train": ["a", "b"], "val": ["a", "b"]})
+    listed: list[str] = []
+    real = imagefolder._scan
+
+    def counting(split_dir, limit, classes=None):
+        listed.append(split_dir.name)
+        return real(split_dir, limit, classes)
+
+    monkeypatch.setattr(imagefolder, "_scan", counting)
+    first = imagefolder.scan_folder(root, None)
+    assert imagefolder.scan_folder(root, None) == first and listed == ["train", "val"]
+    imagefolder.scan_folder(root, 2)  # another limit is another listing
+    assert listed == ["train", "val"] * 2
+    shutil.copy(root / "train" / "a" / "1.png", root / "train" / "a" / "9.png")
+    added = imagefolder.scan_folder(root, None)
+    assert listed == ["train", "val"] * 3 and len(added.train) == len(first.train) + 1
+    flat, labels = _flat(tmp_path)
+    (flat / "val_labels.txt").write_text("".join(f"{n} {c}\n" for n, c in labels))
+    before = imagefolder.scan_folder(flat, None).test
+    (flat / "val_labels.txt").write_text("".join(f"{n} {'dog' if c == 'cat' else 'cat'}\n" for n, c in labels))
+    after = imagefolder.scan_folder(flat, None).test
+    assert [t for _, t in after] == [1 - t for _, t in before]  # the edited labels file was read again

@@ -66,9 +66,33 @@ class Folder:
     test_dir: Path
 
 
+#: The last scan, by (path, limit, the folders' modification times): a sweep under --data-backend auto scans to
+#: choose the backend, then the loader scans again; listing ImageNet takes seconds to minutes.
+_LAST_SCAN: dict[tuple, Folder] = {}
+
+
 def scan_folder(path: Path, limit: int | None) -> Folder:
-    """List an ImageFolder's splits (class folders, or a flat val/ with a labels file); ``limit`` per split."""
+    """List an ImageFolder's splits (class folders, or a flat val/ with a labels file); ``limit`` per split.
+
+    A repeated scan of an unchanged folder is answered from memory: adding or removing an image changes its class
+    folder's modification time, which is part of the key, as are the labels files' (:mod:`kdbench.data.flat`)."""
     train_dir, test_dir = _split_dirs(path)
+    labels_files = [p for p in path.iterdir() if p.is_file()] + [test_dir / "labels.txt"]
+    key = (str(path.resolve()), limit, _stamp(train_dir), _stamp(test_dir),
+           tuple((p.name, p.stat().st_mtime_ns) for p in labels_files if p.is_file()))
+    if key not in _LAST_SCAN:
+        _LAST_SCAN.clear()
+        _LAST_SCAN[key] = _scan_splits(path, train_dir, test_dir, limit)
+    return _LAST_SCAN[key]
+
+
+def _stamp(split_dir: Path) -> tuple[tuple[str, int], ...]:
+    """The modification times of a split folder and of the folders in it (its classes)."""
+    dirs = [split_dir] + sorted(p for p in split_dir.iterdir() if p.is_dir())
+    return tuple((p.name, p.stat().st_mtime_ns) for p in dirs)
+
+
+def _scan_splits(path: Path, train_dir: Path, test_dir: Path, limit: int | None) -> Folder:
     train_classes, train_samples = _scan(train_dir, limit)
     test_classes, test_samples = _scan(test_dir, limit, train_classes)
     if train_classes != test_classes:
