@@ -39,13 +39,20 @@ class Ensemble:
 
 def ensemble_of(logits: list[torch.Tensor], labels: torch.Tensor) -> tuple[list[float], float, float]:
     """(each member's top-1, the ensemble's top-1, diversity), all in %, from the members' logits."""
+    members, top1, diversity, _ = ensemble_with_probs(logits, labels)
+    return members, top1, diversity
+
+
+def ensemble_with_probs(logits: list[torch.Tensor], labels: torch.Tensor
+                        ) -> tuple[list[float], float, float, torch.Tensor]:
+    """:func:`ensemble_of` and the ensemble's mean probabilities (float64), which its row is derived from."""
     preds = [x.argmax(1) for x in logits]
     members = [100 * float((p == labels).double().mean()) for p in preds]
     mean_probs = torch.stack([F.softmax(x.double(), 1) for x in logits]).mean(0)
     top1 = 100 * float((mean_probs.argmax(1) == labels).double().mean())
     pairs = list(itertools.combinations(preds, 2))
     diversity = sum(100 * float((a != b).double().mean()) for a, b in pairs) / len(pairs) if pairs else math.nan
-    return members, top1, diversity
+    return members, top1, diversity, mean_probs
 
 
 def seed_ensembles(rows: pd.DataFrame, loaded: dict[str, tuple[torch.Tensor, torch.Tensor, int]]) -> list[Ensemble]:

@@ -23,7 +23,7 @@ from .. import metrics
 from ..ids import digest
 from ..ensemble import ensemble_size
 from ..sweep.columns import Col
-from .ensembles import Ensemble, ensemble_of
+from .ensembles import Ensemble, ensemble_with_probs
 from .rows import numeric
 
 _KEY = [Col.METHOD, Col.ENSEMBLE, Col.TEACHER_IDS, Col.SEED, Col.HPARAMS, Col.DATASET, Col.SCHEDULE, Col.PRECISION,
@@ -71,8 +71,7 @@ def _ensemble_row(group: pd.DataFrame, loaded: dict[str, Any]) -> tuple[dict[str
     ids = [str(r) for r in group[Col.RUN_ID]]
     logits = [loaded[i][0] for i in ids]
     labels, classes = loaded[ids[0]][1], loaded[ids[0]][2]
-    member_top1, top1, diversity = ensemble_of(logits, labels)
-    probs = torch.stack([F.softmax(x.double(), 1) for x in logits]).mean(0)
+    member_top1, top1, diversity, probs = ensemble_with_probs(logits, labels)
     first = group.iloc[0]
     run_id = "ensemble-" + digest({"members": ids})[:12]
     loaded[run_id] = (probs.log().float(), labels, classes)
