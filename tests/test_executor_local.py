@@ -121,14 +121,48 @@ def test_workers_share_one_compile_pool(monkeypatch, user):
     seen = []
     config = torch._inductor.config
     old, config.compile_threads = config.compile_threads, 99  # (monkeypatch's undo hides a config entry)
+    torch_threads = torch.get_num_threads()
     try:
         local.LocalExecutor(_env_threads, workers=3).execute(tasks, seen.append)
         threads = config.compile_threads
     finally:
         config.compile_threads = old
-    assert [args[-1] for args in started] == [4, 4, 4]  # 12 CPUs, 3 workers
+        torch.set_num_threads(torch_threads)  # the inline workers took their share of the cores in this process
+    assert [args[-2] for args in started] == [4, 4, 4]  # 12 CPUs, 3 workers
     assert seen == [user or "4"] * 3
     assert threads == (99 if user else 4)
+
+
+def _torch_threads(task):
+    import torch
+
+    return torch.get_num_threads()
+
+
+@pytest.mark.parametrize("user", [None, "3"])
+def test_cpu_workers_share_the_cores(monkeypatch, user):
+    """N workers each train with cpus // N intra-op threads (torch's default, all cores for each, runs N²
+    threads on N cores), unless the user set OMP_NUM_THREADS. The workers run inline, through a fake spawn."""
+    import queue
+    from types import SimpleNamespace
+
+    import torch
+
+    from kdbench.executors import local
+
+    monkeypatch.setenv("OMP_NUM_THREADS", user or "")
+    monkeypatch.setattr(local.os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    ctx = SimpleNamespace(Queue=queue.Queue, Process=lambda target, args, daemon: _InlineProcess(target, args, daemon))
+    monkeypatch.setattr(local.mp, "get_context", lambda method: ctx)
+    tasks = [SimpleNamespace(run_id=f"r{i}", label=f"r{i}") for i in range(2)]
+    seen = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(5)  # what an inline worker finds, so that "unchanged" is visible
+    try:
+        local.LocalExecutor(_torch_threads, workers=2).execute(tasks, seen.append)
+    finally:
+        torch.set_num_threads(before)  # the workers ran in this process
+    assert seen == [5 if user else 6] * 2  # 12 CPUs, 2 workers; the user's setting left alone
 
 
 def _children(pid: int) -> set[int]:
