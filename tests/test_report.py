@@ -445,3 +445,13 @@ def test_axis_ticks_read_as_counts():
 
     assert [_tick(x, "k", 1e3) for x in (500, 12_000, 1e6, 2.5e6)] == ["500", "12k", "1M", "2.5M"]
     assert _tick(270_000, "M", 1e6) == "0.27M" and _tick(40, "s", 1.0) == "40s"
+
+
+def test_plot_titles_wrap_to_the_figures_width():
+    from kdbench.report.plots import TITLE_CHARS_PER_INCH, figure, wrap_title
+
+    title = "mnist · mnist_mlp, 60 epochs, 5% held out for validation, gradients clipped at norm 1\nkd: error against T"
+    narrow, wide = figure(6.4, 4.2), figure(10.0, 5.6)
+    lines = wrap_title(title, narrow).split("\n")
+    assert len(lines) == 3 and max(map(len, lines)) <= 6.4 * TITLE_CHARS_PER_INCH  # the sweep plot's width
+    assert wrap_title(title, wide).split("\n") == title.split("\n")  # fits the wider figure as it is

@@ -16,13 +16,16 @@ import math
 import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from ..files import atomic_write
 from ..suites import PAIR_ARROW, pair_label
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 from .aggregate import (
     Benchmark,
     Entry,
@@ -208,14 +211,19 @@ def _scatter(entries: Sequence[Entry], x_of: Callable[[Entry], float], *, xlabel
     ax.grid(axis="y", color="#eeeeee", zorder=0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(wrap_title(title))
+    ax.set_title(wrap_title(title, fig))
     _scatter_legend(ax, colours, methods, pair_markers)
     return save_figure(fig, path)
 
 
-def wrap_title(title: str, width: int = 84) -> str:
-    """Each line of a plot title wrapped at ``width`` characters: a long dataset path and schedule ran off the
-    figure's left edge (an ImageFolder at 32 px on the imagenet recipe)."""
+#: Characters of a title (matplotlib's "large", 12 pt) that fit in one inch of figure width, with a margin.
+TITLE_CHARS_PER_INCH = 11.5
+
+
+def wrap_title(title: str, fig: Figure) -> str:
+    """Each line of a plot title wrapped to the figure's width: a long dataset path and schedule ran off the
+    figure's edges (an ImageFolder at 32 px on the imagenet recipe; a clipped schedule on the 6.4-inch sweep plot)."""
+    width = max(30, int(fig.get_figwidth() * TITLE_CHARS_PER_INCH))
     return "\n".join(textwrap.fill(line, width) for line in title.split("\n"))
 
 
@@ -326,7 +334,7 @@ def plot_bars(bench: Benchmark, entries: Sequence[Entry], metric: str, colours: 
     ax.tick_params(axis="x", length=0)
     ax.grid(axis="y", color="#eeeeee", zorder=0)
     ax.set_ylabel(f"{METRICS[metric]} ({unit(metric)})")
-    ax.set_title(wrap_title(f"{bench.title}\n{METRICS[metric]}, mean ± std over seeds"))
+    ax.set_title(wrap_title(f"{bench.title}\n{METRICS[metric]}, mean ± std over seeds", fig))
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="method")
     return save_figure(fig, path)
 

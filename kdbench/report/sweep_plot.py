@@ -85,7 +85,7 @@ def _plot(bench: Benchmark, method: str, key: str, runs: pd.DataFrame, metric: s
     ax.set_xticks(sorted(values.unique()), labels=[_tick(v) for v in sorted(values.unique())])
     ax.set_xlabel(f"{method}.{key}")
     ax.set_ylabel(f"test error (%) = 100 − {METRICS[metric]}")
-    ax.set_title(wrap_title(f"{bench.title}\n{method}: error against {key}, mean ± std over seeds"))
+    ax.set_title(wrap_title(f"{bench.title}\n{method}: error against {key}, mean ± std over seeds", fig))
     ax.legend(loc="best", fontsize=8)
     return save_figure(fig, out_dir / f"sweep_{slugify(method)}_{slugify(key)}_{bench.slug}.png")
 
