@@ -270,7 +270,7 @@ def test_interrupted_sweep_keeps_finished_runs_and_resumes(tmp_path):
 
     res = tmp_path / "r"
     cmd = [sys.executable, "-m", "kdbench", "run", "--seeds", "0", "--pairs", "hinton_mlp_1200:hinton_mlp_800", "--methods",
-           "ce,kd,rkd", "--limit", "256", "--epochs", "30", "--results-dir", str(res), "--throughput-batch", "16",
+           "ce,kd,rkd", "--limit", "256", "--epochs", "200", "--results-dir", str(res), "--throughput-batch", "16",
            "--no-report", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
