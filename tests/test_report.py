@@ -455,3 +455,20 @@ def test_plot_titles_wrap_to_the_figures_width():
     lines = wrap_title(title, narrow).split("\n")
     assert len(lines) == 3 and max(map(len, lines)) <= 6.4 * TITLE_CHARS_PER_INCH  # the sweep plot's width
     assert wrap_title(title, wide).split("\n") == title.split("\n")  # fits the wider figure as it is
+
+
+def test_swept_settings_are_ordered_by_value_and_share_one_citation(tmp_path):
+    """kd at T = 2, 12 and 20: the table lists them 2, 12, 20 (text order would put 12 first), and the
+    methods' footnote cites the shared paper once, after all three labels."""
+    (tmp_path / "runs").mkdir()
+    for t, top1 in {20.0: 70.0, 2.0: 71.0, 12.0: 72.0}.items():
+        r = row("kd", R56, R20, 0, top1)
+        r.update(run_id=f"{r['run_id']}-t{t}", hparams=json.dumps({"temperature": t}))
+        (tmp_path / "runs" / f"{r['run_id']}.json").write_text(json.dumps(r))
+    written = build_report(tmp_path)
+    table = next(p for p in written if p.name.startswith("table_") and p.suffix == ".md").read_text()
+    labels = [line[0] for line in table_lines(table) if line[0].startswith("kd[")]
+    assert labels[:3] == ["kd[temperature=2.0]", "kd[temperature=12.0]", "kd[temperature=20.0]"]
+    methods = next(line for line in table.splitlines() if line.startswith("Methods: "))
+    assert methods == ("Methods: `kd[temperature=2.0]`, `kd[temperature=12.0]`, `kd[temperature=20.0]`: "
+                       "Paper of kd")

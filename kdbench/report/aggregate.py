@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ..suites import PAIR_ARROW, pair_label
-from .rows import BASELINE, TEACHER, Col, is_teacher, mean_of, numeric
+from .rows import BASELINE, TEACHER, Col, is_teacher, mean_of, method_key, numeric
 
 
 # -- grouping -----------------------------------------------------------------------------------
@@ -209,11 +209,11 @@ def split_teachers(value: str) -> tuple[str, ...]:
 
 
 def method_order(rows: pd.DataFrame) -> list[str]:
-    """Methods in table order: teacher, ce, then the others alphabetically."""
+    """Methods in table order: teacher, ce, then the others by name, a swept setting by its value."""
     names = set(rows.loc[~is_teacher(rows), Col.METHOD])
     head = [TEACHER] if is_teacher(rows).any() else []
     head += [BASELINE] if BASELINE in names else []
-    return head + sorted(names - {BASELINE, TEACHER})
+    return head + sorted(names - {BASELINE, TEACHER}, key=method_key)
 
 
 def pairs_of(rows: pd.DataFrame) -> list[PairColumn]:

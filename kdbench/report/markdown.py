@@ -277,6 +277,16 @@ def student_ensemble_section(ensembles: Sequence[Any], *, declared: bool = False
             "(1 / Σ 1/images/s), not measured on a deployed ensemble.", "", md_table(header, lines)]
 
 
+def method_papers(rows: pd.DataFrame) -> str:
+    """Each method's paper once, after all the labels it covers (a sweep's nine ``kd[...]`` share one)."""
+    labels: dict[str, list[str]] = {}
+    for method in method_order(rows):
+        paper = rows.loc[rows[Col.METHOD] == method, Col.METHOD_PAPER].dropna().astype(str)
+        if method != TEACHER and len(paper) and paper.iloc[0]:
+            labels.setdefault(paper.iloc[0], []).append(f"`{method}`")
+    return "; ".join(f"{', '.join(names)}: {paper}" for paper, names in labels.items())
+
+
 def benchmark_markdown(bench: Benchmark, entries: Sequence[Entry], metric: str,
                        plots: Sequence[Path] = (), *, more: Sequence[str] = ()) -> str:
     """The whole markdown report of one benchmark; ``more``: further metrics, a table each after the main one."""
@@ -295,10 +305,8 @@ def benchmark_markdown(bench: Benchmark, entries: Sequence[Entry], metric: str,
     for other in more:
         table, _ = metric_table(aggregate(rows, other), pairs_of(rows), method_order(rows))
         parts += ["", f"## {METRICS[other][0].upper()}{METRICS[other][1:]} ({unit(other)})", "", table]
-    papers = rows[~is_teacher(rows)].drop_duplicates(Col.METHOD)
-    papers = [(m, p) for m, p in zip(papers[Col.METHOD], papers[Col.METHOD_PAPER]) if p]
-    if papers:
-        parts += ["", "Methods: " + "; ".join(f"`{m}`: {p}" for m, p in sorted(papers))]
+    if papers := method_papers(rows):
+        parts += ["", "Methods: " + papers]
     parts += ensemble_section(rows)
     parts += method_cost_section(rows)
     if errors := errors_table(rows):  # a transfer set's absent classes, bias adjustment

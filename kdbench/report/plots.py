@@ -37,7 +37,7 @@ from .aggregate import (
     throughput_setups,
 )
 from .markdown import fmt
-from .rows import BASELINE, METRICS, TEACHER, Col, distinct, unit
+from .rows import BASELINE, METRICS, TEACHER, Col, distinct, method_key, unit
 
 #: Markers that tell pairs (or paper tables) apart; "o" and "*" are kept for ce and teachers.
 MARKERS = ("s", "D", "^", "v", "P", "X", "<", ">", "h", "p", "d", "8")
@@ -53,7 +53,7 @@ def method_colours(methods: Iterable[str]) -> dict[str, str]:
     from matplotlib import colormaps
     palette = [c for i, c in enumerate(colormaps["tab10"].colors) if i != 7]  # 7 is grey
     palette += list(colormaps["tab20"].colors[1::2])
-    others = sorted(set(methods) - {TEACHER, BASELINE})
+    others = sorted(set(methods) - {TEACHER, BASELINE}, key=method_key)
     colours = {TEACHER: "black", BASELINE: "#7f7f7f"}
     for i, m in enumerate(others):
         colours[m] = _hex(palette[i % len(palette)])

@@ -125,3 +125,17 @@ def is_teacher(rows: pd.DataFrame) -> pd.Series:
 def distinct(rows: pd.DataFrame, col: str) -> list[str]:
     """The sorted non-empty values of a text column (none when it is missing)."""
     return sorted(set(rows[col]) - {""}) if col in rows else []
+
+
+def method_key(name: str) -> tuple:
+    """A sort key for method labels that orders swept settings by value: ``kd[temperature=2.0]`` before
+    ``kd[temperature=12.0]`` (text order puts 12 first), then by the label itself."""
+    base, _, rest = str(name).partition("[")
+    values: list[tuple[int, float | str]] = []
+    for part in rest.rstrip("]").split(","):
+        value = part.partition("=")[2].strip()
+        try:
+            values.append((0, float(value)))
+        except ValueError:
+            values.append((1, value))
+    return base, values, str(name)
