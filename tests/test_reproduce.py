@@ -240,3 +240,26 @@ def test_synthetic_data_is_marked_and_deterministic():
     assert load_dataset("digits").info.real_data is True
     with pytest.raises(KdbenchError, match="unknown dataset to make synthetic 'cifar1000'"):
         load_dataset("synthetic:cifar1000")
+
+
+def test_the_kept_hinton_teacher_makes_its_rows_errors_on_real_mnist(mnist_root):
+    """results/hinton-mnist/teachers keeps the suite's teacher (37 minutes of 2 cores) so that its students re-run
+    without it: the weights must be the ones its row and stored test logits came from."""
+    import timm
+
+    import kdbench.models  # noqa: F401  (registers the hinton MLPs into timm)
+    from kdbench.data.loader import normalize
+
+    results = Path(__file__).resolve().parents[1] / "results" / "hinton-mnist"
+    run_id = "331bdb22601db9bb"
+    row = json.loads((results / "runs" / f"{run_id}.json").read_text())
+    model = timm.create_model("hinton_mlp_1200", num_classes=10, **json.loads(row["model_kwargs"])).eval()
+    model.load_state_dict(torch.load(results / "teachers" / f"{run_id}.pt", map_location="cpu"))
+    data = load_dataset("mnist", data_dir=mnist_root)
+    with torch.no_grad():
+        logits = model(normalize(data.test_images, data.info))
+    errors = int((logits.argmax(1) != data.test_labels).sum())
+    assert errors == round((100 - row["top1_last"]) * 100) == 63
+    stored = torch.load(results / "predictions" / f"{run_id}.pt", map_location="cpu")
+    assert torch.equal(stored["labels"], data.test_labels)
+    torch.testing.assert_close(logits, stored["logits"].float(), atol=1e-3, rtol=1e-3)

@@ -386,7 +386,7 @@ def test_the_temperature_suite_distils_from_hinton_mnists_own_teacher():
 def test_the_hinton_teacher_keeps_its_run_id_when_the_students_schedule_changes():
     """The students' [recipe] fields reach the teacher unless its [recipe.by_model] sets them: a student
     learning rate, warm-up or split added to the suite must not quietly retrain the 300-epoch teacher
-    (results/hinton-mnist holds it under this id)."""
+    (results/hinton-mnist holds its row and its weights under this id)."""
     from kdbench.sweep.spec import TeacherSpec
 
     s = get_suite("hinton-mnist")
@@ -394,4 +394,7 @@ def test_the_hinton_teacher_keeps_its_run_id_when_the_students_schedule_changes(
     spec = TeacherSpec(model=teacher, dataset="mnist", seed=0, device="cpu",
                        recipe=s.recipe.with_overrides(s.recipe_by_model[teacher], "teacher"),
                        model_kwargs=tuple(sorted(s.model_kwargs[teacher].items())))
-    assert spec.run_id == "3095ca2b3c24175e"
+    assert spec.run_id == "331bdb22601db9bb"
+    results = Path(__file__).resolve().parents[1] / "results" / "hinton-mnist"
+    assert (results / "runs" / f"{spec.run_id}.json").is_file()
+    assert (results / "teachers" / f"{spec.run_id}.pt").is_file()
