@@ -268,11 +268,13 @@ def test_interrupted_sweep_keeps_finished_runs_and_resumes(tmp_path):
     import signal
     import time
 
+    from subprocs import sigint_default
+
     res = tmp_path / "r"
     cmd = [sys.executable, "-m", "kdbench", "run", "--seeds", "0", "--pairs", "hinton_mlp_1200:hinton_mlp_800", "--methods",
            "ce,kd,rkd", "--limit", "256", "--epochs", "200", "--results-dir", str(res), "--throughput-batch", "16",
            "--no-report", "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
     deadline = time.time() + 300
     while time.time() < deadline and len(list((res / "runs").glob("*.json"))) < 2 and proc.poll() is None:
         time.sleep(0.2)

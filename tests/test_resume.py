@@ -222,9 +222,11 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_rows(tmp_path, refer
 
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, reference):
+    from subprocs import sigint_default
+
     d = tmp_path / "res"
     proc = subprocess.Popen([sys.executable, "-m", "kdbench", *SWEEP, "--results-dir", str(d)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
     deadline = time.time() + 300
     while time.time() < deadline:
         if (d / "runs").is_dir() and any(json.loads(p.read_text())["kind"] == "student"
